@@ -1,0 +1,1 @@
+"""The fitness harness: score merged candidates per example."""

@@ -1,0 +1,1 @@
+"""Merging: checkpoint I/O, merge operators, recipes and the streaming merge engine."""

@@ -1,0 +1,138 @@
+"""Which tensor belongs to which layer, derived from the model's own config.
+
+mergekit keeps a hand-written JSON per architecture and silently drops tensors its
+definition misses. Here the model class that transformers itself ships for the config
+is built on the meta device (no memory, no weights); its `nn.ModuleList` of
+`num_hidden_layers` blocks gives the layer prefix (`model.layers`, `transformer.h`,
+`gpt_neox.layers`, ...) and its parameter order tells which non-layer tensors come
+before the layers (embeddings) and which after (final norm, head). Every tensor of a
+checkpoint is kept and classified; none is dropped.
+"""
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Literal
+
+import torch
+
+from merging.errors import CheckpointError
+
+Position = Literal["pre", "layer", "post"]
+
+_FALLBACK_PREFIXES = ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers",
+                      "encoder.layer", "transformer.layers", "layers", "h", "blocks")
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Layer structure of one model family with one depth."""
+
+    model_type: str
+    num_layers: int
+    layer_prefixes: tuple[str, ...]
+    """Layer-list paths as checkpoint names may spell them, longest first
+    (`model.layers`, `layers`): checkpoints sometimes omit the base-model prefix."""
+    pre_names: frozenset[str]
+    """Suffixes of the non-layer parameters that come before the layers in the model."""
+
+    def _match(self, name: str) -> re.Match | None:
+        for prefix in self.layer_prefixes:
+            match = re.match(rf"^(?P<head>(?:.*\.)?{re.escape(prefix)}\.)(?P<index>\d+)\.", name)
+            if match:
+                return match
+        return None
+
+    def layer_of(self, name: str) -> int | None:
+        """The block index of a tensor, or None for embeddings, final norm, head."""
+        match = self._match(name)
+        return int(match["index"]) if match else None
+
+    def rename_layer(self, name: str, index: int) -> str:
+        """`model.layers.7.mlp.up_proj.weight` with index 2 -> `model.layers.2.mlp...`."""
+        match = self._match(name)
+        if match is None:
+            raise ValueError(f"{name} is not a layer tensor")
+        return f"{match['head']}{index}.{name[match.end():]}"
+
+    def position(self, name: str) -> Position:
+        if self.layer_of(name) is not None:
+            return "layer"
+        return "pre" if any(name == p or name.endswith("." + p) or p.endswith("." + name)
+                            for p in self.pre_names) else "post"
+
+
+def num_layers_key(config: dict) -> str:
+    """The config.json key that holds the depth (`num_hidden_layers`, GPT-2's `n_layer`, ...)."""
+    from transformers import AutoConfig
+
+    try:
+        config_class = type(AutoConfig.for_model(config["model_type"]))
+        key = getattr(config_class, "attribute_map", {}).get("num_hidden_layers", "num_hidden_layers")
+    except (KeyError, ValueError):
+        key = "num_hidden_layers"
+    if key not in config:
+        for candidate in ("num_hidden_layers", "n_layer", "num_layers", "n_layers"):
+            if candidate in config:
+                return candidate
+        raise CheckpointError(f"config of model_type {config.get('model_type')!r} states no number of layers")
+    return key
+
+
+def detect_architecture(config: dict) -> Architecture:
+    """Architecture from a config.json dict (cached per model_type and depth)."""
+    if "model_type" not in config:
+        raise CheckpointError("config.json has no model_type")
+    depth = int(config[num_layers_key(config)])
+    return _detect(config["model_type"], depth, _config_key(config))
+
+
+def _config_key(config: dict) -> str:
+    import json
+
+    return json.dumps(config, sort_keys=True, default=str)
+
+
+@lru_cache(maxsize=32)
+def _detect(model_type: str, depth: int, config_json: str) -> Architecture:
+    import json
+
+    from transformers import AutoConfig
+
+    config_dict = json.loads(config_json)
+    try:
+        hf_config = AutoConfig.for_model(**config_dict)
+        model = _meta_model(hf_config)
+    except Exception as exc:  # an unknown or custom model_type: fall back to name patterns
+        warnings.warn(f"transformers cannot build model_type {model_type!r} ({exc}); "
+                      "guessing layer names from common patterns")
+        return Architecture(model_type, depth, _FALLBACK_PREFIXES, frozenset({"embed_tokens.weight", "wte.weight"}))
+
+    layer_path = None
+    for module_name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == depth and module_name:
+            layer_path = module_name
+            break
+    if layer_path is None:
+        raise CheckpointError(f"model_type {model_type!r}: found no list of {depth} layers in the model")
+    parts = layer_path.split(".")
+    prefixes = tuple(".".join(parts[i:]) for i in range(len(parts)))
+    pre: set[str] = set()
+    for name, _ in model.named_parameters():
+        if name.startswith(layer_path + "."):
+            break
+        pre.add(name)
+    return Architecture(model_type, depth, prefixes, frozenset(pre))
+
+
+def _meta_model(hf_config) -> torch.nn.Module:
+    """The transformers model for `hf_config`, built without allocating weights."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        try:
+            return AutoModelForCausalLM.from_config(hf_config)
+        except ValueError:
+            return AutoModel.from_config(hf_config)

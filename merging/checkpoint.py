@@ -1,0 +1,328 @@
+"""Checkpoint I/O: open model folders or Hub ids lazily, stream merged tensors to disk.
+
+Reading: headers first (names, shapes, dtypes, from safetensors metadata, no data), one
+tensor at a time on demand through `safe_open`'s memory map, so peak memory is a few
+tensors rather than a model. Pickled `.bin` weights are refused unless the caller opts
+in, and then loaded with `weights_only=True`.
+
+Writing: `ShardedWriter` writes each shard's header before its data, which is possible
+because the merge plan knows every output shape and dtype before any tensor is
+computed; tensors are appended as they are produced and never buffered per shard.
+`atomic_output_dir` builds the output in a hidden sibling folder and renames it into
+place only when complete, so a failed merge leaves nothing half-written.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import struct
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from safetensors import safe_open
+
+from merging.errors import CheckpointError, EvomergeError
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.json", "vocab.txt",
+    "merges.txt", "chat_template.jinja", "chat_template.json", "preprocessor_config.json",
+    "processor_config.json",
+)
+"""Files that make up a tokenizer or processor in Hugging Face format."""
+
+HUB_PATTERNS = ["*.safetensors", "*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What a header says about one tensor: enough to plan a merge without reading data."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    file: str
+
+
+def resolve_model_path(reference: str, *, allow_pickle: bool = False) -> Path:
+    """A recipe's model reference -> a local folder.
+
+    A folder that exists is used as it is. Anything else is taken as a Hugging Face Hub
+    id, optionally `org/name@revision`, and fetched into the HF cache (or found there
+    when offline). Only safetensors, configs and tokenizer files are fetched; pickled
+    weights only with `allow_pickle`, and only when no safetensors exist.
+    """
+    local = Path(reference).expanduser()
+    if local.is_dir():
+        return local
+    repo_id, _, revision = reference.partition("@")
+    if repo_id.count("/") != 1 or local.suffix in (".yaml", ".yml", ".safetensors"):
+        raise CheckpointError(f"model {reference!r}: no such folder, and not a Hub id of the form org/name")
+    from huggingface_hub import snapshot_download
+
+    try:
+        path = Path(snapshot_download(repo_id, revision=revision or None, allow_patterns=HUB_PATTERNS))
+        if allow_pickle and not any(path.glob("*.safetensors")):
+            path = Path(snapshot_download(repo_id, revision=revision or None,
+                                          allow_patterns=HUB_PATTERNS + ["*.bin"]))
+    except Exception as exc:  # network, auth, missing repo: all mean "cannot use this id"
+        raise CheckpointError(
+            f"model {reference!r}: not a local folder, and fetching it from the Hugging Face Hub failed "
+            f"({type(exc).__name__}: {exc})"
+        ) from exc
+    return path
+
+
+class Checkpoint:
+    """One source model: its config, its tensor headers, and lazy reads of tensor data."""
+
+    def __init__(self, reference: str, path: Path, *, allow_pickle: bool = False):
+        self.reference = reference
+        self.path = path
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            raise CheckpointError(f"model {reference!r}: no config.json in {path}")
+        try:
+            self.config: dict = json.loads(config_file.read_text())
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"model {reference!r}: config.json is not valid JSON ({exc})") from exc
+        self._safetensors: dict[str, object] = {}
+        self._pickled: dict[str, dict[str, torch.Tensor]] = {}
+        self.tensors: dict[str, TensorInfo] = {}
+        files = self._weight_files()
+        for file in files:
+            if file.endswith(".safetensors"):
+                self._index_safetensors(file)
+            elif allow_pickle:
+                self._index_pickle(file)
+            else:
+                raise CheckpointError(
+                    f"model {reference!r}: weights are a pickle file ({file}); pickles can run code when "
+                    "loaded. Convert it to safetensors, or pass --allow-pickle to load it with "
+                    "torch.load(weights_only=True)"
+                )
+
+    @classmethod
+    def open(cls, reference: str, *, allow_pickle: bool = False) -> "Checkpoint":
+        return cls(reference, resolve_model_path(reference, allow_pickle=allow_pickle), allow_pickle=allow_pickle)
+
+    def _weight_files(self) -> list[str]:
+        """Weight files in load order: the sharded index if any, else every file present."""
+        for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+            index = self.path / index_name
+            if index.is_file():
+                try:
+                    weight_map = json.loads(index.read_text())["weight_map"]
+                except (json.JSONDecodeError, KeyError) as exc:
+                    raise CheckpointError(f"model {self.reference!r}: {index_name} is malformed ({exc})") from exc
+                return sorted(set(weight_map.values()))
+        safetensors_files = sorted(p.name for p in self.path.glob("*.safetensors"))
+        if safetensors_files:
+            return safetensors_files
+        pickles = sorted(p.name for p in self.path.glob("*.bin") if p.name != "training_args.bin")
+        if pickles:
+            return pickles
+        raise CheckpointError(f"model {self.reference!r}: no *.safetensors or *.bin weights in {self.path}")
+
+    def _add(self, info: TensorInfo) -> None:
+        if info.name in self.tensors:
+            raise CheckpointError(
+                f"model {self.reference!r}: tensor {info.name} appears in both "
+                f"{self.tensors[info.name].file} and {info.file}"
+            )
+        self.tensors[info.name] = info
+
+    def _index_safetensors(self, file: str) -> None:
+        full = self.path / file
+        if not full.is_file():
+            raise CheckpointError(f"model {self.reference!r}: weight file {file} is listed but missing")
+        try:
+            handle = safe_open(str(full), framework="pt")
+        except Exception as exc:
+            raise CheckpointError(
+                f"model {self.reference!r}: {file} is not a valid safetensors file "
+                f"(truncated or corrupt: {exc})"
+            ) from exc
+        self._safetensors[file] = handle
+        for name in handle.keys():
+            view = handle.get_slice(name)
+            dtype = SAFETENSORS_DTYPES.get(view.get_dtype())
+            if dtype is None:
+                raise CheckpointError(
+                    f"model {self.reference!r}: tensor {name} has unsupported dtype {view.get_dtype()}")
+            self._add(TensorInfo(name, tuple(view.get_shape()), dtype, file))
+
+    def _index_pickle(self, file: str) -> None:
+        try:
+            state = torch.load(self.path / file, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:
+            raise CheckpointError(f"model {self.reference!r}: cannot load {file} with weights_only=True ({exc})") from exc
+        if not isinstance(state, dict):
+            raise CheckpointError(f"model {self.reference!r}: {file} does not hold a state dict")
+        self._pickled[file] = state
+        for name, tensor in state.items():
+            self._add(TensorInfo(name, tuple(tensor.shape), tensor.dtype, file))
+
+    def read(self, name: str) -> torch.Tensor:
+        """Read one tensor; refuse NaN or Inf, which would silently poison a merge."""
+        info = self.tensors.get(name)
+        if info is None:
+            raise CheckpointError(f"model {self.reference!r} has no tensor {name}")
+        try:
+            if info.file in self._safetensors:
+                tensor = self._safetensors[info.file].get_tensor(name)
+            else:
+                tensor = self._pickled[info.file][name]
+        except Exception as exc:
+            raise CheckpointError(f"model {self.reference!r}: cannot read tensor {name} from {info.file} ({exc})") from exc
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise CheckpointError(f"model {self.reference!r}: tensor {name} contains NaN or Inf values")
+        return tensor
+
+    def close(self) -> None:
+        self._safetensors.clear()
+        self._pickled.clear()
+
+
+def parse_size(text: str | int) -> int:
+    """'5GB', '500MB', '2GiB' or a plain number of bytes -> bytes."""
+    if isinstance(text, int):
+        return text
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    stripped = text.strip().upper().replace(" ", "")
+    number = stripped.rstrip("KMGTIB")
+    unit = stripped[len(number):]
+    try:
+        return int(float(number) * units[unit])
+    except (ValueError, KeyError):
+        raise EvomergeError(f"cannot read size {text!r}; use e.g. 5GB, 500MB or 2GiB") from None
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """An output tensor known before it is computed."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+
+
+class ShardedWriter:
+    """Writes tensors, in the order of `specs`, into safetensors shards of at most
+    `max_shard_bytes` (a larger tensor gets a shard of its own), plus the HF index."""
+
+    def __init__(self, out_dir: Path, specs: Sequence[TensorSpec], max_shard_bytes: int):
+        self.out_dir = out_dir
+        self.shards: list[list[TensorSpec]] = [[]]
+        size = 0
+        for spec in specs:
+            if self.shards[-1] and size + spec.nbytes > max_shard_bytes:
+                self.shards.append([])
+                size = 0
+            self.shards[-1].append(spec)
+            size += spec.nbytes
+        count = len(self.shards)
+        self.file_names = (["model.safetensors"] if count == 1 else
+                           [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)])
+        self._order = [(shard, spec) for shard, specs_ in enumerate(self.shards) for spec in specs_]
+        self._position = 0
+        self._shard = -1
+        self._file = None
+
+    def _open_shard(self, shard: int) -> None:
+        if self._file is not None:
+            self._file.close()
+        header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for spec in self.shards[shard]:
+            header[spec.name] = {"dtype": DTYPE_NAMES[spec.dtype], "shape": list(spec.shape),
+                                 "data_offsets": [offset, offset + spec.nbytes]}
+            offset += spec.nbytes
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)
+        self._file = open(self.out_dir / self.file_names[shard], "wb")
+        self._file.write(struct.pack("<Q", len(encoded)))
+        self._file.write(encoded)
+        self._shard = shard
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        shard, spec = self._order[self._position]
+        if name != spec.name or tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
+            raise RuntimeError(f"writer expected {spec}, got {name} {tuple(tensor.shape)} {tensor.dtype}")
+        if shard != self._shard:
+            self._open_shard(shard)
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        self._file.write(memoryview(data))
+        self._position += 1
+
+    def close(self) -> None:
+        if self._position != len(self._order):
+            raise RuntimeError(f"writer closed after {self._position} of {len(self._order)} tensors")
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if len(self.shards) > 1:
+            index = {
+                "metadata": {"total_size": sum(s.nbytes for s in (spec for _, spec in self._order))},
+                "weight_map": {spec.name: self.file_names[shard] for shard, spec in self._order},
+            }
+            (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def check_output_dir(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and not overwrite:
+        raise EvomergeError(f"output folder {out_dir} already exists; pass --overwrite to replace it")
+
+
+@contextmanager
+def atomic_output_dir(out_dir: Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a hidden temporary sibling of `out_dir`; move it into place on success.
+
+    On any exception the temporary folder is deleted and `out_dir` is left as it was.
+    """
+    out_dir = Path(out_dir)
+    check_output_dir(out_dir, overwrite)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if out_dir.exists():
+        retired = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+        out_dir.rename(retired)
+        staging.rename(out_dir)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        staging.rename(out_dir)
+
+
+def copy_tokenizer(source: Path, out_dir: Path) -> list[str]:
+    """Copy the tokenizer/processor files that exist in `source`; return their names."""
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copy2(source / name, out_dir / name)
+            copied.append(name)
+    return copied

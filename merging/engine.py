@@ -1,0 +1,314 @@
+"""The merge engine: plan which tensors to make from what, then stream them.
+
+Planning reads only headers and configs: for every output tensor it records the input
+tensors (model, name), the operator and the parameters resolved for that tensor, and
+the output shape and dtype, and it checks shapes, missing tensors and architectures
+before any data is read, so bad input fails in seconds with a precise message.
+
+Execution visits the plan one tensor at a time: read each input (memory-mapped), move
+it to the device, run the operator in float32, cast, hand the result on. Peak memory
+is therefore a few tensors, not a model. `iter_merged` yields the tensors (the harness
+loads them into a resident model); `merge_to_disk` streams them into a checkpoint.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from merging.architecture import Architecture, detect_architecture, num_layers_key
+from merging.checkpoint import (
+    Checkpoint, ShardedWriter, TensorSpec, atomic_output_dir, check_output_dir, copy_tokenizer,
+    resolve_model_path,
+)
+from merging.errors import CheckpointError, RecipeError
+from merging.operators.base import MergeMethod
+from merging.recipe import OutputSlice, Recipe, output_slices, parameter_scopes, resolve_parameter
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+          "float64": torch.float64}
+
+
+@dataclass(frozen=True)
+class TensorInput:
+    model: str
+    name: str
+
+
+@dataclass
+class TensorTask:
+    """How to make one output tensor."""
+
+    output: TensorSpec
+    base: TensorInput | None
+    inputs: list[TensorInput]
+    params: dict[str, Any]
+
+
+@dataclass
+class MergePlan:
+    recipe: Recipe
+    method: MergeMethod
+    checkpoints: dict[str, Checkpoint]
+    reference: str
+    """The model whose config (and, by default, tokenizer) the output takes."""
+    tasks: list[TensorTask] = field(default_factory=list)
+    layer_sources: list[tuple[str, int]] = field(default_factory=list)
+    """For each output layer, the (model, layer) it descends from (layer stacking)."""
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layer_sources)
+
+    def close(self) -> None:
+        for checkpoint in self.checkpoints.values():
+            checkpoint.close()
+
+
+def open_models(recipe: Recipe, *, allow_pickle: bool = False,
+                recipe_dir: Path | None = None) -> dict[str, Checkpoint]:
+    """Open every model a recipe names. A relative path is looked up in the current
+    directory first (as mergekit does), then beside the recipe file."""
+    checkpoints = {}
+    for reference in recipe.referenced_models():
+        local = Path(reference).expanduser()
+        if not local.is_dir() and recipe_dir is not None and (recipe_dir / reference).is_dir():
+            local = recipe_dir / reference
+        path = local if local.is_dir() else resolve_model_path(reference, allow_pickle=allow_pickle)
+        checkpoints[reference] = Checkpoint(reference, path, allow_pickle=allow_pickle)
+    return checkpoints
+
+
+def plan_merge(recipe: Recipe, checkpoints: dict[str, Checkpoint]) -> MergePlan:
+    """Resolve a recipe against opened checkpoints into one task per output tensor."""
+    method = recipe.method
+    slices = output_slices(recipe)
+    model_types = {ref: ck.config.get("model_type") for ref, ck in checkpoints.items()}
+    if len(set(model_types.values())) > 1:
+        listing = ", ".join(f"{ref!r} is {kind}" for ref, kind in model_types.items())
+        raise CheckpointError(f"models have different architectures: {listing}")
+    reference = slices[0].base_model or slices[0].sources[0].model
+    arch = {ref: detect_architecture(ck.config) for ref, ck in checkpoints.items()}
+    plan = MergePlan(recipe, method, checkpoints, reference)
+    out_dtype = DTYPES.get(recipe.out_dtype or recipe.dtype or "")
+
+    def add(slice_: OutputSlice, out_name: str, names: dict[str, str], t: float) -> None:
+        plan.tasks.append(_make_task(recipe, method, slice_, out_name, names, t, checkpoints, out_dtype))
+
+    first, last = slices[0], slices[-1]
+    head = first.sources[0].model
+    for name in _names_at(checkpoints[head], arch[head], "pre"):
+        add(first, name, {s.model: name for s in first.sources}, 0.0)
+    for slice_ in slices:
+        ranges = {}
+        for source in slice_.sources:
+            depth = arch[source.model].num_layers
+            start, end = slice_.layer_range(source, depth)
+            if end > depth:
+                raise RecipeError(f"layer_range [{start}, {end}] of model {source.model!r} "
+                                  f"exceeds its {depth} layers")
+            ranges[source.model] = start
+        lead = slice_.sources[0].model
+        length = slice_.layer_range(slice_.sources[0], arch[lead].num_layers)
+        length = length[1] - length[0]
+        for offset in range(length):
+            t = offset / (length - 1) if length > 1 else 1.0
+            out_index = len(plan.layer_sources)
+            plan.layer_sources.append((lead, ranges[lead] + offset))
+            lead_names = [n for n in checkpoints[lead].tensors if arch[lead].layer_of(n) == ranges[lead] + offset]
+            for lead_name in lead_names:
+                names = {m: arch[m].rename_layer(lead_name, ranges[m] + offset) for m in ranges}
+                add(slice_, arch[lead].rename_layer(lead_name, out_index), names, t)
+    tail = last.sources[0].model
+    for name in _names_at(checkpoints[tail], arch[tail], "post"):
+        add(last, name, {s.model: name for s in last.sources}, 0.0)
+    return plan
+
+
+def _names_at(checkpoint: Checkpoint, arch: Architecture, position: str) -> list[str]:
+    return [n for n in checkpoint.tensors if arch.position(n) == position]
+
+
+def _make_task(recipe: Recipe, method: MergeMethod, slice_: OutputSlice, out_name: str,
+               names: dict[str, str], t: float, checkpoints: dict[str, Checkpoint],
+               out_dtype: torch.dtype | None) -> TensorTask:
+    base_model = slice_.base_model if method.needs_base else None
+    input_models = [s.model for s in slice_.sources if s.model != base_model]
+    involved = ([base_model] if base_model else []) + input_models
+    infos = {}
+    for model in involved:
+        info = checkpoints[model].tensors.get(names.get(model, out_name))
+        if info is None:
+            raise CheckpointError(f"tensor {names.get(model, out_name)} is missing in model {model!r}")
+        infos[model] = info
+    shapes = {m: i.shape for m, i in infos.items()}
+    if len(set(shapes.values())) > 1:
+        listing = ", ".join(f"{m!r} has {list(s)}" for m, s in shapes.items())
+        raise CheckpointError(f"shape mismatch for tensor {out_name}: {listing}")
+    first = infos[involved[0]]
+    dtype = out_dtype if (out_dtype is not None and first.dtype.is_floating_point) else first.dtype
+    params: dict[str, Any] = {}
+    for name, default in method.global_params.items():
+        params[name] = resolve_parameter(name, default, parameter_scopes(recipe, slice_, None),
+                                         out_name, t, f"tensor {out_name}")
+    for name, default in method.model_params.items():
+        params[name] = [
+            resolve_parameter(name, default, parameter_scopes(recipe, slice_, model),
+                              infos[model].name, t, f"model {model!r}, tensor {infos[model].name}")
+            for model in input_models
+        ]
+    return TensorTask(
+        output=TensorSpec(out_name, first.shape, dtype),
+        base=TensorInput(base_model, infos[base_model].name) if base_model else None,
+        inputs=[TensorInput(m, infos[m].name) for m in input_models],
+        params=params,
+    )
+
+
+def describe_plan(plan: MergePlan) -> str:
+    """A human-readable plan: the summary, then one line per output tensor."""
+    total = sum(task.output.nbytes for task in plan.tasks)
+    lines = [
+        f"method: {plan.recipe.merge_method}",
+        "models: " + ", ".join(f"{ref} ({ck.path})" for ref, ck in plan.checkpoints.items()),
+        f"config from: {plan.reference}; output: {plan.num_layers} layers, {len(plan.tasks)} tensors, "
+        f"{total / 2**30:.3f} GiB",
+        "",
+    ]
+    for task in plan.tasks:
+        sources = ", ".join(f"{i.model}:{i.name}" for i in task.inputs)
+        base = f" base={task.base.model}" if task.base else ""
+        params = " ".join(f"{k}={_short(v)}" for k, v in task.params.items())
+        lines.append(f"{task.output.name} {list(task.output.shape)} {str(task.output.dtype).removeprefix('torch.')}"
+                     f" <- [{sources}]{base} {params}".rstrip())
+    return "\n".join(lines)
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, list):
+        return "[" + ",".join(_short(v) for v in value) + "]"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def tensor_generator(seed: int, name: str, device: torch.device) -> torch.Generator:
+    """A generator seeded from (seed, tensor name): random methods are reproducible and
+    independent of the order in which tensors are processed."""
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+def execute_task(plan: MergePlan, task: TensorTask, device: torch.device, seed: int) -> torch.Tensor:
+    """Compute one output tensor on `device` and cast it to its output dtype."""
+    def load(ref: TensorInput) -> torch.Tensor:
+        return plan.checkpoints[ref.model].read(ref.name).to(device)
+
+    tensors = [load(ref) for ref in task.inputs]
+    base = load(task.base) if task.base else None
+    if not tensors[0].is_floating_point():
+        return tensors[0].to(task.output.dtype)  # integer buffers are copied, not merged
+    generator = tensor_generator(seed, task.output.name, device) if plan.method.random else None
+    merged = plan.method.merge(base=base, tensors=tensors, generator=generator, **task.params)
+    return merged.to(task.output.dtype)
+
+
+def iter_merged(plan: MergePlan, *, device: str | torch.device = "cpu", seed: int = 0,
+                progress: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) for every output tensor, in plan order, one at a time."""
+    device = torch.device(device)
+    tasks = plan.tasks
+    if progress:
+        from tqdm.auto import tqdm
+
+        tasks = tqdm(tasks, desc="merging", unit="tensor")
+    with torch.no_grad():
+        for task in tasks:
+            yield task.output.name, execute_task(plan, task, device, seed)
+
+
+def output_config(plan: MergePlan) -> dict:
+    """The reference model's config, with the output depth and dtype."""
+    config = json.loads(json.dumps(plan.checkpoints[plan.reference].config))
+    config[num_layers_key(config)] = plan.num_layers
+    if isinstance(config.get("layer_types"), list):
+        layer_types = {ref: ck.config.get("layer_types") for ref, ck in plan.checkpoints.items()}
+        config["layer_types"] = [layer_types[m][i] for m, i in plan.layer_sources]
+    dtype_name = plan.recipe.out_dtype or plan.recipe.dtype
+    if dtype_name:
+        config["torch_dtype" if "torch_dtype" in config else "dtype"] = dtype_name
+    return config
+
+
+def merge_to_disk(plan: MergePlan, out_dir: str | Path, *, device: str | torch.device = "cpu",
+                  seed: int = 0, overwrite: bool = False, max_shard_bytes: int = 5 * 10**9,
+                  progress: bool = False) -> Path:
+    """Write the merged checkpoint folder: weights, config, generation config, tokenizer
+    files of the tokenizer source, and a model card. Atomic: all or nothing."""
+    from merging.card import model_card
+
+    out_dir = Path(out_dir)
+    with atomic_output_dir(out_dir, overwrite=overwrite) as staging:
+        writer = ShardedWriter(staging, [t.output for t in plan.tasks], max_shard_bytes)
+        for name, tensor in iter_merged(plan, device=device, seed=seed, progress=progress):
+            writer.write(name, tensor)
+        writer.close()
+        (staging / "config.json").write_text(json.dumps(output_config(plan), indent=2) + "\n")
+        tokenizer_model = _tokenizer_model(plan)
+        tokenizer_path = plan.checkpoints[tokenizer_model].path
+        copied = copy_tokenizer(tokenizer_path, staging)
+        if plan.recipe.chat_template:
+            _set_chat_template(staging, plan.recipe.chat_template)
+        generation = tokenizer_path / "generation_config.json"
+        if not generation.is_file():
+            generation = plan.checkpoints[plan.reference].path / "generation_config.json"
+        if generation.is_file():
+            shutil.copy2(generation, staging / "generation_config.json")
+        else:
+            _write_generation_config(staging)
+        (staging / "README.md").write_text(model_card(plan, tokenizer_model, copied))
+    return out_dir
+
+
+def _tokenizer_model(plan: MergePlan) -> str:
+    source = plan.recipe.tokenizer_source
+    if source in (None, "base"):
+        return plan.recipe.base_model or plan.reference
+    if source == "union":
+        raise RecipeError("tokenizer_source: union (vocabulary merging) is not supported; use base or a model")
+    return source
+
+
+def _set_chat_template(out_dir: Path, template: str) -> None:
+    config_file = out_dir / "tokenizer_config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    config["chat_template"] = template
+    config_file.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _write_generation_config(out_dir: Path) -> None:
+    """Sources without generation_config.json: derive one from the config, as HF does."""
+    from transformers import AutoConfig, GenerationConfig
+
+    GenerationConfig.from_model_config(AutoConfig.from_pretrained(out_dir)).save_pretrained(out_dir)
+
+
+def run_recipe(recipe_path: str | Path, out_dir: str | Path, *, device: str = "cpu", seed: int = 0,
+               overwrite: bool = False, allow_pickle: bool = False, max_shard_bytes: int = 5 * 10**9,
+               progress: bool = False) -> Path:
+    """Load a recipe file and merge it to `out_dir` (what `evomerge merge` does)."""
+    from merging.recipe import load_recipe
+
+    recipe = load_recipe(recipe_path)
+    check_output_dir(Path(out_dir), overwrite)
+    plan = plan_merge(recipe, open_models(recipe, allow_pickle=allow_pickle,
+                                          recipe_dir=Path(recipe_path).parent))
+    try:
+        return merge_to_disk(plan, out_dir, device=device, seed=seed, overwrite=overwrite,
+                             max_shard_bytes=max_shard_bytes, progress=progress)
+    finally:
+        plan.close()
+

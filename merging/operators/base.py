@@ -1,0 +1,69 @@
+"""The shared interface of every merge operator.
+
+An operator is a pure function on tensors: it never reads files and knows nothing of
+recipes. The engine resolves a recipe's parameters for one tensor and calls
+
+    method.merge(base=..., tensors=[...], generator=..., **params)
+
+where ``tensors`` are the non-base models in recipe order, every per-model parameter
+arrives as a list aligned with ``tensors`` and every global parameter as a scalar.
+Operators compute in float32 (float64 when any input is float64, which the tests use
+for references) and return the result in that compute dtype; casting to the output
+dtype is the engine's job.
+"""
+from __future__ import annotations
+
+import keyword
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+REQUIRED = object()
+"""Marks a parameter with no default: a recipe must give it."""
+
+
+def kwarg_name(param: str) -> str:
+    """Recipe parameter name -> Python keyword argument (``lambda`` -> ``lambda_``)."""
+    return param + "_" if keyword.iskeyword(param) else param
+
+
+def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    """float64 if any input is float64 (test references), else float32."""
+    if any(t is not None and t.dtype == torch.float64 for t in tensors):
+        return torch.float64
+    return torch.float32
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """A named merge method: its function and the parameters a recipe may set.
+
+    ``model_params`` are set per source model (mergekit's ``models[].parameters``),
+    ``global_params`` once per merge (mergekit's top-level ``parameters``); both map a
+    name to its default or ``REQUIRED``. ``needs_base``: a base model is mandatory
+    (task-vector methods, slerp). ``random``: the method draws random numbers and is
+    given a seeded ``torch.Generator``.
+    """
+
+    name: str
+    function: Callable[..., torch.Tensor]
+    needs_base: bool
+    model_params: Mapping[str, Any] = field(default_factory=dict)
+    global_params: Mapping[str, Any] = field(default_factory=dict)
+    random: bool = False
+    min_models: int = 1
+    max_models: int | None = None
+
+    def merge(
+        self,
+        *,
+        base: torch.Tensor | None,
+        tensors: Sequence[torch.Tensor],
+        generator: torch.Generator | None = None,
+        **params: Any,
+    ) -> torch.Tensor:
+        kwargs = {kwarg_name(k): v for k, v in params.items()}
+        if self.random:
+            kwargs["generator"] = generator
+        return self.function(base=base, tensors=list(tensors), **kwargs)

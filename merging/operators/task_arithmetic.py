@@ -1,0 +1,118 @@
+"""Generalized task arithmetic: task_arithmetic, TIES, DARE and Breadcrumbs in one function.
+
+All of these methods edit the base with task vectors ``delta_i = model_i - base`` and
+differ only in two choices, so (as in mergekit) one function covers them:
+
+1. sparsification of each delta (none, TIES magnitude, DARE random, Breadcrumbs);
+2. sign consensus (TIES): per entry, elect the sign of ``sum_i w_i * delta_i`` (zero
+   counts as +) and let only deltas of that sign contribute.
+
+Then ``out = base + lambda * sum_i w_i delta_i [/ divisor]``. mergekit's conventions,
+which a recipe written for it relies on:
+
+* weights are applied BEFORE the sign vote, so ``weight`` can change the elected sign;
+* with ``normalize`` the divisor is the sum of the weights of the deltas that
+  contributed to each entry (0 replaced by 1), or without consensus the plain sum of
+  weights (replaced by 1 when its magnitude is below 1e-8);
+* ``int8_mask`` only chose mergekit's mask storage type; the mask is boolean either way,
+  so it is accepted and has no numerical effect.
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Sequence
+
+import torch
+
+from merging.operators.base import REQUIRED, MergeMethod, compute_dtype
+from merging.operators.sparsify import sparsify
+
+
+def sign_consensus(deltas: torch.Tensor) -> torch.Tensor:
+    """TIES sign election on stacked weighted deltas ``[n, ...]``: a boolean mask of the
+    entries whose sign agrees with the sign of their sum (ties go to +; zeros never agree)."""
+    majority = torch.where(deltas.sum(dim=0) >= 0, 1.0, -1.0).to(deltas.dtype)
+    return deltas.sign() == majority
+
+
+def generalized_task_arithmetic(
+    *,
+    base: torch.Tensor,
+    tensors: Sequence[torch.Tensor],
+    weight: Sequence[float],
+    density: Sequence[float] | None = None,
+    gamma: Sequence[float] | None = None,
+    normalize: bool,
+    rescale: bool,
+    lambda_: float = 1.0,
+    int8_mask: bool = False,
+    generator: torch.Generator | None = None,
+    sparsification: str | None,
+    consensus: bool,
+) -> torch.Tensor:
+    """Merge ``tensors`` into ``base`` by (sparsified, sign-agreeing) weighted task vectors."""
+    dtype = compute_dtype(base, *tensors)
+    base = base.to(dtype)
+    if not tensors:
+        return base
+    density = density if density is not None else [1.0] * len(tensors)
+    gamma = gamma if gamma is not None else [0.01] * len(tensors)
+    deltas = []
+    for x, d, g in zip(tensors, density, gamma):
+        delta = x.to(dtype) - base
+        if sparsification:
+            delta = sparsify(delta, sparsification, d, rescale=rescale, gamma=g,
+                             generator=generator)
+        deltas.append(delta)
+    deltas = torch.stack(deltas)
+    weights = torch.tensor(list(weight), dtype=dtype, device=base.device)
+    weights = weights.reshape(-1, *([1] * base.dim()))
+    deltas = deltas * weights
+
+    if consensus:
+        mask = sign_consensus(deltas)
+        mixed = (deltas * mask).sum(dim=0)
+        divisor = (weights * mask).sum(dim=0)
+        divisor[divisor == 0] = 1
+    else:
+        mixed = deltas.sum(dim=0)
+        divisor = weights.sum(dim=0)
+        divisor[divisor.abs() < 1e-8] = 1
+    if normalize:
+        mixed = mixed / divisor
+    if lambda_ != 1:
+        mixed = mixed * lambda_
+    return base + mixed
+
+
+def _method(name: str, sparsification: str | None, consensus: bool, normalize: bool,
+            rescale: bool) -> MergeMethod:
+    """One registry entry with mergekit's parameters and defaults for ``name``."""
+    model_params = {"weight": REQUIRED, "density": 1.0}
+    if sparsification == "magnitude_outliers":
+        model_params["gamma"] = 0.01
+    return MergeMethod(
+        name=name,
+        function=partial(generalized_task_arithmetic, sparsification=sparsification,
+                         consensus=consensus),
+        needs_base=True,
+        model_params=model_params,
+        global_params={"int8_mask": False, "normalize": normalize, "rescale": rescale,
+                       "lambda": 1.0},
+        random=sparsification == "random",
+        min_models=1,
+    )
+
+
+# name: (sparsification, sign consensus, default normalize, default rescale), as mergekit.
+TASK_ARITHMETIC_METHODS: dict[str, MergeMethod] = {
+    name: _method(name, *spec)
+    for name, spec in {
+        "task_arithmetic": (None, False, False, False),
+        "ties": ("magnitude", True, True, False),
+        "dare_ties": ("random", True, False, True),
+        "dare_linear": ("random", False, False, True),
+        "breadcrumbs": ("magnitude_outliers", False, False, False),
+        "breadcrumbs_ties": ("magnitude_outliers", True, False, False),
+    }.items()
+}

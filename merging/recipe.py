@@ -1,0 +1,319 @@
+"""Merge recipes: mergekit's YAML schema, typed, with errors that name the recipe line.
+
+A recipe says *what* to merge: the method, the models (or layer `slices` of them), and
+parameters. A parameter value is a scalar, a gradient (a list interpolated over the
+layers of an output slice) or a list of `{filter, value}` entries matched against the
+tensor name, exactly as mergekit evaluates them, so a mergekit recipe runs unchanged.
+Precedence, highest first: a slice source's (or `models[]` entry's) parameters, the
+slice's, the top-level `parameters`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from merging.errors import RecipeError
+from merging.operators import METHODS
+from merging.operators.base import REQUIRED, MergeMethod
+
+Scalar = Union[bool, int, float, str]
+ScalarOrGradient = Union[Scalar, list[Scalar]]
+
+DTYPES = ("float32", "float16", "bfloat16", "float64")
+UNSUPPORTED_KEYS = {
+    "modules": "multi-module merges (`modules:`) are not supported; use `models:` or `slices:`",
+    "tokenizer": "vocabulary merging (`tokenizer:`) is not supported; use `tokenizer_source: base` or a model",
+    "residual_weight": "`residual_weight` is not supported",
+}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class FilteredValue(_Strict):
+    """One entry of a filter list: applies when `filter` is a substring of the tensor name."""
+
+    value: ScalarOrGradient
+    filter: Optional[str] = None
+
+
+ParameterSetting = Union[FilteredValue, list[FilteredValue], ScalarOrGradient]
+Parameters = Optional[dict[str, ParameterSetting]]
+
+
+class ModelSource(_Strict):
+    model: str
+    parameters: Parameters = None
+
+
+class SliceSource(_Strict):
+    model: str
+    layer_range: tuple[int, int]
+    parameters: Parameters = None
+
+
+class Slice(_Strict):
+    sources: list[SliceSource]
+    base_model: Optional[str] = None
+    parameters: Parameters = None
+
+
+class Recipe(_Strict):
+    merge_method: str
+    base_model: Optional[str] = None
+    models: Optional[list[ModelSource]] = None
+    slices: Optional[list[Slice]] = None
+    parameters: Parameters = None
+    dtype: Optional[str] = None
+    out_dtype: Optional[str] = None
+    tokenizer_source: Optional[str] = None
+    chat_template: Optional[str] = None
+
+    @property
+    def method(self) -> MergeMethod:
+        return METHODS[self.merge_method]
+
+    def referenced_models(self) -> list[str]:
+        """Every model the recipe names, in first-mention order."""
+        names: list[str] = [self.base_model] if self.base_model else []
+        for source in self.models or []:
+            names.append(source.model)
+        for slice_ in self.slices or []:
+            names.extend([slice_.base_model] if slice_.base_model else [])
+            names.extend(s.model for s in slice_.sources)
+        if self.tokenizer_source not in (None, "base", "union"):
+            names.append(self.tokenizer_source)
+        return list(dict.fromkeys(names))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(exclude_none=True, mode="json"), sort_keys=False)
+
+
+@dataclass
+class OutputSlice:
+    """A normalised output slice: `models:` recipes become one slice over all layers."""
+
+    sources: list[SliceSource | ModelSource]
+    base_model: str | None
+    parameters: Parameters
+
+    def layer_range(self, source: SliceSource | ModelSource, num_layers: int) -> tuple[int, int]:
+        return source.layer_range if isinstance(source, SliceSource) else (0, num_layers)
+
+
+def output_slices(recipe: Recipe) -> list[OutputSlice]:
+    """mergekit's normalisation: `models:` -> one slice; the base joins the sources."""
+    if recipe.models:
+        sources: list[SliceSource | ModelSource] = list(recipe.models)
+        if recipe.base_model and all(s.model != recipe.base_model for s in sources):
+            sources.append(ModelSource(model=recipe.base_model))
+        return [OutputSlice(sources, recipe.base_model, None)]
+    return [OutputSlice(list(s.sources), s.base_model or recipe.base_model, s.parameters)
+            for s in recipe.slices or []]
+
+
+def parameter_scopes(recipe: Recipe, slice_: OutputSlice, model: str | None) -> list[Parameters]:
+    """Where a parameter may be set, highest precedence first (mergekit's order)."""
+    scopes: list[Parameters] = []
+    if model is not None:
+        scopes.extend(s.parameters for s in slice_.sources if s.model == model)
+    scopes.append(slice_.parameters)
+    scopes.append(recipe.parameters)
+    return scopes
+
+
+def evaluate_setting(setting: ParameterSetting, tensor_name: str, t: float) -> Any:
+    """A parameter's value for one tensor at relative depth `t` in [0, 1].
+
+    Numeric gradients interpolate linearly between evenly spaced points; non-numeric
+    lists pick the point at or below `t`; a filter list returns its first entry whose
+    filter is a substring of `tensor_name` (no filter or `*` matches everything).
+    Returns None when no filter entry matches.
+    """
+    if isinstance(setting, FilteredValue):
+        setting = [setting]
+    if isinstance(setting, list):
+        if not setting:
+            return None
+        if all(isinstance(v, FilteredValue) for v in setting):
+            for entry in setting:
+                if entry.filter in (None, "*") or (tensor_name and entry.filter in tensor_name):
+                    return evaluate_setting(entry.value, tensor_name, t)
+            return None
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in setting):
+            return setting[int(t * (len(setting) - 1))]
+        scaled = t * (len(setting) - 1)
+        low = int(scaled)
+        high = min(len(setting) - 1, low + 1)
+        fraction = scaled - low
+        return (1 - fraction) * setting[low] + fraction * setting[high]
+    return setting
+
+
+def resolve_parameter(name: str, default: Any, scopes: list[Parameters], tensor_name: str,
+                      t: float, where: str) -> Any:
+    """First scope that sets `name` (and whose filters match) wins; else the default."""
+    for scope in scopes:
+        if scope and name in scope:
+            value = evaluate_setting(scope[name], tensor_name, t)
+            if value is not None:
+                return _coerce(name, value, default, where)
+    if default is REQUIRED:
+        raise RecipeError(f"missing required parameter {name!r} for {where}")
+    return default
+
+
+def _coerce(name: str, value: Any, default: Any, where: str) -> Any:
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise RecipeError(f"parameter {name!r} for {where} must be true or false, got {value!r}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RecipeError(f"parameter {name!r} for {where} must be a number, got {value!r}")
+    return float(value)
+
+
+# --- loading, with line numbers -------------------------------------------------------
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Parse and validate a recipe file; every error names the line at fault."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise RecipeError(f"cannot read recipe {path}: {exc.strerror}") from exc
+    return parse_recipe(text, source=str(path))
+
+
+def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
+    try:
+        data = yaml.safe_load(text)
+        root = yaml.compose(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        context = getattr(exc, "context_mark", None)
+        where = f"{source}, line {mark.line + 1}" if mark else source
+        started = f" (in the {exc.context.split()[-1]} that starts on line {context.line + 1})" \
+            if context is not None and exc.context and context.line != mark.line else ""
+        raise RecipeError(f"{where}: invalid YAML: {getattr(exc, 'problem', exc)}{started}") from exc
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: a recipe is a YAML mapping with at least `merge_method`")
+
+    def fail(loc: tuple, message: str) -> RecipeError:
+        return RecipeError(f"{source}, line {_line_of(root, loc)}: {_dotted(loc)}: {message}")
+
+    for key, message in UNSUPPORTED_KEYS.items():
+        found = _find_key(data, key)
+        if found is not None:
+            raise fail(found, message)
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        loc = tuple(p for p in error["loc"] if not isinstance(p, str) or p in _all_keys(data))
+        message = error["msg"]
+        if error["type"] == "extra_forbidden":
+            message = f"unknown key {error['loc'][-1]!r}"
+        raise fail(loc, message) from None
+    for loc, message in _semantic_errors(recipe):
+        raise fail(loc, message)
+    return recipe
+
+
+def _semantic_errors(recipe: Recipe):
+    """What the schema cannot express: known method, parameter names, model counts."""
+    if recipe.merge_method not in METHODS:
+        yield ("merge_method",), f"unknown merge method {recipe.merge_method!r}; known: {', '.join(sorted(METHODS))}"
+        return
+    method = recipe.method
+    if bool(recipe.models) == bool(recipe.slices):
+        yield (), "give exactly one of `models:` or `slices:`"
+        return
+    for key in ("dtype", "out_dtype"):
+        value = getattr(recipe, key)
+        if value is not None and value not in DTYPES:
+            yield (key,), f"unknown dtype {value!r}; use one of {', '.join(DTYPES)}"
+    allowed_model = set(method.model_params)
+    allowed_any = allowed_model | set(method.global_params)
+    scopes: list[tuple[tuple, Parameters, set[str]]] = [(("parameters",), recipe.parameters, allowed_any)]
+    for i, source in enumerate(recipe.models or []):
+        scopes.append((("models", i, "parameters"), source.parameters, allowed_model))
+    for i, slice_ in enumerate(recipe.slices or []):
+        scopes.append((("slices", i, "parameters"), slice_.parameters, allowed_any))
+        for j, source in enumerate(slice_.sources):
+            scopes.append((("slices", i, "sources", j, "parameters"), source.parameters, allowed_model))
+            if source.layer_range[0] < 0 or source.layer_range[1] <= source.layer_range[0]:
+                yield ("slices", i, "sources", j, "layer_range"), f"layer_range {list(source.layer_range)} is empty or negative"
+        lengths = {s.layer_range[1] - s.layer_range[0] for s in slice_.sources}
+        if len(lengths) > 1:
+            yield ("slices", i, "sources"), "all sources of a slice must span the same number of layers"
+        if not slice_.sources:
+            yield ("slices", i, "sources"), "a slice needs at least one source"
+    for loc, params, allowed in scopes:
+        for name in params or {}:
+            if name not in allowed:
+                hint = (f"; {recipe.merge_method} takes {', '.join(sorted(allowed))}" if allowed
+                        else f"; {recipe.merge_method} takes no parameters here")
+                yield loc + (name,), f"unknown parameter {name!r}{hint}"
+    for i, slice_ in enumerate(output_slices(recipe)):
+        loc = ("models",) if recipe.models else ("slices", i)
+        base = slice_.base_model
+        if method.needs_base and not base:
+            yield ("merge_method",), f"{recipe.merge_method} needs a `base_model`"
+            return
+        inputs = [s.model for s in slice_.sources if not (method.needs_base and s.model == base)]
+        if len(inputs) < method.min_models:
+            yield loc, f"{recipe.merge_method} needs at least {method.min_models} non-base model(s), got {len(inputs)}"
+        if method.max_models is not None and len(inputs) > method.max_models:
+            yield loc, f"{recipe.merge_method} takes at most {method.max_models} non-base model(s), got {len(inputs)}"
+
+
+def _find_key(data: Any, key: str, loc: tuple = ()) -> tuple | None:
+    if isinstance(data, dict):
+        if key in data:
+            return loc + (key,)
+        children = data.items()
+    elif isinstance(data, list):
+        children = enumerate(data)
+    else:
+        return None
+    for child_key, child in children:
+        found = _find_key(child, key, loc + (child_key,))
+        if found is not None:
+            return found
+    return None
+
+
+def _all_keys(data: Any) -> set:
+    if isinstance(data, dict):
+        return set(data) | set().union(*(_all_keys(v) for v in data.values()))
+    if isinstance(data, list):
+        return set().union(*(_all_keys(v) for v in data)) if data else set()
+    return set()
+
+
+def _line_of(node: yaml.Node, loc: tuple) -> int:
+    """The 1-based line of the YAML node at `loc` (as deep as the path exists)."""
+    for depth, part in enumerate(loc):
+        if isinstance(node, yaml.MappingNode):
+            match = next(((k, v) for k, v in node.value if k.value == part), None)
+            if match is None:
+                break
+            node = match[0] if depth == len(loc) - 1 else match[1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+        else:
+            break
+    return node.start_mark.line + 1
+
+
+def _dotted(loc: tuple) -> str:
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "recipe"

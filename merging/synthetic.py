@@ -1,0 +1,162 @@
+"""Small real checkpoints built offline: a base model and "fine-tuned" variants of it.
+
+No Hub access exists in CI, yet the merge engine must be exercised on real Hugging Face
+folders (config, sharded safetensors, tokenizer) that `transformers` loads. This module
+builds them from a seed: a randomly initialised base of any family transformers ships,
+plus variants that differ from it by low-rank and sparse deltas, the shape of change
+fine-tuning makes. They carry no skill (the trained zoo does that); they exist so that
+merges, shapes, dtypes and file layouts are real.
+
+    python -m merging.synthetic OUT_DIR [--family llama] [--variants 2] [--seed 0]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+TINY_CONFIGS: dict[str, dict[str, Any]] = {
+    "llama": dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128),
+    "mistral": dict(model_type="mistral", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128),
+    "qwen2": dict(model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128),
+    "gemma": dict(model_type="gemma", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128),
+    "phi": dict(model_type="phi", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                num_attention_heads=4, max_position_embeddings=128),
+    "gpt2": dict(model_type="gpt2", n_embd=64, n_layer=4, n_head=4, n_positions=128),
+    "gpt_neox": dict(model_type="gpt_neox", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                     num_attention_heads=4, max_position_embeddings=128),
+}
+"""A tiny configuration per family; each loads with AutoModelForCausalLM."""
+
+_CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Model merging combines the weights of fine-tuned models into one.",
+    "Twelve apples and seven pears make nineteen pieces of fruit.",
+    "Evolution proposes, selection disposes: the fittest recipe survives.",
+    "Der schnelle braune Fuchs springt über den faulen Hund.",
+]
+
+
+def build_tokenizer(vocab_size: int = 384):
+    """A real byte-level BPE tokenizer trained on a few sentences, in HF format."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>", "<|pad|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+        unk_token="<|endoftext|>", pad_token="<|pad|>",
+    )
+
+
+def make_config(family: str, vocab_size: int, **overrides: Any):
+    """A transformers config object for a tiny model of `family` (overrides win, even vocab_size)."""
+    from transformers import AutoConfig
+
+    if family not in TINY_CONFIGS:
+        raise ValueError(f"unknown family {family!r}; known: {sorted(TINY_CONFIGS)}")
+    kwargs = {**TINY_CONFIGS[family], "vocab_size": vocab_size, **overrides}
+    model_type = kwargs.pop("model_type")
+    kwargs.setdefault("tie_word_embeddings", False)
+    return AutoConfig.for_model(model_type, **kwargs)
+
+
+@torch.no_grad()
+def perturb_(model: torch.nn.Module, generator: torch.Generator, scale: float, rank: int = 2) -> None:
+    """Add a fine-tuning-shaped delta in place: low rank on matrices, sparse on vectors."""
+    for param in model.parameters():
+        if param.ndim == 2:
+            rows, cols = param.shape
+            a = torch.randn(rows, rank, generator=generator)
+            b = torch.randn(rank, cols, generator=generator)
+            delta = (a @ b) / rank ** 0.5 + 0.3 * torch.randn(rows, cols, generator=generator)
+        else:
+            delta = torch.randn(param.shape, generator=generator)
+            delta *= torch.rand(param.shape, generator=generator) < 0.5
+        param.add_(scale * param.abs().mean().clamp_min(1e-3) * delta.to(param.dtype))
+
+
+def build_family(
+    out_dir: str | Path,
+    *,
+    family: str = "llama",
+    variants: int = 2,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    delta_scale: float = 0.5,
+    max_shard_size: str | int = "5GB",
+    **config_overrides: Any,
+) -> dict[str, Path]:
+    """Write `base` and `variant_1..variant_N` model folders under `out_dir`.
+
+    Returns {name: folder}. Variants share the base's tokenizer and config and differ
+    from it by `perturb_` deltas drawn from `seed`, so every merge method has real,
+    partly conflicting task vectors to combine.
+    """
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    out_dir = Path(out_dir)
+    tokenizer = build_tokenizer()
+    config_overrides.setdefault("vocab_size", len(tokenizer))
+    config = make_config(family, **config_overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).to(dtype)
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    generator = torch.Generator().manual_seed(seed + 1)
+    paths: dict[str, Path] = {}
+    for index in range(variants + 1):
+        name = "base" if index == 0 else f"variant_{index}"
+        if index > 0:
+            model.load_state_dict(base_state)
+            perturb_(model, generator, delta_scale)
+        path = out_dir / name
+        model.save_pretrained(path, max_shard_size=max_shard_size)
+        tokenizer.save_pretrained(path)
+        GenerationConfig(max_new_tokens=16, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id).save_pretrained(path)
+        paths[name] = path
+    (out_dir / "family.json").write_text(json.dumps(
+        {"family": family, "variants": variants, "seed": seed, "dtype": str(dtype)}, indent=2))
+    return paths
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m merging.synthetic",
+        description="Build a tiny random base model and fine-tune-like variants (offline, seeded).",
+    )
+    parser.add_argument("out_dir", help="folder to create: OUT_DIR/base, OUT_DIR/variant_1, ...")
+    parser.add_argument("--family", default="llama", choices=sorted(TINY_CONFIGS))
+    parser.add_argument("--variants", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--layers", type=int, default=None, help="override the number of layers")
+    parser.add_argument("--hidden-size", type=int, default=None, help="override the width")
+    args = parser.parse_args(argv)
+    overrides: dict[str, Any] = {}
+    if args.layers is not None:
+        overrides["num_hidden_layers"] = args.layers
+    if args.hidden_size is not None:
+        overrides["hidden_size"] = args.hidden_size
+    for name, path in build_family(args.out_dir, family=args.family, variants=args.variants,
+                                   seed=args.seed, **overrides).items():
+        print(f"{name}: {path}")
+
+
+if __name__ == "__main__":
+    main()

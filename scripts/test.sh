@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Set up and run the default test suite (what CI runs). Slow tests: add `-m slow`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+PYTHON=${PYTHON:-python3}
+exec "$PYTHON" -m pytest -m "not slow" -q "$@"

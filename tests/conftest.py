@@ -1,0 +1,35 @@
+"""Shared fixtures: small real checkpoints built once per test session."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+@pytest.fixture(scope="session")
+def llama_family(tmp_path_factory) -> dict[str, Path]:
+    """A tiny Llama base and three fine-tune-like variants (float32, real tokenizer)."""
+    from merging.synthetic import build_family
+
+    return build_family(tmp_path_factory.mktemp("llama"), family="llama", variants=3, seed=0)
+
+
+@pytest.fixture(scope="session")
+def sharded_family(tmp_path_factory) -> dict[str, Path]:
+    """Like llama_family but bfloat16 and split into several safetensors shards."""
+    import torch
+
+    from merging.synthetic import build_family
+
+    return build_family(tmp_path_factory.mktemp("sharded"), family="llama", variants=1, seed=1,
+                        dtype=torch.bfloat16, max_shard_size="100KB")
+
+
+def write_recipe(folder: Path, text: str, name: str = "recipe.yaml") -> Path:
+    path = folder / name
+    path.write_text(text)
+    return path

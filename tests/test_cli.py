@@ -1,0 +1,86 @@
+"""`evomerge` as a user runs it: help texts, exit codes, dry runs, real merges."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from merging.cli import main
+from tests.conftest import write_recipe
+
+RECIPE = """\
+merge_method: ties
+base_model: {base}
+models:
+  - model: {a}
+    parameters: {{density: 0.5, weight: 0.5}}
+  - model: {b}
+    parameters: {{density: 0.5, weight: 0.5}}
+dtype: float32
+"""
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "merging.cli", *args], capture_output=True, text=True)
+
+
+def test_help_explains_the_commands():
+    top = run_cli("--help")
+    assert top.returncode == 0 and "merge" in top.stdout
+    merge = run_cli("merge", "--help")
+    assert merge.returncode == 0
+    for flag in ("--dry-run", "--device", "--overwrite", "--allow-pickle", "--seed", "--out-shard-size"):
+        assert flag in merge.stdout
+
+
+def test_console_script_is_installed():
+    assert shutil.which("evomerge"), "pip install -e . should install the evomerge command"
+
+
+@pytest.fixture
+def recipe(llama_family, tmp_path):
+    return write_recipe(tmp_path, RECIPE.format(base=llama_family["base"], a=llama_family["variant_1"],
+                                                b=llama_family["variant_2"]))
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(recipe, tmp_path, capsys):
+    assert main(["merge", str(recipe), str(tmp_path / "out"), "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert "method: ties" in printed
+    assert "model.layers.0.mlp.up_proj.weight [128, 64] float32" in printed
+    assert "density=[0.5,0.5]" in printed
+    assert not (tmp_path / "out").exists()
+
+
+def test_merge_writes_and_refuses_to_overwrite(recipe, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["merge", str(recipe), str(out), "--no-progress"]) == 0
+    assert (out / "model.safetensors").is_file()
+    assert main(["merge", str(recipe), str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["merge", str(recipe), str(out), "--overwrite", "--no-progress"]) == 0
+
+
+def test_bad_recipe_exits_non_zero_with_the_line(tmp_path):
+    recipe = write_recipe(tmp_path, "merge_method: ties\nbase_model: a\nmodels:\n  - model: b\n    weight: 1\n")
+    result = run_cli("merge", str(recipe), str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert "line 5" in result.stderr and "unknown key 'weight'" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_recipe_file(tmp_path):
+    result = run_cli("merge", str(tmp_path / "nope.yaml"), str(tmp_path / "out"))
+    assert result.returncode == 2 and "cannot read recipe" in result.stderr
+
+
+def test_cuda_without_a_gpu_is_a_clear_error(recipe, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    result = run_cli("merge", str(recipe), str(tmp_path / "out"), "--device", "cuda")
+    assert result.returncode == 2 and "no CUDA device" in result.stderr
