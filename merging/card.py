@@ -34,7 +34,7 @@ def model_card(plan: "MergePlan", tokenizer_model: str, tokenizer_files: list[st
 ---
 # Merged model
 
-Made with [evomerge](https://github.com/evomerge/evomerge) {evomerge_version} using the
+Made with evomerge {evomerge_version} using the
 `{recipe.merge_method}` method: {len(plan.tasks)} tensors, {plan.num_layers} layers.
 Tokenizer from `{tokenizer_model}` ({', '.join(tokenizer_files) or 'no tokenizer files found'}).
 

@@ -84,3 +84,20 @@ def test_cuda_without_a_gpu_is_a_clear_error(recipe, tmp_path):
         pytest.skip("a GPU is present")
     result = run_cli("merge", str(recipe), str(tmp_path / "out"), "--device", "cuda")
     assert result.returncode == 2 and "no CUDA device" in result.stderr
+
+
+def test_every_shipped_demo_recipe_runs(tmp_path, monkeypatch):
+    """recipes/demo-*.yaml as the README runs them: from the repository root, on demo models."""
+    from pathlib import Path
+
+    from merging.synthetic import build_family
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(tmp_path)
+    build_family(tmp_path / "demo" / "models", family="llama", variants=2, seed=0)
+    recipes = sorted((root / "recipes").glob("demo-*.yaml"))
+    assert len(recipes) >= 4
+    for recipe in recipes:
+        out = tmp_path / "merged" / recipe.stem
+        assert main(["merge", str(recipe), str(out), "--no-progress"]) == 0, recipe.name
+        assert (out / "model.safetensors").is_file()
