@@ -12,6 +12,10 @@ each delta:
 With ``rescale`` the kept entries are scaled so the tensor keeps its L1 norm (mergekit's
 ``rescale_norm=l1``; the DARE paper's 1/density is only this in expectation).
 ``density >= 1`` returns the delta untouched, without rescaling, as mergekit does.
+
+One deliberate difference, for float64 inputs only (test references): mergekit on CPU
+ranks float32-rounded magnitudes and draws DARE masks in float32; here both use the
+compute dtype. In float32 compute, which merges use, the results are bit-identical.
 """
 from __future__ import annotations
 

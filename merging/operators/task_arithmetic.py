@@ -15,7 +15,9 @@ which a recipe written for it relies on:
   contributed to each entry (0 replaced by 1), or without consensus the plain sum of
   weights (replaced by 1 when its magnitude is below 1e-8);
 * ``int8_mask`` only chose mergekit's mask storage type; the mask is boolean either way,
-  so it is accepted and has no numerical effect.
+  so it is accepted and has no numerical effect;
+* ``density`` is accepted by every method (task_arithmetic ignores it) and ``gamma`` by
+  the Breadcrumbs ones; mergekit's ``epsilon`` belongs to DELLA, which is not here.
 """
 from __future__ import annotations
 
