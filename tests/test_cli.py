@@ -101,3 +101,37 @@ def test_every_shipped_demo_recipe_runs(tmp_path, monkeypatch):
         out = tmp_path / "merged" / recipe.stem
         assert main(["merge", str(recipe), str(out), "--no-progress"]) == 0, recipe.name
         assert (out / "model.safetensors").is_file()
+
+
+def _jsonl_task(tmp_path):
+    import json
+
+    path = tmp_path / "sums.jsonl"
+    path.write_text("\n".join(json.dumps({"prompt": f"{i} plus 1 is", "answer": i + 1}) for i in range(4)))
+    return path
+
+
+def test_eval_scores_a_checkpoint_and_writes_per_example_results(llama_family, tmp_path, capsys):
+    import json
+
+    task = _jsonl_task(tmp_path)
+    out = tmp_path / "results.json"
+    assert main(["eval", str(llama_family["base"]), "--task", str(task), "--device", "cpu",
+                 "--output", str(out), "--limit", "3"]) == 0
+    printed = capsys.readouterr().out
+    assert "sums" in printed and "mean" in printed
+    results = json.loads(out.read_text())
+    assert len(results["tasks"]["sums"]["scores"]) == 3
+
+
+def test_eval_scores_a_recipe_without_writing_a_checkpoint(recipe, tmp_path, capsys):
+    task = _jsonl_task(tmp_path)
+    cache = tmp_path / "cache.jsonl"
+    assert main(["eval", str(recipe), "--task", str(task), "--device", "cpu", "--cache", str(cache)]) == 0
+    assert cache.is_file() and len(cache.read_text().splitlines()) == 1
+    assert not [p for p in tmp_path.iterdir() if (p / "model.safetensors").exists()]
+
+
+def test_eval_unknown_task_is_a_clear_error(llama_family, capsys):
+    assert main(["eval", str(llama_family["base"]), "--task", "nonesuch", "--device", "cpu"]) == 2
+    assert "unknown task 'nonesuch'" in capsys.readouterr().err

@@ -1,0 +1,114 @@
+"""Run a causal LM over a task's examples and return per-example scores.
+
+Generation is batched with left padding (so every prompt ends where generation starts)
+and greedy, and a batch stops as soon as every sequence has produced a stop string or
+EOS: merged candidates are scored thousands of times, so wasted decoding steps matter.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from evaluation.tasks import Task, TaskResult, cut_at_stop
+
+
+class _StopWhenAllDone:
+    """Stopping criterion: every sequence's new text contains a stop string (or EOS)."""
+
+    def __init__(self, tokenizer, prompt_length: int, stop: Sequence[str]):
+        self.tokenizer, self.prompt_length, self.stop = tokenizer, prompt_length, list(stop)
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.BoolTensor:
+        new = input_ids[:, self.prompt_length:]
+        texts = self.tokenizer.batch_decode(new, skip_special_tokens=False)
+        eos = self.tokenizer.eos_token_id
+        done = [any(s in text for s in self.stop) or (eos is not None and bool((row == eos).any()))
+                for text, row in zip(texts, new)]
+        return torch.tensor(done, device=input_ids.device)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int,
+             stop: Sequence[str] = (), batch_size: int = 32) -> list[str]:
+    """Greedy continuations of `prompts` (decoded, cut at the first stop string)."""
+    from transformers import StoppingCriteriaList
+
+    device = next(model.parameters()).device
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    outputs: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        batch = list(prompts[start:start + batch_size])
+        encoded = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        length = encoded["input_ids"].shape[1]
+        generated = model.generate(
+            **encoded, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            stopping_criteria=StoppingCriteriaList([_StopWhenAllDone(tokenizer, length, stop)]),
+        )
+        texts = tokenizer.batch_decode(generated[:, length:], skip_special_tokens=True)
+        outputs.extend(cut_at_stop(text, stop) for text in texts)
+    return outputs
+
+
+@torch.no_grad()
+def continuation_logprobs(model, tokenizer, contexts: Sequence[str], continuations: Sequence[str],
+                          *, batch_size: int = 32) -> list[float]:
+    """Sum of log p(continuation | context) per pair (right padding, one forward pass)."""
+    device = next(model.parameters()).device
+    results: list[float] = []
+    for start in range(0, len(contexts), batch_size):
+        pairs = list(zip(contexts[start:start + batch_size], continuations[start:start + batch_size]))
+        ids, spans = [], []
+        for context, continuation in pairs:
+            context_ids = tokenizer(context, add_special_tokens=False)["input_ids"]
+            continuation_ids = tokenizer(continuation, add_special_tokens=False)["input_ids"]
+            ids.append(context_ids + continuation_ids)
+            spans.append((len(context_ids), len(context_ids) + len(continuation_ids)))
+        width = max(len(x) for x in ids)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids], device=device)
+        attention = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=device)
+        logprobs = torch.log_softmax(model(input_ids=input_ids, attention_mask=attention).logits.float(), -1)
+        for row, (begin, end) in enumerate(spans):
+            positions = torch.arange(begin, end, device=device)
+            targets = input_ids[row, begin:end]
+            results.append(logprobs[row, positions - 1, targets].sum().item())
+    return results
+
+
+def evaluate(model, tokenizer, task: Task, *, limit: int | None = None, batch_size: int = 32,
+             examples: list[dict] | None = None) -> TaskResult:
+    """Score `model` on `task`; one score per example, in data order."""
+    examples = examples if examples is not None else task.load(limit)
+    if task.kind == "generate":
+        texts = generate(model, tokenizer, [task.prompt(e) for e in examples],
+                         max_new_tokens=task.max_new_tokens, stop=task.stop, batch_size=batch_size)
+        scores = [task.score_generation(e, t) for e, t in zip(examples, texts)]
+    elif task.kind == "multiple_choice":
+        contexts, continuations, owners = [], [], []
+        for index, example in enumerate(examples):
+            for choice in example[task.choices_field]:
+                contexts.append(task.prompt(example))
+                continuations.append(str(choice))
+                owners.append(index)
+        logprobs = continuation_logprobs(model, tokenizer, contexts, continuations, batch_size=batch_size)
+        best: dict[int, tuple[float, int]] = {}
+        choice_index = [0] * len(examples)
+        for owner, logprob in zip(owners, logprobs):
+            position = choice_index[owner]
+            choice_index[owner] += 1
+            if owner not in best or logprob > best[owner][0]:
+                best[owner] = (logprob, position)
+        scores = [float(best[i][1] == int(e[task.answer_field])) for i, e in enumerate(examples)]
+    elif task.kind == "perplexity":
+        scores = []
+        for example in examples:
+            ids = tokenizer(task.prompt(example), return_tensors="pt", add_special_tokens=False)["input_ids"]
+            ids = ids.to(next(model.parameters()).device)
+            scores.append(-model(input_ids=ids, labels=ids).loss.item())
+    else:
+        raise ValueError(f"task {task.name!r}: kind {task.kind!r} needs a classifier, not a causal LM")
+    return TaskResult(task.name, scores)

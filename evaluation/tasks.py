@@ -1,0 +1,189 @@
+"""Tasks: data + prompt format + scorer, returning one score per example.
+
+A search needs per-example scores (M2N2's resource competition works on them) and
+standard errors (to know when two candidates really differ), so every task yields a
+vector, never only an average. Four kinds cover what merged models are judged on:
+
+* ``generate``: greedy generation, cut at stop strings, then an answer is extracted
+  (the last number for math; the stripped text otherwise) and compared exactly;
+* ``multiple_choice``: the choice with the highest log-likelihood given the prompt;
+* ``perplexity``: the negative mean token loss of a text (higher is better);
+* ``classify``: accuracy of a classifier's argmax (non-LM models).
+
+Data is a local JSONL file (``{"prompt": ..., "answer": ...}`` per line, or the fields
+the template names) or a `datasets` id with a split, read from the local cache.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Sequence
+
+from merging.errors import EvomergeError
+
+TaskKind = Literal["generate", "multiple_choice", "perplexity", "classify"]
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+
+
+def extract_last_number(text: str) -> str | None:
+    """The last number in `text`, normalised: commas dropped, trailing zeros of a
+    decimal dropped, a leading '+' ignored ("1,234.50" -> "1234.5", "-3" -> "-3")."""
+    matches = _NUMBER.findall(text.replace("\u2212", "-"))
+    if not matches:
+        return None
+    return normalise_number(matches[-1])
+
+
+def normalise_number(text: str) -> str | None:
+    cleaned = text.strip().replace(",", "").lstrip("+").rstrip(".")
+    try:
+        value = float(cleaned)
+    except ValueError:
+        return None
+    if math.isfinite(value) and value == int(value):
+        return str(int(value))
+    return repr(value)
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """Generation up to (not including) the first stop string."""
+    cut = len(text)
+    for s in stop:
+        index = text.find(s)
+        if index != -1:
+            cut = min(cut, index)
+    return text[:cut]
+
+
+EXTRACTORS = {
+    "last_number": extract_last_number,
+    "exact": lambda text: text.strip(),
+    "first_line": lambda text: text.strip().split("\n")[0].strip(),
+}
+
+
+@dataclass
+class Task:
+    """One evaluation task."""
+
+    name: str
+    kind: TaskKind
+    data: str
+    """A JSONL path, or `hf:DATASET_ID[:CONFIG]` for a `datasets` id."""
+    split: str = "test"
+    template: str = "{prompt}"
+    """`str.format` over an example's fields makes the prompt."""
+    answer_field: str = "answer"
+    extract: str = "last_number"
+    stop: list[str] = field(default_factory=lambda: ["\n"])
+    max_new_tokens: int = 32
+    choices_field: str = "choices"
+    fewshot: list[dict] = field(default_factory=list)
+    """Worked examples prepended to each prompt (already formatted with `template`)."""
+
+    def load(self, limit: int | None = None) -> list[dict]:
+        """The examples of `split`, the first `limit` of them."""
+        if self.data.startswith("hf:"):
+            rows = _load_hf(self.data[3:], self.split)
+        else:
+            path = Path(self.data.format(split=self.split))
+            if not path.is_file():
+                raise EvomergeError(f"task {self.name!r}: data file {path} not found")
+            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return rows[:limit] if limit is not None else rows
+
+    def prompt(self, example: dict) -> str:
+        shots = "".join(self.template.format(**shot) + str(shot[self.answer_field]) + "\n\n"
+                        for shot in self.fewshot)
+        return shots + self.template.format(**example)
+
+    def score_generation(self, example: dict, generated: str) -> float:
+        """1.0 if the extracted answer equals the reference answer, else 0.0."""
+        extractor = EXTRACTORS[self.extract]
+        predicted = extractor(cut_at_stop(generated, self.stop))
+        reference = str(example[self.answer_field])
+        if self.extract == "last_number":  # also reads GSM8K-style "reasoning ... #### 18"
+            reference = extract_last_number(reference) or reference
+        return float(predicted is not None and predicted == reference)
+
+
+def _load_hf(spec: str, split: str) -> list[dict]:
+    import datasets  # optional: only users with the Hub (or its cache) need it
+
+    name, _, config = spec.partition(":")
+    return [dict(row) for row in datasets.load_dataset(name, config or None, split=split)]
+
+
+@dataclass
+class TaskResult:
+    """Per-example scores and their aggregate."""
+
+    task: str
+    scores: list[float]
+
+    @property
+    def mean(self) -> float:
+        return sum(self.scores) / len(self.scores) if self.scores else float("nan")
+
+    @property
+    def stderr(self) -> float:
+        """Standard error of the mean (sample standard deviation / sqrt(n))."""
+        n = len(self.scores)
+        if n < 2:
+            return float("nan")
+        mean = self.mean
+        return math.sqrt(sum((s - mean) ** 2 for s in self.scores) / (n - 1) / n)
+
+    def to_dict(self) -> dict:
+        return {"task": self.task, "mean": self.mean, "stderr": self.stderr, "n": len(self.scores),
+                "scores": self.scores}
+
+
+BUILTIN_TASKS: dict[str, Task] = {
+    "gsm8k": Task("gsm8k", "generate", "hf:openai/gsm8k:main", split="test",
+                  template="Question: {question}\nAnswer: Let's think step by step.",
+                  answer_field="answer", stop=["Question:", "\n\n\n"], max_new_tokens=256),
+    "mgsm_en": Task("mgsm_en", "generate", "hf:juletxara/mgsm:en", split="test",
+                    template="Question: {question}\nStep-by-Step Answer:",
+                    answer_field="answer_number", stop=["Question:", "\n\n\n"], max_new_tokens=256),
+    "mgsm_ja": Task("mgsm_ja", "generate", "hf:juletxara/mgsm:ja", split="test",
+                    template="問題: {question}\nステップごとの答え:",
+                    answer_field="answer_number", stop=["問題:", "\n\n\n"], max_new_tokens=256),
+}
+"""Benchmarks for users with a network (or a populated `datasets` cache): the MGSM
+prompts follow the benchmark's native chain-of-thought format; the score is exact match
+of the last number generated."""
+
+
+def resolve_task(name: str, *, zoo_dir: str | Path | None = None, split: str | None = None) -> Task:
+    """A task by name: a zoo task, a built-in benchmark, or a JSONL file path
+    (`{"prompt", "answer"}` records, scored by the last number generated)."""
+    from dataclasses import replace
+
+    task: Task | None = None
+    if zoo_dir is not None and Path(zoo_dir, "zoo.json").is_file():
+        from evaluation.zoo import zoo_tasks
+
+        task = zoo_tasks(zoo_dir).get(name)
+    if task is None:
+        task = BUILTIN_TASKS.get(name)
+    if task is None and name.endswith(".jsonl"):
+        if not Path(name).is_file():
+            raise EvomergeError(f"task file {name} not found")
+        task = Task(Path(name).stem, "generate", name)
+    if task is None:
+        known = sorted(BUILTIN_TASKS) + (sorted(_zoo_names(zoo_dir)) if zoo_dir else [])
+        raise EvomergeError(f"unknown task {name!r}; known: {', '.join(known)}, or a path to a .jsonl file")
+    return replace(task, split=split) if split else task
+
+
+def _zoo_names(zoo_dir: str | Path) -> list[str]:
+    if not Path(zoo_dir, "zoo.json").is_file():
+        return []
+    from evaluation.zoo import zoo_tasks
+
+    return list(zoo_tasks(zoo_dir))
