@@ -82,6 +82,8 @@ def continuation_logprobs(model, tokenizer, contexts: Sequence[str], continuatio
 def evaluate(model, tokenizer, task: Task, *, limit: int | None = None, batch_size: int = 32,
              examples: list[dict] | None = None) -> TaskResult:
     """Score `model` on `task`; one score per example, in data order."""
+    if not isinstance(task, Task):  # an lm-eval task (evaluation.lm_eval_backend) runs itself
+        return task.run(model, tokenizer, limit=limit, batch_size=batch_size)
     examples = examples if examples is not None else task.load(limit)
     if task.kind == "generate":
         texts = generate(model, tokenizer, [task.prompt(e) for e in examples],

@@ -159,11 +159,17 @@ prompts follow the benchmark's native chain-of-thought format; the score is exac
 of the last number generated."""
 
 
-def resolve_task(name: str, *, zoo_dir: str | Path | None = None, split: str | None = None) -> Task:
-    """A task by name: a zoo task, a built-in benchmark, or a JSONL file path
-    (`{"prompt", "answer"}` records, scored by the last number generated)."""
+def resolve_task(name: str, *, zoo_dir: str | Path | None = None, split: str | None = None,
+                 lm_eval_include: str | Path | None = None) -> Task:
+    """A task by name: `lm_eval:TASK` (lm-evaluation-harness), a zoo task, a built-in
+    benchmark, or a JSONL file path (`{"prompt", "answer"}` records, scored by the last
+    number generated)."""
     from dataclasses import replace
 
+    if name.startswith("lm_eval:"):
+        from evaluation.lm_eval_backend import lm_eval_task
+
+        return lm_eval_task(name, lm_eval_include)
     task: Task | None = None
     if zoo_dir is not None and Path(zoo_dir, "zoo.json").is_file():
         from evaluation.zoo import zoo_tasks

@@ -87,7 +87,9 @@ def _add_eval(subparsers) -> None:
             "straight into a model resident on the device (no checkpoint is written). Tasks are zoo "
             "tasks (math, lang, math_lang, ... of the zoo given by --zoo), the built-in benchmarks "
             "gsm8k, mgsm_en and mgsm_ja (need the Hub or a datasets cache), or a path to a .jsonl "
-            "file of {\"prompt\", \"answer\"} records scored by the last number generated."
+            "file of {\"prompt\", \"answer\"} records scored by the last number generated, or "
+            "lm_eval:TASK for an lm-evaluation-harness task (pip install 'evomerge[lmeval]'), run on the "
+            "same in-memory model."
         ),
         epilog="example: evomerge eval ~/.cache/evomerge/zoo/micro/models/math --task math --task math_lang "
                "--zoo ~/.cache/evomerge/zoo/micro",
@@ -95,6 +97,8 @@ def _add_eval(subparsers) -> None:
     parser.add_argument("model", help="checkpoint folder, Hub id, or recipe .yaml")
     parser.add_argument("--task", action="append", required=True, help="task name or .jsonl path; repeatable")
     parser.add_argument("--split", default=None, help="data split (default: the task's, usually test)")
+    parser.add_argument("--lm-eval-include", type=Path, default=None,
+                        help="folder of custom lm-eval task YAMLs, for tasks named lm_eval:TASK")
     parser.add_argument("--limit", type=int, default=None, help="score only the first N examples")
     parser.add_argument("--zoo", type=Path, default=None,
                         help=f"zoo folder whose tasks to use (default: {DEFAULT_ZOO}/micro if built)")
@@ -116,7 +120,8 @@ def _run_eval(args: argparse.Namespace) -> None:
 
     device = str(_resolve_device(args.device))
     zoo = args.zoo or (DEFAULT_ZOO / "micro")
-    tasks = [resolve_task(name, zoo_dir=zoo, split=args.split) for name in args.task]
+    tasks = [resolve_task(name, zoo_dir=zoo, split=args.split, lm_eval_include=args.lm_eval_include)
+             for name in args.task]
     if args.model.endswith((".yaml", ".yml")):
         from merging.engine import open_models
         from merging.recipe import load_recipe, output_slices

@@ -1,0 +1,56 @@
+"""Optional backend: lm-evaluation-harness tasks on the same in-memory candidate.
+
+For users who want lm-eval's task catalogue (or their own lm-eval YAML tasks). The
+candidate is passed to lm-eval as a live `transformers` model object, so it is the very
+model the harness merged in place: nothing is written to disk. Per-example scores come
+from lm-eval's logged samples, so M2N2 and the score cache work as for native tasks.
+Install with `pip install 'evomerge[lmeval]'`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from evaluation.tasks import TaskResult
+from merging.errors import EvomergeError
+
+
+@dataclass
+class LmEvalTask:
+    """An lm-eval task by name; `include_path` adds a folder of custom task YAMLs."""
+
+    name: str
+    lm_eval_task: str
+    include_path: str | None = None
+    num_fewshot: int | None = None
+    metric: str | None = None
+    """The per-example metric to return (default: the task's first, e.g. acc, exact_match)."""
+    split: str = "test"
+
+    def run(self, model, tokenizer, *, limit: int | None, batch_size: int) -> TaskResult:
+        try:
+            from lm_eval import simple_evaluate
+            from lm_eval.models.huggingface import HFLM
+            from lm_eval.tasks import TaskManager
+        except ImportError as exc:
+            raise EvomergeError("lm-eval tasks need lm-eval: pip install 'evomerge[lmeval]'") from exc
+        manager = TaskManager(include_path=str(self.include_path)) if self.include_path else TaskManager()
+        results = simple_evaluate(
+            model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size),
+            tasks=[self.lm_eval_task], task_manager=manager, num_fewshot=self.num_fewshot, limit=limit,
+            log_samples=True, bootstrap_iters=0, verbosity="ERROR",
+        )
+        samples = sorted(results["samples"][self.lm_eval_task], key=lambda s: s["doc_id"])
+        if not samples:
+            raise EvomergeError(f"lm-eval task {self.lm_eval_task!r} returned no samples")
+        metric = self.metric or next(k for k in results["results"][self.lm_eval_task]
+                                     if "," in k and "stderr" not in k).split(",")[0]
+        if metric not in samples[0]:
+            raise EvomergeError(f"lm-eval task {self.lm_eval_task!r} has no per-example metric {metric!r}")
+        return TaskResult(self.name, [float(s[metric]) for s in samples])
+
+
+def lm_eval_task(spec: str, include_path: str | Path | None = None) -> LmEvalTask:
+    """`lm_eval:TASK` (as written on the command line) -> an LmEvalTask."""
+    name = spec.removeprefix("lm_eval:")
+    return LmEvalTask(name=spec, lm_eval_task=name, include_path=str(include_path) if include_path else None)

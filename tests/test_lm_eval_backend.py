@@ -1,0 +1,59 @@
+"""The lm-eval backend on a local custom task, scoring the in-memory candidate."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("lm_eval")
+
+from evaluation.harness import Harness  # noqa: E402
+from evaluation.tasks import Task, resolve_task  # noqa: E402
+from merging.engine import open_models  # noqa: E402
+from merging.recipe import parse_recipe  # noqa: E402
+
+
+@pytest.fixture
+def custom_task(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    rows = [{"prompt": f"{i} plus one is", "choices": [f" {i + 1}", f" {i + 4}", f" {i}"], "label": 0}
+            for i in range(6)]
+    data = tmp_path / "sums.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    (tmp_path / "sums.yaml").write_text(f"""task: evomerge_sums
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{prompt}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{label}}}}"
+target_delimiter: ""
+metric_list:
+  - metric: acc
+""")
+    return tmp_path, data
+
+
+def test_lm_eval_scores_the_in_memory_candidate_per_example(llama_family, custom_task):
+    include, data = custom_task
+    lm_task = resolve_task("lm_eval:evomerge_sums", lm_eval_include=include)
+    native = Task("native", "multiple_choice", str(data), answer_field="label")
+    recipe = parse_recipe(f"""
+merge_method: task_arithmetic
+base_model: {llama_family['base']}
+models:
+  - {{model: {llama_family['variant_1']}, parameters: {{weight: 0.7}}}}
+  - {{model: {llama_family['variant_3']}, parameters: {{weight: 0.7}}}}
+""")
+    harness = Harness(llama_family["base"], device="cpu")
+    results = harness.score_recipe(recipe, open_models(recipe), [lm_task, native])
+    assert len(results[lm_task.name].scores) == 6
+    # lm-eval's log-likelihood choice on the resident candidate = ours on the same candidate
+    assert results[lm_task.name].scores == results["native"].scores
+    assert 0 < sum(results["native"].scores) < 6  # a mixed vector: the comparison can fail
+    passes = harness.forward_passes
+    harness.score_recipe(recipe, open_models(recipe), [lm_task])
+    assert harness.forward_passes == passes  # cached like a native task
