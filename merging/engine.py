@@ -225,9 +225,24 @@ def iter_merged(plan: MergePlan, *, device: str | torch.device = "cpu", seed: in
         from tqdm.auto import tqdm
 
         tasks = tqdm(tasks, desc="merging", unit="tensor")
+    releases = _last_reads(plan)
     with torch.no_grad():
-        for task in tasks:
+        for index, task in enumerate(tasks):
             yield task.output.name, execute_task(plan, task, device, seed)
+            for model, file in releases.get(index, ()):
+                plan.checkpoints[model].release(file)
+
+
+def _last_reads(plan: MergePlan) -> dict[int, list[tuple[str, str]]]:
+    """task index -> the (model, weight file) pairs it reads for the last time."""
+    last: dict[tuple[str, str], int] = {}
+    for index, task in enumerate(plan.tasks):
+        for ref in [*task.inputs, *([task.base] if task.base else [])]:
+            last[ref.model, plan.checkpoints[ref.model].tensors[ref.name].file] = index
+    releases: dict[int, list[tuple[str, str]]] = {}
+    for key, index in last.items():
+        releases.setdefault(index, []).append(key)
+    return releases
 
 
 def output_config(plan: MergePlan) -> dict:

@@ -24,7 +24,7 @@ import torch
 
 from merging.operators import METHODS, REQUIRED, UnknownMethodError, get_method
 from merging.operators.slerp import slerp
-from merging.operators.sparsify import magnitude, magnitude_outliers, random
+from merging.operators.sparsify import magnitude, magnitude_outliers, random, top_k_mask
 
 TIGHT = dict(rtol=1e-12, atol=1e-12)
 
@@ -192,6 +192,17 @@ def test_magnitude_keeps_top_k():
             torch.testing.assert_close(out, ref_sparsify(delta, "magnitude", density, rescale=rescale), **TIGHT)
     assert (magnitude(delta, 1e-4) != 0).sum() == 1  # k = max(1, int(density * n))
     assert (magnitude(delta, 0.37) != 0).sum() == int(0.37 * 2000)
+
+
+def test_magnitude_ties_at_the_threshold_keep_the_lowest_indices():
+    """Values quantized as in bfloat16 sources tie a lot; the kept count is still exactly
+    k and the tied entries kept are those a stable descending sort would put first."""
+    values = torch.round(randn(4000, seed=2).abs() * 4) / 4  # only a few distinct values
+    for k in [1, 7, 1000, 2345, 3999, 4000]:
+        mask = top_k_mask(values, k)
+        expected = torch.zeros(4000, dtype=torch.bool)
+        expected[torch.argsort(values, descending=True, stable=True)[:k]] = True
+        assert torch.equal(mask, expected), k
 
 
 def test_breadcrumbs_drops_exactly_the_largest_gamma_fraction():

@@ -36,20 +36,34 @@ def rescale_l1(delta: torch.Tensor, mask: torch.Tensor, rescale: bool) -> torch.
     return kept * (before / after)
 
 
+def top_k_mask(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of the k largest entries of a flat tensor; ties at the threshold go to
+    the lowest indices (the order a stable descending sort gives).
+
+    A selection (``kthvalue``, linear time) instead of the full ``argsort`` mergekit runs:
+    on a 5632 x 2048 tensor 0.25 s instead of 0.8 s, and the TIES trim was half of a
+    merge's time. Without ties the kept set is the same as mergekit's; with exact ties at
+    the threshold (common when the sources are bfloat16) mergekit keeps whichever tied
+    entries its unstable sort puts first, an order PyTorch does not specify.
+    """
+    threshold = torch.kthvalue(values, values.numel() - k + 1).values
+    above = values > threshold
+    at_threshold = values == threshold
+    still_needed = k - int(above.sum())
+    return above | (at_threshold & (torch.cumsum(at_threshold, 0) <= still_needed))
+
+
 def magnitude(delta: torch.Tensor, density: float, *, rescale: bool = False) -> torch.Tensor:
     """Keep the k = max(1, int(density * numel)) largest-magnitude entries (TIES trim).
 
-    A positive density always keeps at least one entry. Ties in magnitude are broken by
-    ``torch.argsort``, the same call mergekit makes, so equal inputs keep equal entries.
+    A positive density always keeps at least one entry.
     """
     if density >= 1:
         return delta
     if density <= 0 or delta.numel() == 0:
         return torch.zeros_like(delta)
     k = max(1, int(density * delta.numel()))
-    top = torch.argsort(delta.abs().reshape(-1), descending=True)[:k]
-    mask = torch.zeros(delta.numel(), dtype=delta.dtype, device=delta.device)
-    mask[top] = 1
+    mask = top_k_mask(delta.abs().reshape(-1), k).to(delta.dtype)
     return rescale_l1(delta, mask.reshape_as(delta), rescale)
 
 
