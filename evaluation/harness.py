@@ -88,8 +88,13 @@ class ScoreCache:
 class Timings:
     """Where a candidate's time went (seconds), for benchmarks and run logs."""
 
+    plan: float = 0.0
+    """Resolving the recipe into a per-tensor plan (headers only)."""
     merge: float = 0.0
+    """Computing the merged tensors and copying them into the resident model."""
     evaluate: dict[str, float] = field(default_factory=dict)
+    new_tokens: dict[str, int] = field(default_factory=dict)
+    """Tokens generated per task (generation tasks), for tokens per second."""
     cached: list[str] = field(default_factory=list)
 
 
@@ -158,9 +163,11 @@ class Harness:
         if todo and self.resident != candidate:
             start = time.perf_counter()
             self.resident = None  # half-written weights belong to no candidate
-            self.load_candidate(plan_merge(recipe, checkpoints), seed=seed)
+            plan = plan_merge(recipe, checkpoints)
+            timings.plan = time.perf_counter() - start
+            self.load_candidate(plan, seed=seed)
             self.resident = candidate
-            timings.merge = time.perf_counter() - start
+            timings.merge = time.perf_counter() - start - timings.plan
         for task in todo:
             results[task.name] = self._evaluate(candidate, task, limit, timings)
         self.last_timings = timings
@@ -179,8 +186,9 @@ class Harness:
         return results
 
     def _evaluate(self, candidate: str, task: Task, limit: int | None, timings: Timings) -> TaskResult:
-        start = time.perf_counter()
-        result = evaluate(self.model, self.tokenizer, task, limit=limit, batch_size=self.batch_size)
+        start, stats = time.perf_counter(), {}
+        result = evaluate(self.model, self.tokenizer, task, limit=limit, batch_size=self.batch_size, stats=stats)
         timings.evaluate[task.name] = time.perf_counter() - start
+        timings.new_tokens[task.name] = stats.get("new_tokens", 0)
         self.cache.put(candidate, task_key(task, limit), result)
         return result

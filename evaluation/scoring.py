@@ -30,8 +30,11 @@ class _StopWhenAllDone:
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int,
-             stop: Sequence[str] = (), batch_size: int = 32) -> list[str]:
-    """Greedy continuations of `prompts` (decoded, cut at the first stop string)."""
+             stop: Sequence[str] = (), batch_size: int = 32, stats: dict | None = None) -> list[str]:
+    """Greedy continuations of `prompts` (decoded, cut at the first stop string).
+
+    With `stats`, adds to stats["new_tokens"] the tokens generated (padding of finished
+    rows excluded) for throughput measurements."""
     from transformers import StoppingCriteriaList
 
     device = next(model.parameters()).device
@@ -48,6 +51,9 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int,
             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
             stopping_criteria=StoppingCriteriaList([_StopWhenAllDone(tokenizer, length, stop)]),
         )
+        if stats is not None:
+            produced = (generated[:, length:] != tokenizer.pad_token_id).sum().item()
+            stats["new_tokens"] = stats.get("new_tokens", 0) + produced
         texts = tokenizer.batch_decode(generated[:, length:], skip_special_tokens=True)
         outputs.extend(cut_at_stop(text, stop) for text in texts)
     return outputs
@@ -80,14 +86,16 @@ def continuation_logprobs(model, tokenizer, contexts: Sequence[str], continuatio
 
 
 def evaluate(model, tokenizer, task: Task, *, limit: int | None = None, batch_size: int = 32,
-             examples: list[dict] | None = None) -> TaskResult:
-    """Score `model` on `task`; one score per example, in data order."""
+             examples: list[dict] | None = None, stats: dict | None = None) -> TaskResult:
+    """Score `model` on `task`; one score per example, in data order. `stats` collects
+    generation counts (see `generate`)."""
     if not isinstance(task, Task):  # an lm-eval task (evaluation.lm_eval_backend) runs itself
         return task.run(model, tokenizer, limit=limit, batch_size=batch_size)
     examples = examples if examples is not None else task.load(limit)
     if task.kind == "generate":
         texts = generate(model, tokenizer, [task.prompt(e) for e in examples],
-                         max_new_tokens=task.max_new_tokens, stop=task.stop, batch_size=batch_size)
+                         max_new_tokens=task.max_new_tokens, stop=task.stop, batch_size=batch_size,
+                         stats=stats)
         scores = [task.score_generation(e, t) for e, t in zip(examples, texts)]
     elif task.kind == "multiple_choice":
         contexts, continuations, owners = [], [], []
@@ -111,6 +119,24 @@ def evaluate(model, tokenizer, task: Task, *, limit: int | None = None, batch_si
             ids = tokenizer(task.prompt(example), return_tensors="pt", add_special_tokens=False)["input_ids"]
             ids = ids.to(next(model.parameters()).device)
             scores.append(-model(input_ids=ids, labels=ids).loss.item())
+    elif task.kind == "classify":
+        scores = classify(model, examples, task.answer_field, batch_size=batch_size)
     else:
-        raise ValueError(f"task {task.name!r}: kind {task.kind!r} needs a classifier, not a causal LM")
+        raise ValueError(f"task {task.name!r}: unknown kind {task.kind!r}")
     return TaskResult(task.name, scores)
+
+
+@torch.no_grad()
+def classify(model, examples: Sequence[dict], label_field: str, *, batch_size: int = 256) -> list[float]:
+    """1.0 where the classifier's argmax is the label. `model` maps a float batch of
+    feature vectors to logits (a plain `nn.Module`, or one whose output has `.logits`)."""
+    device = next(model.parameters()).device
+    scores: list[float] = []
+    for start in range(0, len(examples), batch_size):
+        batch = examples[start:start + batch_size]
+        features = torch.stack([torch.as_tensor(e["features"], dtype=torch.float32) for e in batch]).to(device)
+        output = model(features)
+        logits = getattr(output, "logits", output)
+        labels = torch.tensor([int(e[label_field]) for e in batch], device=device)
+        scores.extend((logits.argmax(-1) == labels).float().tolist())
+    return scores

@@ -8,7 +8,8 @@ vector, never only an average. Four kinds cover what merged models are judged on
   (the last number for math; the stripped text otherwise) and compared exactly;
 * ``multiple_choice``: the choice with the highest log-likelihood given the prompt;
 * ``perplexity``: the negative mean token loss of a text (higher is better);
-* ``classify``: accuracy of a classifier's argmax (non-LM models).
+* ``classify``: accuracy of a classifier's argmax (non-LM models): each example holds a
+  feature vector (``features``) and a class index (``answer_field``).
 
 Data is a local JSONL file (``{"prompt": ..., "answer": ...}`` per line, or the fields
 the template names) or a `datasets` id with a split, read from the local cache.
@@ -73,7 +74,8 @@ class Task:
     name: str
     kind: TaskKind
     data: str
-    """A JSONL path, or `hf:DATASET_ID[:CONFIG]` for a `datasets` id."""
+    """A JSONL path (`{split}` is filled in), `hf:DATASET_ID[:CONFIG]` for a `datasets` id,
+    or `sklearn:digits` for scikit-learn's bundled 8x8 digits (80/20 split)."""
     split: str = "test"
     template: str = "{prompt}"
     """`str.format` over an example's fields makes the prompt."""
@@ -89,6 +91,8 @@ class Task:
         """The examples of `split`, the first `limit` of them."""
         if self.data.startswith("hf:"):
             rows = _load_hf(self.data[3:], self.split)
+        elif self.data == "sklearn:digits":
+            rows = _load_digits(self.split)
         else:
             path = Path(self.data.format(split=self.split))
             if not path.is_file():
@@ -116,6 +120,16 @@ def _load_hf(spec: str, split: str) -> list[dict]:
 
     name, _, config = spec.partition(":")
     return [dict(row) for row in datasets.load_dataset(name, config or None, split=split)]
+
+
+def _load_digits(split: str) -> list[dict]:
+    from evaluation.zoo.digits import load_digits_split
+
+    if split not in ("train", "test"):
+        raise EvomergeError(f"sklearn:digits has splits train and test, not {split!r}")
+    x_train, y_train, x_test, y_test = load_digits_split()
+    x, y = (x_train, y_train) if split == "train" else (x_test, y_test)
+    return [{"features": row, "label": int(label)} for row, label in zip(x, y)]
 
 
 @dataclass
@@ -153,10 +167,11 @@ BUILTIN_TASKS: dict[str, Task] = {
     "mgsm_ja": Task("mgsm_ja", "generate", "hf:juletxara/mgsm:ja", split="test",
                     template="問題: {question}\nステップごとの答え:",
                     answer_field="answer_number", stop=["問題:", "\n\n\n"], max_new_tokens=256),
+    "digits": Task("digits", "classify", "sklearn:digits", split="test", answer_field="label"),
 }
 """Benchmarks for users with a network (or a populated `datasets` cache): the MGSM
 prompts follow the benchmark's native chain-of-thought format; the score is exact match
-of the last number generated."""
+of the last number generated. `digits` (offline) is M2N2's image classification data."""
 
 
 def resolve_task(name: str, *, zoo_dir: str | Path | None = None, split: str | None = None,

@@ -71,6 +71,9 @@ def test_a_cached_candidate_costs_no_forward_pass(llama_family, tasks, tmp_path)
     first = harness.score_recipe(recipe, checkpoints, tasks)
     passes = harness.forward_passes
     assert passes > 0
+    timings = harness.last_timings
+    assert timings.merge > 0 and timings.plan > 0 and set(timings.evaluate) == {"gen", "mc", "ppl"}
+    assert 0 < timings.new_tokens["gen"] <= 6 * len(PROMPTS) and timings.new_tokens["mc"] == 0
     again = harness.score_recipe(recipe, checkpoints, tasks)
     assert harness.forward_passes == passes
     assert harness.last_timings.cached == ["gen", "mc", "ppl"] and harness.last_timings.merge == 0

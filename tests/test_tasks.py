@@ -1,9 +1,11 @@
 """Scorers on hand-written cases: answer extraction is where fitness silently goes wrong."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
+import torch
 
 from evaluation.tasks import Task, TaskResult, cut_at_stop, extract_last_number
 
@@ -66,3 +68,35 @@ def test_result_mean_and_standard_error():
     assert result.mean == 0.75
     assert result.stderr == pytest.approx((0.25 / 4) ** 0.5)
     assert result.to_dict()["n"] == 4
+
+
+def test_digits_classification_scores_every_test_example():
+    from merging.errors import EvomergeError
+    """A real classifier (ridge regression on one-hot labels, fitted on the train split) is
+    scored per example on the held-out 20%; an untrained one is near chance."""
+    from evaluation.scoring import evaluate
+    from evaluation.tasks import BUILTIN_TASKS
+
+    task = BUILTIN_TASKS["digits"]
+    train = dataclasses.replace(task, split="train").load()
+    test = task.load()
+    assert len(train) == 1437 and len(test) == 360  # 80/20 of 1797, in a fixed order
+    x = torch.stack([e["features"] for e in train])
+    y = torch.nn.functional.one_hot(torch.tensor([e["label"] for e in train]), 10).float()
+    linear = torch.nn.Linear(64, 10)
+    with torch.no_grad():
+        design = torch.cat([x, torch.ones(len(x), 1)], 1).double()
+        solution = torch.linalg.solve(design.T @ design + 1e-2 * torch.eye(65, dtype=torch.float64),
+                                      design.T @ y.double()).float()  # ridge regression
+        linear.weight.copy_(solution[:64].T)
+        linear.bias.copy_(solution[64])
+    result = evaluate(linear, None, task)
+    assert len(result.scores) == 360 and set(result.scores) <= {0.0, 1.0}
+    expected = (linear(torch.stack([e["features"] for e in test])).argmax(-1)
+                == torch.tensor([e["label"] for e in test])).float().mean().item()
+    assert result.mean == pytest.approx(expected) and result.mean > 0.85
+    torch.nn.init.zeros_(linear.weight)
+    torch.nn.init.zeros_(linear.bias)
+    assert evaluate(linear, None, task).mean < 0.2
+    with pytest.raises(EvomergeError, match="splits train and test"):
+        dataclasses.replace(task, split="dev").load()

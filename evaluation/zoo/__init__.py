@@ -1,0 +1,12 @@
+"""The offline model zoo: a small Llama base and skill fine-tunes, trained on CPU from a seed.
+
+A miniature of the setting of Sakana's evolutionary merging paper: a model that knows a
+second language and a model that knows math, both fine-tuned from one base, are to be
+merged into one that solves math problems asked in that language. See docs/zoo.md.
+"""
+from evaluation.zoo.build import SIZES, build_tokenizer, build_zoo, format_matrix, zoo_tasks
+from evaluation.zoo.digits import load_digits_split
+from evaluation.zoo.real import build_real_zoo
+
+__all__ = ["SIZES", "build_tokenizer", "build_zoo", "build_real_zoo", "format_matrix", "zoo_tasks",
+           "load_digits_split"]
