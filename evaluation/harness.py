@@ -55,19 +55,34 @@ def task_key(task: Task, limit: int | None) -> str:
     return hashlib.sha256(json.dumps([asdict(task), limit], sort_keys=True).encode()).hexdigest()[:16]
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    """The rows of an append-only JSONL log, after cutting off a last line that a kill
+    left unfinished (so the next append starts on a fresh line instead of gluing itself
+    to the fragment and being lost with it)."""
+    if not path.is_file():
+        return []
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        data = data[: data.rfind(b"\n") + 1]
+        with path.open("r+b") as handle:
+            handle.truncate(len(data))
+    rows = []
+    for line in data.decode().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # written by an older version that did not repair: skip
+            continue
+    return rows
+
+
 class ScoreCache:
     """Append-only JSONL of per-example scores keyed by (candidate, task settings)."""
 
     def __init__(self, path: str | Path | None):
         self.path = Path(path) if path else None
         self._entries: dict[tuple[str, str], TaskResult] = {}
-        if self.path and self.path.is_file():
-            for line in self.path.read_text().splitlines():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:  # a line cut short by a kill: skip it
-                    continue
-                self._entries[(row["candidate"], row["task_key"])] = TaskResult(row["task"], row["scores"])
+        for row in read_jsonl(self.path) if self.path else []:
+            self._entries[(row["candidate"], row["task_key"])] = TaskResult(row["task"], row["scores"])
 
     def get(self, candidate: str, key: str) -> TaskResult | None:
         return self._entries.get((candidate, key))

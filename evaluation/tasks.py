@@ -167,11 +167,18 @@ BUILTIN_TASKS: dict[str, Task] = {
     "mgsm_ja": Task("mgsm_ja", "generate", "hf:juletxara/mgsm:ja", split="test",
                     template="問題: {question}\nステップごとの答え:",
                     answer_field="answer_number", stop=["問題:", "\n\n\n"], max_new_tokens=256),
+    "mgsm_ja_evollm": Task("mgsm_ja_evollm", "generate", "hf:juletxara/mgsm:ja", split="test",
+                           template="以下に、あるタスクを説明する指示があります。リクエストを適切に完了するための回答を"
+                                    "日本語で記述してください。一歩一歩考えましょう。\n\n### 指示:\n{question}\n\n### 応答:",
+                           answer_field="answer_number", stop=["### 指示", "\n\n\n"], max_new_tokens=512),
     "digits": Task("digits", "classify", "sklearn:digits", split="test", answer_field="label"),
 }
 """Benchmarks for users with a network (or a populated `datasets` cache): the MGSM
 prompts follow the benchmark's native chain-of-thought format; the score is exact match
-of the last number generated. `digits` (offline) is M2N2's image classification data."""
+of the last number generated. `mgsm_ja_evollm` is MGSM-JA in the prompt of Sakana's
+evolutionary-model-merge repository (its "ja-alpaca-cot" template), the one its table of
+EvoLLM-JP scores used (without its extra fastText check that the answer is in Japanese).
+`digits` (offline) is M2N2's image classification data."""
 
 
 def resolve_task(name: str, *, zoo_dir: str | Path | None = None, split: str | None = None,

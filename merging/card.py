@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from merging.engine import MergePlan
 
 
-def model_card(plan: "MergePlan", tokenizer_model: str, tokenizer_files: list[str]) -> str:
+def model_card(plan: "MergePlan", tokenizer_model: str, tokenizer_files: list[str], notes: str = "") -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     try:
@@ -49,4 +49,4 @@ Rerun with `evomerge merge recipe.yaml OUT_DIR`:
 ```yaml
 {recipe.to_yaml().strip()}
 ```
-"""
+""" + (f"\n{notes.strip()}\n" if notes.strip() else "")

@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
+from evaluation.zoo import ZOO_HOME as DEFAULT_ZOO
 from merging.errors import EvomergeError
 
 
@@ -74,7 +74,6 @@ def _run_merge(args: argparse.Namespace) -> None:
     print(f"wrote {args.out_dir} ({len(plan.tasks)} tensors, {plan.num_layers} layers)")
 
 
-DEFAULT_ZOO = Path(os.environ.get("EVOMERGE_ZOO", Path.home() / ".cache" / "evomerge" / "zoo"))
 
 
 def _add_eval(subparsers) -> None:
@@ -183,16 +182,53 @@ def _run_zoo_build(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
+def _add_evolve(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "evolve", help="evolve a merge recipe with CMA-ES (parameter space, data-flow space, or both)",
+        description=(
+            "Search merge recipes with CMA-ES as CONFIG says: method ps (evolve the free parameters of a recipe "
+            "template, e.g. per-layer dare_ties densities and weights), dfs (evolve a path through the layers of "
+            "the source models, with scales on the hidden state), or ps+dfs (PS first; its merge joins the DFS "
+            "pool). Candidates are merged in memory and scored on the fitness tasks; RUN_DIR receives the config, "
+            "a JSONL line per candidate, the optimizer state per generation, plots, results.json with report-split "
+            "scores of the best merge and of every source, and best/ (a Hugging Face checkpoint whose model card "
+            "gives recipe, lineage and scores). Rerun the same command after a kill to resume: no scored "
+            "candidate is lost. See docs/evolve.md."
+        ),
+    )
+    parser.add_argument("config", type=Path, help="run config YAML (see recipes/zoo-small-ps.yaml)")
+    parser.add_argument("--run-dir", type=Path, required=True, help="run folder (created, or resumed)")
+    parser.add_argument("--max-evals", type=int, default=None,
+                        help="evaluation budget of each search stage (overrides the config's optimizer.max_evals)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(run=_run_evolve)
+
+
+def _run_evolve(args: argparse.Namespace) -> None:
+    from niches.run import evolve
+
+    results = evolve(args.config, args.run_dir, max_evals=args.max_evals, progress=not args.no_progress)
+    report = results["report"]
+    tasks = list(next(iter(report["scores"].values())))
+    print(f"\nreport ({report['split']} split): mean ± standard error")
+    print(f"{'model':<40} " + " ".join(f"{t:>18}" for t in tasks))
+    for model, scores in report["scores"].items():
+        name = "evolved merge" if model == "evolved" else Path(model).name
+        print(f"{name:<40} " + " ".join(f"{scores[t]['mean']:>9.4f} ± {scores[t]['stderr']:<6.4f}" for t in tasks))
+    print(f"wrote {args.run_dir / 'best'}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="evomerge",
         description="Evolutionary model merging: merge checkpoints with mergekit-compatible recipes, "
-                    "score candidates per example, build the offline model zoo.",
+                    "score candidates per example, build the offline model zoo, evolve recipes with CMA-ES.",
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_merge(subparsers)
     _add_eval(subparsers)
     _add_zoo(subparsers)
+    _add_evolve(subparsers)
     return parser
 
 

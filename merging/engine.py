@@ -260,9 +260,10 @@ def output_config(plan: MergePlan) -> dict:
 
 def merge_to_disk(plan: MergePlan, out_dir: str | Path, *, device: str | torch.device = "cpu",
                   seed: int = 0, overwrite: bool = False, max_shard_bytes: int = 5 * 10**9,
-                  progress: bool = False) -> Path:
+                  progress: bool = False, card_notes: str = "") -> Path:
     """Write the merged checkpoint folder: weights, config, generation config, tokenizer
-    files of the tokenizer source, and a model card. Atomic: all or nothing."""
+    files of the tokenizer source, and a model card (with `card_notes`, markdown, at its
+    end: an evolution run adds lineage and scores). Atomic: all or nothing."""
     from merging.card import model_card
 
     out_dir = Path(out_dir)
@@ -284,7 +285,7 @@ def merge_to_disk(plan: MergePlan, out_dir: str | Path, *, device: str | torch.d
             shutil.copy2(generation, staging / "generation_config.json")
         else:
             _write_generation_config(staging)
-        (staging / "README.md").write_text(model_card(plan, tokenizer_model, copied))
+        (staging / "README.md").write_text(model_card(plan, tokenizer_model, copied, card_notes))
     return out_dir
 
 

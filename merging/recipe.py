@@ -191,6 +191,12 @@ def load_recipe(path: str | Path) -> Recipe:
 
 
 def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
+    data, root = load_yaml(text, source)
+    return validate_recipe(data, root, source)
+
+
+def load_yaml(text: str, source: str) -> tuple[Any, yaml.Node]:
+    """The YAML's data and its node tree (for line numbers); a YAML error names its line."""
     try:
         data = yaml.safe_load(text)
         root = yaml.compose(text)
@@ -201,11 +207,18 @@ def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
         started = f" (in the {exc.context.split()[-1]} that starts on line {context.line + 1})" \
             if context is not None and exc.context and context.line != mark.line else ""
         raise RecipeError(f"{where}: invalid YAML: {getattr(exc, 'problem', exc)}{started}") from exc
+    return data, root
+
+
+def validate_recipe(data: Any, root: yaml.Node, source: str) -> Recipe:
+    """Recipe data (parsed YAML) to a Recipe; errors name the line in `root` at fault.
+    Shared with recipe templates (niches/genome.py), whose free markers are replaced
+    before validation."""
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: a recipe is a YAML mapping with at least `merge_method`")
 
     def fail(loc: tuple, message: str) -> RecipeError:
-        return RecipeError(f"{source}, line {_line_of(root, loc)}: {_dotted(loc)}: {message}")
+        return RecipeError(f"{located(root, loc, source)}: {message}")
 
     for key, message in UNSUPPORTED_KEYS.items():
         found = _find_key(data, key)
@@ -295,6 +308,11 @@ def _all_keys(data: Any) -> set:
     if isinstance(data, list):
         return set().union(*(_all_keys(v) for v in data)) if data else set()
     return set()
+
+
+def located(root: yaml.Node, loc: tuple, source: str) -> str:
+    """`recipe.yaml, line 7: models[1].parameters.density`: where an error points."""
+    return f"{source}, line {_line_of(root, loc)}: {_dotted(loc)}"
 
 
 def _line_of(node: yaml.Node, loc: tuple) -> int:

@@ -76,7 +76,9 @@ class CMAES:
         options = {
             "bounds": list(self.bounds), "popsize": self.initial_popsize * 2 ** self.restart,
             "seed": seed, "verbose": -9, "CMA_diagonal": self.separable,
-            "maxfevals": np.inf, "tolfun": 1e-12, "tolflatfitness": 10 ** 6,
+            # a budget stops the run, not a plateau: merged LLMs often score 0 on every
+            # candidate of a generation at first, which pycma's tolfun would take for convergence
+            "maxfevals": np.inf, "tolfun": 0, "tolfunhist": 0, "tolflatfitness": 10 ** 6,
         }
         with warnings.catch_warnings(), self._own_random_state():
             warnings.simplefilter("ignore")

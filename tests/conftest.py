@@ -30,6 +30,15 @@ def sharded_family(tmp_path_factory) -> dict[str, Path]:
                         dtype=torch.bfloat16, max_shard_size="100KB")
 
 
+@pytest.fixture(scope="session")
+def micro_zoo(tmp_path_factory) -> tuple[Path, dict]:
+    """The micro zoo (about a minute on 2 cores), built once per session: its folder and manifest."""
+    from evaluation.zoo import build_zoo
+
+    out = tmp_path_factory.mktemp("zoo") / "micro"
+    return out, build_zoo(out, size="micro", seed=0, progress=False)
+
+
 def write_recipe(folder: Path, text: str, name: str = "recipe.yaml") -> Path:
     path = folder / name
     path.write_text(text)

@@ -56,8 +56,14 @@ def test_same_seed_same_genomes_despite_the_global_numpy_state():
     assert not np.array_equal(genomes(7, False), genomes(8, False))
 
 
+def test_a_flat_fitness_does_not_stop_the_search():
+    optimizer = CMAES(np.full(3, 0.5), 0.2, popsize=6, max_evals=60)
+    run(optimizer, lambda x: 0.0)
+    assert optimizer.evaluations == 60
+
+
 def test_ipop_restarts_double_the_population():
-    # a flat fitness stops pycma quickly (tolflatfitness is large, so use tolfun via a tiny sigma)
+    # a tiny sigma makes pycma stop at once (tolx), which triggers the restarts
     optimizer = CMAES(np.full(2, 0.5), 1e-13, popsize=6, restarts=2, max_evals=400)
     run(optimizer, negated_sphere(np.full(2, 0.5)))
     assert optimizer.restart == 2

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from evaluation.harness import Harness, ScoreCache, candidate_hash
-from evaluation.tasks import Task
+from evaluation.tasks import Task, TaskResult
 from merging.engine import merge_to_disk, open_models, plan_merge
 from merging.recipe import parse_recipe
 
@@ -101,6 +101,10 @@ def test_a_cache_line_cut_short_by_a_kill_is_skipped(tmp_path):
                           + "\n{\"candidate\": \"b\", \"task_k")
     cache = ScoreCache(cache_file)
     assert len(cache) == 1 and cache.get("a", "k").scores == [1.0]
+    # the next entry is written on a line of its own, so it survives a reload
+    cache.put("c", "k", TaskResult("t", [0.5]))
+    again = ScoreCache(cache_file)
+    assert len(again) == 2 and again.get("c", "k").scores == [0.5]
 
 
 def test_a_deeper_candidate_rebuilds_the_resident_model(llama_family, tasks):

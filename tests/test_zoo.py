@@ -7,16 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from evaluation.zoo import build_tokenizer, build_zoo, format_matrix, load_digits_split, zoo_tasks
+from evaluation.zoo import build_tokenizer, format_matrix, load_digits_split, zoo_tasks
 from evaluation.zoo import data
 
 SKILLS = {"math": "math", "lang": "lang", "reverse": "reverse"}
 
 
 @pytest.fixture(scope="session")
-def zoo(tmp_path_factory) -> tuple[Path, dict]:
-    out = tmp_path_factory.mktemp("zoo") / "micro"
-    return out, build_zoo(out, size="micro", seed=0, progress=False)
+def zoo(micro_zoo) -> tuple[Path, dict]:
+    return micro_zoo
 
 
 def test_zoo_layout_and_manifest(zoo):

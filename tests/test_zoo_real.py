@@ -5,7 +5,6 @@ import importlib.util
 import json
 import re
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 

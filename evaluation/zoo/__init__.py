@@ -4,9 +4,15 @@ A miniature of the setting of Sakana's evolutionary merging paper: a model that 
 second language and a model that knows math, both fine-tuned from one base, are to be
 merged into one that solves math problems asked in that language. See docs/zoo.md.
 """
+import os
+from pathlib import Path
+
+ZOO_HOME = Path(os.environ.get("EVOMERGE_ZOO", Path.home() / ".cache" / "evomerge" / "zoo"))
+"""Where `evomerge zoo build --size SIZE` writes (ZOO_HOME/SIZE) unless told otherwise."""
+
 from evaluation.zoo.build import SIZES, build_tokenizer, build_zoo, format_matrix, zoo_tasks
 from evaluation.zoo.digits import load_digits_split
 from evaluation.zoo.real import build_real_zoo
 
-__all__ = ["SIZES", "build_tokenizer", "build_zoo", "build_real_zoo", "format_matrix", "zoo_tasks",
+__all__ = ["ZOO_HOME", "SIZES", "build_tokenizer", "build_zoo", "build_real_zoo", "format_matrix", "zoo_tasks",
            "load_digits_split"]

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -51,10 +50,11 @@ FINETUNED_ON = {"math": "math", "german": "german"}
 
 
 def default_cache_dir() -> Path:
-    """$EVOMERGE_ZOO/_cache/smollm2-135m-instruct: the zoo home of merging.cli.DEFAULT_ZOO,
-    shared by every real zoo so the GGUF is dequantized once per machine."""
-    home = Path(os.environ.get("EVOMERGE_ZOO", Path.home() / ".cache" / "evomerge" / "zoo"))
-    return home / "_cache" / CACHE_NAME
+    """$EVOMERGE_ZOO/_cache/smollm2-135m-instruct: in the zoo home, shared by every real
+    zoo so the GGUF is dequantized once per machine."""
+    from evaluation.zoo import ZOO_HOME
+
+    return ZOO_HOME / "_cache" / CACHE_NAME
 
 
 def gguf_path() -> Path:

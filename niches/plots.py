@@ -1,0 +1,131 @@
+"""The plots of a run folder: fitness against evaluations, the evolved per-layer
+parameters (PS), the evolved layer path (DFS). Written as PNG with matplotlib's Agg
+backend (no display needed)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+
+from niches.genome import DataflowGenome, RecipeGenome
+
+if TYPE_CHECKING:
+    from niches.run import Outcome
+
+
+def plot_run(out_dir: Path, stages: Sequence[tuple[RecipeGenome | DataflowGenome, "Outcome"]]) -> list[Path]:
+    """Every plot a run's stages call for; returns the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = [plot_fitness(out_dir / "fitness.png", [outcome for _, outcome in stages])]
+    for genome, outcome in stages:
+        if isinstance(genome, RecipeGenome):
+            written.append(plot_ps_heatmap(out_dir / f"{outcome.name}_parameters.png", genome, outcome.best_genome))
+        else:
+            written.append(plot_dfs_path(out_dir / f"{outcome.name}_path.png", genome, outcome.best_genome))
+    return written
+
+
+def plot_fitness(path: Path, outcomes: Sequence["Outcome"]) -> Path:
+    """Best-so-far and per-generation median fitness against evaluations, stage after stage."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    offset = 0
+    for outcome in outcomes:
+        samples = [row for row in outcome.history if row["kind"] == "sample"]
+        fitness = np.array([row["fitness"] for row in samples])
+        x = offset + np.arange(1, len(fitness) + 1)
+        ax.plot(x, np.maximum.accumulate(fitness), label=f"{outcome.name}: best so far")
+        generations = sorted({row["generation"] for row in samples})
+        ends = [offset + max(i + 1 for i, r in enumerate(samples) if r["generation"] == g) for g in generations]
+        medians = [np.median([r["fitness"] for r in samples if r["generation"] == g]) for g in generations]
+        ax.plot(ends, medians, "o--", markersize=3, label=f"{outcome.name}: generation median")
+        means = [row for row in outcome.history if row["kind"] == "mean"]
+        if means:
+            ax.plot([offset + len(fitness)], [means[0]["fitness"]], "k*", markersize=9,
+                    label=f"{outcome.name}: distribution mean")
+        offset += len(fitness)
+    ax.set_xlabel("evaluations")
+    ax.set_ylabel("fitness")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_ps_heatmap(path: Path, genome: RecipeGenome, best: np.ndarray) -> Path:
+    """One panel per parameter name (density, weight, ...): a row per model, a column per
+    layer (embeddings first, final norm and head last); global values fill their row."""
+    import matplotlib.pyplot as plt
+
+    values = genome.values(best)
+    columns = max((p.labels for p in genome.parameters), key=len)
+    names = list(dict.fromkeys(p.name for p in genome.parameters))
+    fig, axes = plt.subplots(len(names), 1, figsize=(max(6, 0.5 * len(columns) + 3), 1.2 + 1.1 * len(genome.parameters)),
+                             squeeze=False)
+    for ax, name in zip(axes[:, 0], names):
+        rows = [(p, v) for p, v in zip(genome.parameters, values) if p.name == name]
+        grid = np.array([_spread(p, v, columns) for p, v in rows])
+        image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=min(p.low for p, _ in rows),
+                          vmax=max(p.high for p, _ in rows))
+        for (i, j), value in np.ndenumerate(grid):
+            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7, color="w")
+        ax.set_yticks(range(len(rows)), [Path(p.model).name if p.model else "*" for p, _ in rows])
+        ax.set_xticks(range(len(columns)), columns, fontsize=7)
+        ax.set_title(f"evolved {name}")
+        fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _spread(parameter, values: np.ndarray, columns: Sequence[str]) -> np.ndarray:
+    """A parameter's genes laid over the widest label set (groups repeat their value)."""
+    if len(values) == 1:
+        return np.full(len(columns), values[0])
+    if len(values) == len(columns):
+        return values
+    size = int(parameter.granularity)
+    layers = len(columns) - 2
+    return np.array([values[0], *(values[1 + i // size] for i in range(layers)), values[-1]])
+
+
+def plot_dfs_path(path: Path, genome: DataflowGenome, best: np.ndarray) -> Path:
+    """The layer path: step on x, the layer's index on y, one colour per source model,
+    the scale of the stream entering each step written where it is not 1."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    steps = genome.path(best)
+    matrix = genome.scale_matrix(best)
+    scales = [1.0] * len(steps) if matrix is None else genome.space.scale_per_step(steps, matrix)
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(steps) + 2), 4))
+    ax.plot(range(len(steps)), [layer for _, layer in steps], color="0.7", zorder=1)
+    for model, source in enumerate(genome.space.sources):
+        xs = [i for i, (m, _) in enumerate(steps) if m == model]
+        name = "PS merge" if Path(source).parts[-2:] == ("ps", "best") else Path(source).name
+        ax.scatter(xs, [steps[i][1] for i in xs], label=f"model {model}: {name}", zorder=2)
+    for i, scale in enumerate(scales):
+        if abs(scale - 1.0) > 1e-9:
+            ax.annotate(f"×{scale:.2f}", (i, steps[i][1]), textcoords="offset points", xytext=(0, 6),
+                        ha="center", fontsize=7)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("step of the merged model")
+    ax.set_ylabel("layer of the source model")
+    ax.set_title(f"evolved layer path ({len(steps)} layers)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    temporary = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(temporary, dpi=110)
+    plt.close(fig)
+    temporary.replace(path)
+    return path

@@ -1,0 +1,513 @@
+"""Evolution runs: a config, a run folder, CMA-ES stages (PS, DFS, PS then DFS), resume.
+
+    evomerge evolve recipes/zoo-small-ps.yaml --run-dir runs/ps
+
+The run folder holds everything a run makes:
+
+    config.yaml          the config as given (a rerun must give the same one)
+    template.yaml        the PS recipe template, as read
+    candidates.jsonl     one line per evaluated candidate: stage, index, genome, recipe
+                         hash, per-task fitness scores, fitness, seconds
+    scores.jsonl         the harness's per-example score cache
+    optimizer.jsonl      the optimizer's state after every generation
+    ps/best/             (ps+dfs) the PS merge that joins the DFS pool
+    best/                the best candidate as a Hugging Face checkpoint, with a model
+                         card giving the recipe, the lineage and the test scores
+    results.json         fitness of the best candidates, report scores of them and the sources
+    plots/               fitness against evaluations, PS per-layer heatmap, DFS path
+
+Resume. A killed run is rerun with the same command. The optimizer is not unpickled:
+CMA-ES is deterministic under its seed (niches/cmaes.py), so the run replays every
+generation, feeding back the fitness logged in candidates.jsonl after checking that the
+genome asked for is the one logged; the first candidate without a line is evaluated
+for real (a candidate scored just before the kill is still found in the score cache,
+so no forward pass is lost either way).
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal, Optional, Union
+
+import numpy as np
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from evaluation.harness import Harness, candidate_hash, read_jsonl
+from evaluation.tasks import Task, TaskResult, resolve_task
+from merging.checkpoint import Checkpoint, resolve_model_path
+from merging.dataflow import DataflowSpace
+from merging.errors import EvomergeError, RecipeError
+from merging.recipe import Recipe, load_yaml, located
+from niches.cmaes import CMAES
+from niches.genome import DataflowGenome, LayerLayout, RecipeGenome
+
+PS_MODEL = "ps"
+"""In a ps+dfs config's `dfs.sources`, the PS stage's best merge."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class OptimizerSettings(_Strict):
+    """CMA-ES over the unit box of genes (niches/cmaes.py)."""
+
+    max_evals: int = 100
+    popsize: Optional[int] = None
+    sigma0: float = 0.2
+    restarts: int = 0
+    separable: Union[bool, Literal["auto"]] = "auto"
+
+
+class PSSettings(_Strict):
+    template: str
+    """Recipe template with free markers (niches/genome.py), relative to the config file."""
+    optimizer: OptimizerSettings = OptimizerSettings()
+
+
+class DFSSettings(_Strict):
+    sources: Optional[list[str]] = None
+    """Models laid out in the slots, model 0 first (it gives embeddings, first and last
+    layer). In ps+dfs, `ps` names the PS merge; default: the PS merge, then `models`."""
+    repeats: int = 2
+    scales: Literal["layer_pairs", "model_pairs", "none"] = "layer_pairs"
+    scale_bounds: tuple[float, float] = (0.5, 2.0)
+    init: Literal["first_model", "uniform"] = "first_model"
+    optimizer: OptimizerSettings = OptimizerSettings()
+
+
+class TaskSettings(_Strict):
+    tasks: list[str]
+    """Zoo task names, built-in benchmarks (mgsm_ja, gsm8k, ...) or JSONL paths."""
+    split: str
+    limit: Optional[int] = None
+    like: Optional[str] = None
+    """Score JSONL tasks the way this built-in task does (its prompt template, answer
+    field, stop strings, token budget), e.g. a Japanese GSM8K-style training set scored
+    like `mgsm_ja_evollm`."""
+
+    def resolve(self, zoo_dir: Path | None, base_dir: Path) -> list[Task]:
+        from dataclasses import replace
+
+        from evaluation.tasks import BUILTIN_TASKS
+
+        if self.like is not None and self.like not in BUILTIN_TASKS:
+            raise RecipeError(f"like: {self.like!r} is not a built-in task; known: {', '.join(sorted(BUILTIN_TASKS))}")
+        tasks = []
+        for name in self.tasks:
+            if name.endswith(".jsonl"):
+                path = Path(name) if Path(name).is_absolute() else base_dir / name
+                task = resolve_task(str(path), split=self.split)
+                if self.like:
+                    task = replace(BUILTIN_TASKS[self.like], name=task.name, data=task.data, split=self.split)
+            else:
+                task = resolve_task(name, zoo_dir=zoo_dir, split=self.split)
+            tasks.append(task)
+        return tasks
+
+
+class RunConfig(_Strict):
+    method: Literal["ps", "dfs", "ps+dfs"]
+    models: list[str]
+    """The source models (paths, Hub ids, or zoo:NAME): DFS's default pool; the report
+    scores each of them beside the evolved merge."""
+    baselines: list[str] = []
+    """More models to score in the report only (e.g. the base the sources came from)."""
+    fitness: TaskSettings
+    report: TaskSettings
+    ps: Optional[PSSettings] = None
+    dfs: Optional[DFSSettings] = None
+    zoo: Optional[str] = None
+    """A zoo size (micro, small, real) or folder: `zoo:NAME` models and zoo task names."""
+    seed: int = 0
+    device: str = "auto"
+    dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None
+    """Dtype of the resident model that candidates are scored in (None: the checkpoint's)."""
+    batch_size: int = 32
+
+
+@dataclass
+class Stage:
+    """One CMA-ES search: a genome over some models, its optimizer settings."""
+
+    name: str
+    genome: RecipeGenome | DataflowGenome
+    settings: OptimizerSettings
+    checkpoints: dict[str, Checkpoint]
+    reference: str
+    """The model the resident harness model starts as (same architecture as candidates)."""
+
+
+@dataclass
+class Outcome:
+    """What a stage found."""
+
+    name: str
+    best_genome: np.ndarray
+    best_fitness: float
+    best_recipe: Recipe
+    evaluations: int
+    history: list[dict] = field(default_factory=list)
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Parse and validate a run config; errors name the line."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise EvomergeError(f"cannot read run config {path}: {exc.strerror}") from exc
+    data, root = load_yaml(text, str(path))
+    try:
+        config = RunConfig.model_validate(data)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        message = f"unknown key {error['loc'][-1]!r}" if error["type"] == "extra_forbidden" else error["msg"]
+        raise RecipeError(f"{located(root, tuple(error['loc']), str(path))}: {message}") from None
+    needs = {"ps": ["ps"], "dfs": ["dfs"], "ps+dfs": ["ps", "dfs"]}[config.method]
+    for section in needs:
+        if getattr(config, section) is None:
+            raise RecipeError(f"{path}: method {config.method} needs a `{section}:` section")
+    return config
+
+
+class RunFolder:
+    """The files of one run; appends are line-atomic enough for JSONL (see read_jsonl)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path).resolve()
+        self.candidates_file = self.path / "candidates.jsonl"
+        self.optimizer_file = self.path / "optimizer.jsonl"
+        self.scores_file = self.path / "scores.jsonl"
+
+    def start(self, config_text: str, template_text: str | None) -> None:
+        """Record the config (first run) or check that a rerun gives the same one."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        for name, text in (("config.yaml", config_text), ("template.yaml", template_text)):
+            if text is None:
+                continue
+            stored = self.path / name
+            if stored.is_file():
+                if _normalised(stored.read_text()) != _normalised(text):
+                    raise EvomergeError(f"run folder {self.path} was started with a different {name}; "
+                                        "rerun with the config it was started with, or use a new --run-dir")
+            else:
+                _write_atomic(stored, text)
+
+    def candidates(self, stage: str) -> list[dict]:
+        return [row for row in read_jsonl(self.candidates_file) if row["stage"] == stage]
+
+    def append(self, file: Path, row: dict) -> None:
+        with file.open("a") as handle:
+            handle.write(json.dumps(row) + "\n")
+
+
+def evolve(config_path: str | Path, run_dir: str | Path, *, max_evals: int | None = None,
+           progress: bool = True) -> dict:
+    """Run (or resume) the evolution a config describes; return results.json's content."""
+    config_path = Path(config_path)
+    config = load_config(config_path)
+    base_dir = config_path.parent
+    zoo_dir = _zoo_dir(config.zoo, base_dir)
+    resolve = _reference_resolver(zoo_dir, base_dir)
+    template_text = (base_dir / config.ps.template).read_text() if config.ps else None
+    folder = RunFolder(run_dir)
+    folder.start(config_path.read_text(), template_text)
+    fitness_tasks = config.fitness.resolve(zoo_dir, base_dir)
+    report_tasks = config.report.resolve(zoo_dir, base_dir)
+    models = [resolve(m) for m in config.models]
+    stages: list[Stage] = []
+    outcomes: list[Outcome] = []
+    lineage: list[str] = []
+    if config.method in ("ps", "ps+dfs"):
+        stage = _ps_stage(config, base_dir / config.ps.template, template_text, resolve, max_evals)
+        stages.append(stage)
+        outcomes.append(_search(stage, config, folder, fitness_tasks, progress))
+        lineage.append(f"PS: `{outcomes[-1].best_recipe.merge_method}` merge of "
+                       f"{', '.join(f'`{m}`' for m in outcomes[-1].best_recipe.referenced_models())}, "
+                       f"{stage.genome.dimension} genes evolved by CMA-ES ({outcomes[-1].evaluations} evaluations)")
+    if config.method in ("dfs", "ps+dfs"):
+        pool = list(config.dfs.sources or ([PS_MODEL] if config.method == "ps+dfs" else []) + config.models)
+        if PS_MODEL in pool:
+            if config.method != "ps+dfs":
+                raise RecipeError(f"{config_path}: dfs.sources names `{PS_MODEL}` but there is no PS stage")
+            ps_dir = folder.path / "ps" / "best"
+            _export(outcomes[0], ps_dir, config, notes=_card_notes(lineage, {}, config))
+            pool = [str(ps_dir) if m == PS_MODEL else resolve(m) for m in pool]
+        else:
+            pool = [resolve(m) for m in pool]
+        stage = _dfs_stage(config, pool, max_evals)
+        stages.append(stage)
+        outcomes.append(_search(stage, config, folder, fitness_tasks, progress))
+        lineage.append(f"DFS: a path of {len(stage.genome.path(outcomes[-1].best_genome))} layers through "
+                       f"{', '.join(f'`{m}`' for m in pool)} ({stage.genome.space.repeats} repeats, scales "
+                       f"{stage.genome.scales}), {stage.genome.dimension} genes evolved by CMA-ES "
+                       f"({outcomes[-1].evaluations} evaluations)")
+    final = outcomes[-1]
+    report = _report(final, models + [resolve(m) for m in config.baselines], config, folder, report_tasks,
+                     progress)
+    results = {
+        "method": config.method,
+        "stages": {o.name: {"best_fitness": o.best_fitness, "evaluations": o.evaluations,
+                            "best_genome": o.best_genome.tolist(), "best_recipe": o.best_recipe.model_dump(
+                                mode="json", exclude_none=True)} for o in outcomes},
+        "report": {"split": config.report.split, "limit": config.report.limit, "scores": report},
+    }
+    _export(final, folder.path / "best", config, notes=_card_notes(lineage, report, config))
+    _write_atomic(folder.path / "results.json", json.dumps(results, indent=2) + "\n")
+    from niches.plots import plot_run
+
+    plot_run(folder.path / "plots", [(s.genome, o) for s, o in zip(stages, outcomes)])
+    return results
+
+
+def _ps_stage(config: RunConfig, template_path: Path, template_text: str, resolve: Callable[[str], str],
+              max_evals: int | None) -> Stage:
+    genome = _ps_genome(template_path, template_text, resolve)
+    recipe = genome.decode(genome.x0)
+    checkpoints = {ref: Checkpoint(ref, resolve_model_path(ref)) for ref in recipe.referenced_models()}
+    reference = recipe.base_model or recipe.referenced_models()[0]
+    return Stage("ps", genome, _budget(config.ps.optimizer, max_evals), checkpoints, reference)
+
+
+def _ps_genome(template_path: Path, template_text: str, resolve: Callable[[str], str]) -> RecipeGenome:
+    data, root = load_yaml(template_text, str(template_path))
+    if not isinstance(data, dict):
+        raise RecipeError(f"{template_path}: a recipe template is a YAML mapping")
+    _resolve_models(data, resolve)
+    first = data.get("base_model") or next(iter((data.get("models") or [{}])), {}).get("model")
+    if first is None and data.get("slices"):
+        first = data["slices"][0]["sources"][0]["model"]
+    if not isinstance(first, str):
+        raise RecipeError(f"{template_path}: the template names no model")
+    layout = LayerLayout.of(Checkpoint(first, resolve_model_path(first)))
+    return RecipeGenome(data, root, str(template_path), layout)
+
+
+def _dfs_stage(config: RunConfig, pool: list[str], max_evals: int | None) -> Stage:
+    settings = config.dfs
+    space = DataflowSpace(pool, repeats=settings.repeats)
+    genome = DataflowGenome(space, scales=settings.scales, scale_bounds=settings.scale_bounds, init=settings.init)
+    checkpoints = {ref: Checkpoint(ref, resolve_model_path(ref)) for ref in pool}
+    return Stage("dfs", genome, _budget(settings.optimizer, max_evals), checkpoints, pool[0])
+
+
+def _budget(settings: OptimizerSettings, max_evals: int | None) -> OptimizerSettings:
+    return settings if max_evals is None else settings.model_copy(update={"max_evals": max_evals})
+
+
+def _search(stage: Stage, config: RunConfig, folder: RunFolder, tasks: list[Task], progress: bool) -> Outcome:
+    """CMA-ES over the stage's genome, replaying logged candidates (resume)."""
+    from tqdm.auto import tqdm
+
+    settings = stage.settings
+    optimizer = CMAES(stage.genome.x0, settings.sigma0, bounds=(0.0, 1.0), popsize=settings.popsize,
+                      seed=config.seed, separable=settings.separable, restarts=settings.restarts,
+                      max_evals=settings.max_evals)
+    logged = folder.candidates(stage.name)
+    samples = [row for row in logged if row["kind"] == "sample"]
+    logged_generations = {row["generation"] for row in read_jsonl(folder.optimizer_file)
+                          if row["stage"] == stage.name}
+    harness: Harness | None = None
+    history: list[dict] = []
+    bar = tqdm(total=settings.max_evals, desc=f"{stage.name} evaluations", disable=not progress,
+               unit="cand", dynamic_ncols=True)
+
+    def evaluate(genome: np.ndarray, index: int, generation: int, kind: str) -> dict:
+        nonlocal harness
+        if harness is None:
+            harness = _harness(stage.checkpoints[stage.reference].path, config, folder)
+        recipe = stage.genome.decode(genome)
+        start = time.perf_counter()
+        results = harness.score_recipe(recipe, stage.checkpoints, tasks, limit=config.fitness.limit,
+                                       seed=config.seed)
+        row = {"stage": stage.name, "kind": kind, "index": index, "generation": generation,
+               "genome": genome.tolist(), "recipe_hash": _recipe_hash(recipe, stage, config),
+               "scores": {name: r.mean for name, r in results.items()}, "fitness": _fitness(results),
+               "seconds": round(time.perf_counter() - start, 3)}
+        folder.append(folder.candidates_file, row)
+        return row
+
+    index = 0
+    try:
+        while not optimizer.stop():
+            genomes = optimizer.ask()
+            generation = optimizer.generation
+            rows = []
+            for genome in genomes:
+                if index < len(samples):
+                    row = samples[index]
+                    if row["generation"] != generation or not np.allclose(row["genome"], genome, rtol=0, atol=1e-12):
+                        raise EvomergeError(
+                            f"{folder.candidates_file}: candidate {index} of stage {stage.name} does not replay "
+                            "(the logged genome differs from the one the optimizer asks for now); the run was made "
+                            "with other settings or another version. Use a new --run-dir")
+                else:
+                    row = evaluate(genome, index, generation, "sample")
+                rows.append(row)
+                history.append(row)
+                index += 1
+                bar.update(1)
+                bar.set_postfix(best=f"{max(r['fitness'] for r in history):.4f}", refresh=False)
+            optimizer.tell(genomes, [row["fitness"] for row in rows])
+            if optimizer.generation not in logged_generations:
+                folder.append(folder.optimizer_file, {"stage": stage.name, **optimizer.state()})
+        # the distribution mean: under noisy fitness often better than the best single sample
+        means = [row for row in logged if row["kind"] == "mean" and np.allclose(row["genome"], optimizer.mean)]
+        history.append(means[0] if means else evaluate(optimizer.mean, index, optimizer.generation, "mean"))
+    finally:
+        bar.close()
+        for checkpoint in stage.checkpoints.values():
+            checkpoint.close()
+    best = max(history, key=lambda row: row["fitness"])
+    best_genome = np.asarray(best["genome"])
+    return Outcome(stage.name, best_genome, best["fitness"], stage.genome.decode(best_genome),
+                   optimizer.evaluations, history)
+
+
+def _harness(template: Path, config: RunConfig, folder: RunFolder) -> Harness:
+    import torch
+
+    dtype = getattr(torch, config.dtype) if config.dtype else None
+    return Harness(template, device=config.device, cache=folder.scores_file, batch_size=config.batch_size,
+                   dtype=dtype)
+
+
+def _fitness(results: dict[str, TaskResult]) -> float:
+    """Mean over fitness tasks of the task's mean score."""
+    return float(np.mean([r.mean for r in results.values()]))
+
+
+def _recipe_hash(recipe: Recipe, stage: Stage, config: RunConfig) -> str:
+    return candidate_hash(recipe, {ref: ck.path for ref, ck in stage.checkpoints.items()}, config.seed)
+
+
+def _report(final: Outcome, models: list[str], config: RunConfig, folder: RunFolder, tasks: list[Task],
+            progress: bool) -> dict[str, dict[str, dict]]:
+    """Report-split scores of the evolved merge and of every source model."""
+    from merging.engine import open_models
+
+    report: dict[str, dict[str, dict]] = {}
+    recipe = final.best_recipe
+    checkpoints = open_models(recipe)
+    first = recipe.base_model or recipe.referenced_models()[0]
+    harness = _harness(checkpoints[first].path, config, folder)
+    try:
+        results = harness.score_recipe(recipe, checkpoints, tasks, limit=config.report.limit, seed=config.seed)
+    finally:
+        for checkpoint in checkpoints.values():
+            checkpoint.close()
+    report["evolved"] = {name: _summary(r) for name, r in results.items()}
+    for model in models:
+        if progress:
+            print(f"scoring source {model} on {', '.join(t.name for t in tasks)}", flush=True)
+        harness = _harness(resolve_model_path(model), config, folder)
+        report[model] = {name: _summary(r) for name, r in harness.score_resident(tasks, limit=config.report.limit).items()}
+    return report
+
+
+def _summary(result: TaskResult) -> dict:
+    return {"mean": result.mean, "stderr": result.stderr, "n": len(result.scores)}
+
+
+def _export(outcome: Outcome, out_dir: Path, config: RunConfig, *, notes: str) -> None:
+    """Write a stage's best candidate as a checkpoint (atomically, replacing an older one),
+    unless a resumed run finds it already written with this recipe and card."""
+    from merging.engine import merge_to_disk, open_models, plan_merge
+
+    recipe = outcome.best_recipe
+    card = out_dir / "README.md"
+    if card.is_file() and recipe.to_yaml().strip() in card.read_text() and card.read_text().endswith(notes.strip() + "\n"):
+        return
+    plan = plan_merge(recipe, open_models(recipe))
+    try:
+        merge_to_disk(plan, out_dir, seed=config.seed, overwrite=True, card_notes=notes)
+    finally:
+        plan.close()
+
+
+def _card_notes(lineage: list[str], report: dict, config: RunConfig) -> str:
+    lines = ["## Evolution", "", "Made by `evomerge evolve` (method `" + config.method + "`, seed "
+             f"{config.seed}); fitness: mean of {', '.join(config.fitness.tasks)} ({config.fitness.split} split"
+             f"{f', first {config.fitness.limit} examples' if config.fitness.limit else ''}).", ""]
+    lines += [f"{i + 1}. {step}" for i, step in enumerate(lineage)]
+    if report:
+        tasks = list(next(iter(report.values())))
+        lines += ["", f"## Scores ({config.report.split} split, mean ± standard error)", "",
+                  "| model | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+        for model, scores in report.items():
+            cells = [f"{scores[t]['mean']:.3f} ± {scores[t]['stderr']:.3f}" for t in tasks]
+            lines.append(f"| {'**this merge**' if model == 'evolved' else f'`{model}`'} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# --- model references ---------------------------------------------------------------
+
+def _zoo_dir(zoo: str | None, base_dir: Path) -> Path | None:
+    if zoo is None:
+        return None
+    from evaluation.zoo import SIZES, ZOO_HOME
+
+    if zoo in SIZES or zoo == "real":
+        path = ZOO_HOME / zoo
+        hint = f"build it with `evomerge zoo build --size {zoo}`"
+    else:
+        path = Path(zoo).expanduser()
+        path = path if path.is_absolute() else base_dir / path
+        hint = "build one with `evomerge zoo build --out FOLDER`"
+    if not (path / "zoo.json").is_file():
+        raise EvomergeError(f"zoo {zoo!r}: no zoo at {path}; {hint}")
+    return path
+
+
+def _reference_resolver(zoo_dir: Path | None, base_dir: Path) -> Callable[[str], str]:
+    """`zoo:NAME` -> the zoo's model folder; a relative folder that exists beside the
+    config -> its absolute path; anything else (absolute folders, Hub ids) unchanged."""
+    def resolve(reference: str) -> str:
+        if reference.startswith("zoo:"):
+            if zoo_dir is None:
+                raise EvomergeError(f"model {reference!r}: the config sets no `zoo:`")
+            name = reference[4:]
+            path = zoo_dir / "models" / name
+            if not path.is_dir():
+                known = sorted(p.name for p in (zoo_dir / "models").iterdir())
+                raise EvomergeError(f"model {reference!r}: the zoo at {zoo_dir} has no model {name!r}; "
+                                    f"it has {', '.join(known)}")
+            return str(path.resolve())
+        local = Path(reference).expanduser()
+        if not local.is_absolute() and (base_dir / local).is_dir():
+            return str((base_dir / local).resolve())
+        return str(local.resolve()) if local.is_dir() else reference
+    return resolve
+
+
+def _resolve_models(data: dict, resolve: Callable[[str], str]) -> None:
+    """Rewrite a template's model references in place (before it becomes a genome)."""
+    if isinstance(data.get("base_model"), str):
+        data["base_model"] = resolve(data["base_model"])
+    for source in data.get("models") or []:
+        if isinstance(source, dict) and isinstance(source.get("model"), str):
+            source["model"] = resolve(source["model"])
+    for slice_ in data.get("slices") or []:
+        if isinstance(slice_, dict):
+            if isinstance(slice_.get("base_model"), str):
+                slice_["base_model"] = resolve(slice_["base_model"])
+            for source in slice_.get("sources") or []:
+                if isinstance(source, dict) and isinstance(source.get("model"), str):
+                    source["model"] = resolve(source["model"])
+    if data.get("tokenizer_source") not in (None, "base", "union"):
+        data["tokenizer_source"] = resolve(data["tokenizer_source"])
+
+
+def _normalised(text: str) -> Any:
+    return yaml.safe_load(text)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text)
+    temporary.replace(path)
+

@@ -1,0 +1,159 @@
+"""Genomes: vectors to recipes and back, for parameter space (templates with free
+markers) and data-flow space; the decoded recipe really sets each layer's value."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from merging.checkpoint import Checkpoint
+from merging.dataflow import DataflowSpace
+from merging.engine import open_models, plan_merge
+from merging.errors import RecipeError
+from niches.genome import DataflowGenome, LayerLayout, RecipeGenome
+
+TEMPLATE = """\
+merge_method: dare_ties
+base_model: {base}
+models:
+  - model: {v1}
+    parameters:
+      density: {{free: [0.1, 1.0], init: 0.5, granularity: layer}}
+      weight: {{free: [0.0, 1.0], granularity: 2}}
+  - model: {v2}
+    parameters:
+      density: 0.7
+      weight: {{free: [0.0, 2.0], init: 1.0}}
+parameters:
+  normalize: true
+dtype: float32
+"""
+
+
+@pytest.fixture(scope="module")
+def layout(llama_family) -> LayerLayout:
+    return LayerLayout.of(Checkpoint("base", llama_family["base"]))
+
+
+@pytest.fixture(scope="module")
+def genome(llama_family, layout) -> RecipeGenome:
+    text = TEMPLATE.format(base=llama_family["base"], v1=llama_family["variant_1"], v2=llama_family["variant_2"])
+    return RecipeGenome.from_text(text, "template.yaml", layout)
+
+
+def test_layout_names_the_embeddings_and_the_final_tensors(layout):
+    assert layout.num_layers == 4
+    assert layout.pre_names == ("model.embed_tokens.weight",)
+    assert set(layout.post_names) == {"model.norm.weight", "lm_head.weight"}
+
+
+def test_genes_per_granularity(genome):
+    # density per layer: embed + 4 layers + head; weight per 2 layers: embed + 2 groups + head; global: 1
+    assert genome.dimension == 6 + 4 + 1
+    assert genome.labels[:6] == [f"{genome.parameters[0].model}:density@{x}"
+                                 for x in ["embed", "L0", "L1", "L2", "L3", "head"]]
+    assert [p.labels for p in genome.parameters[1:]] == [("embed", "L0-1", "L2-3", "head"), ("all",)]
+    assert np.allclose(genome.x0, [4 / 9] * 6 + [0.5] * 4 + [0.5])
+
+
+def test_round_trip(genome):
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        x = rng.uniform(0, 1, genome.dimension)
+        recipe = genome.decode(x)
+        assert np.allclose(genome.encode(recipe), x)
+        again = genome.decode(genome.encode(recipe))
+        assert again.model_dump(exclude={"models"}) == recipe.model_dump(exclude={"models"})
+
+
+def test_decoded_values_land_on_their_tensors(genome, llama_family):
+    """Each gene sets exactly its layer's (or the embeddings'/head's) parameter in the plan."""
+    x = np.linspace(0.0, 1.0, genome.dimension)
+    recipe = genome.decode(x)
+    density, weight, weight_2 = genome.values(x)
+    plan = plan_merge(recipe, open_models(recipe))
+    try:
+        by_name = {task.output.name: task.params for task in plan.tasks}
+    finally:
+        plan.close()
+    # inputs are [variant_1, variant_2]; variant_2's density is fixed at 0.7
+    assert by_name["model.embed_tokens.weight"]["density"] == pytest.approx([density[0], 0.7])
+    for layer in range(4):
+        params = by_name[f"model.layers.{layer}.mlp.down_proj.weight"]
+        assert params["density"] == pytest.approx([density[1 + layer], 0.7])
+        assert params["weight"] == pytest.approx([weight[1 + layer // 2], weight_2[0]])
+    for name in ("model.norm.weight", "lm_head.weight"):
+        assert by_name[name]["density"][0] == pytest.approx(density[-1])
+        assert by_name[name]["weight"][0] == pytest.approx(weight[-1])
+
+
+def test_genes_are_clipped_to_the_bounds(genome):
+    values = genome.values(np.full(genome.dimension, 1.7))
+    assert values[0].max() == pytest.approx(1.0) and values[2][0] == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("marker, message", [
+    ("{free: [1.0, 0.1]}", "low < high"),
+    ("{free: [0.1, 1.0], init: 3}", "inside"),
+    ("{free: [0.1, 1.0], granularity: layers}", "granularity"),
+    ("{free: [0.1, 1.0], step: 2}", "unknown key"),
+])
+def test_bad_markers_name_their_line(llama_family, layout, marker, message):
+    text = TEMPLATE.format(base=llama_family["base"], v1=llama_family["variant_1"], v2=llama_family["variant_2"])
+    text = text.replace("{free: [0.0, 2.0], init: 1.0}", marker)
+    with pytest.raises(RecipeError, match=rf"template.yaml, line 11: models\[1\].parameters.weight: .*{message}"):
+        RecipeGenome.from_text(text, "template.yaml", layout)
+
+
+def test_template_errors_are_recipe_errors_with_lines(llama_family, layout):
+    text = TEMPLATE.format(base=llama_family["base"], v1=llama_family["variant_1"], v2=llama_family["variant_2"])
+    with pytest.raises(RecipeError, match="line 6: .*unknown parameter 'densty'"):
+        RecipeGenome.from_text(text.replace("density: {", "densty: {"), "t.yaml", layout)
+    with pytest.raises(RecipeError, match="marks no parameter free"):
+        RecipeGenome.from_text("merge_method: linear\nmodels:\n  - model: a\n    parameters: {weight: 1}\n")
+    with pytest.raises(RecipeError, match="needs the models' layout"):
+        RecipeGenome.from_text(text, "t.yaml", None)
+
+
+@pytest.fixture(scope="module")
+def space(llama_family) -> DataflowSpace:
+    return DataflowSpace([str(llama_family["base"]), str(llama_family["variant_1"])], repeats=2)
+
+
+@pytest.mark.parametrize("scales, count", [("layer_pairs", 2 * 4 * 4), ("model_pairs", 2), ("none", 0)])
+def test_dataflow_genome_sizes(space, scales, count):
+    assert DataflowGenome(space, scales=scales).dimension == 16 + count
+
+
+def test_dataflow_x0_is_model_0_with_unit_scales(space):
+    genome = DataflowGenome(space)
+    assert genome.path(genome.x0) == [(0, 0), (0, 1), (0, 2), (0, 3)]
+    assert np.allclose(genome.scale_matrix(genome.x0), 1.0)
+
+
+def test_dataflow_round_trip_and_scales_only_cross_models(space):
+    genome = DataflowGenome(space, scale_bounds=(0.5, 2.0))
+    x = np.random.default_rng(1).uniform(0, 1, genome.dimension)
+    matrix = genome.scale_matrix(x)
+    assert np.allclose(genome.encode(genome.inclusion(x), matrix), x)
+    assert np.all(matrix >= 0.5 - 1e-12) and np.all(matrix <= 2.0 + 1e-12)
+    assert np.allclose(matrix[:4, :4], 1.0) and np.allclose(matrix[4:, 4:], 1.0)
+    assert not np.allclose(matrix[:4, 4:], 1.0)
+    # the decoded recipe is the path with the scales folded in (one slice per step)
+    assert len(genome.decode(x).slices) == len(genome.path(x))
+
+
+def test_model_pair_scales_expand_per_model(space):
+    genome = DataflowGenome(space, scales="model_pairs")
+    x = genome.encode(torch.ones(space.num_slots), None)
+    x[-2:] = [0.0, 1.0]  # W[model 0 -> model 1] = 0.5, W[model 1 -> model 0] = 2
+    matrix = genome.scale_matrix(x)
+    assert np.allclose(matrix[:4, 4:], 0.5) and np.allclose(matrix[4:, :4], 2.0)
+    assert np.allclose(genome.encode(genome.inclusion(x), matrix), x)
+
+
+def test_bad_dataflow_settings(space):
+    with pytest.raises(RecipeError, match="scales must be"):
+        DataflowGenome(space, scales="pairs")
+    with pytest.raises(RecipeError, match="0 < low < 1 < high"):
+        DataflowGenome(space, scale_bounds=(1.0, 2.0))
