@@ -85,7 +85,7 @@ def _add_eval(subparsers) -> None:
             "MODEL_OR_RECIPE is a checkpoint folder, a Hub id, or a recipe YAML: a recipe is merged "
             "straight into a model resident on the device (no checkpoint is written). Tasks are zoo "
             "tasks (math, lang, math_lang, ... of the zoo given by --zoo), the built-in benchmarks "
-            "gsm8k, mgsm_en and mgsm_ja (need the Hub or a datasets cache), or a path to a .jsonl "
+            "gsm8k, mgsm_en, mgsm_ja and mgsm_ja_evollm (need the Hub or a datasets cache), or a path to a .jsonl "
             "file of {\"prompt\", \"answer\"} records scored by the last number generated, or "
             "lm_eval:TASK for an lm-evaluation-harness task (pip install 'evomerge[lmeval]'), run on the "
             "same in-memory model."

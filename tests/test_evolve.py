@@ -183,3 +183,16 @@ def test_unknown_zoo_model_is_named(micro_zoo, tmp_path):
     assert main(["evolve", str(config), "--run-dir", str(tmp_path / "run"), "--no-progress"]) == 2
     with pytest.raises(EvomergeError, match="has no model 'maths'; it has base, lang, math, reverse"):
         evolve(config, tmp_path / "run2", progress=False)
+
+
+@pytest.mark.parametrize("name", ["zoo-small-ps", "zoo-small-dfs", "zoo-small-ps-dfs",
+                                  "evollm-jp-ps", "evollm-jp-dfs", "evollm-jp-ps-dfs"])
+def test_shipped_run_configs_are_valid(name):
+    from niches.genome import LayerLayout, RecipeGenome
+
+    recipes = Path(__file__).parents[1] / "recipes"
+    config = load_config(recipes / f"{name}.yaml")
+    if config.ps:
+        layout = LayerLayout(32, ("model.embed_tokens.weight",), ("model.norm.weight", "lm_head.weight"))
+        genome = RecipeGenome.from_file(recipes / config.ps.template, layout)
+        assert genome.decode(genome.x0).merge_method == "dare_ties"
