@@ -1,0 +1,99 @@
+"""Coefficient members (LLM M2N2): SLERP with a split point computed on coefficients and
+Gram matrices equals SLERP on the real flattened parameters (float64 reference), and the
+member's recipe merges into exactly those parameters."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from merging.checkpoint import Checkpoint
+from merging.engine import iter_merged, plan_merge
+from niches.coefficients import SourceGram, member_recipe, slerp_split_members, slerp_weights
+
+
+@pytest.fixture(scope="module")
+def sources(llama_family):
+    checkpoints = [Checkpoint(str(llama_family[name]), llama_family[name])
+                   for name in ("variant_1", "variant_2", "variant_3")]
+    yield checkpoints
+    for checkpoint in checkpoints:
+        checkpoint.close()
+
+
+@pytest.fixture(scope="module")
+def gram(sources) -> SourceGram:
+    return SourceGram.compute(sources)
+
+
+def flat(member: np.ndarray, gram: SourceGram, sources) -> torch.Tensor:
+    """The member's parameters, materialised in float64, in the Gram's tensor order."""
+    parts = []
+    for k, name in enumerate(gram.tensors):
+        stacked = torch.stack([c.read(name).to(torch.float64).flatten() for c in sources])
+        parts.append(torch.from_numpy(member[k]) @ stacked)
+    return torch.cat(parts)
+
+
+def reference_slerp_split(a: torch.Tensor, b: torch.Tensor, w: float, split: int) -> torch.Tensor:
+    """M2N2's definition on flat vectors: SLERP(w) before the split, SLERP(1 - w) after,
+    the angle from the whole vectors."""
+    omega = torch.arccos(torch.dot(a, b) / (a.norm() * b.norm()))
+
+    def slerp(t: float) -> torch.Tensor:
+        return (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / torch.sin(omega)
+
+    return torch.cat([slerp(w)[:split], slerp(1 - w)[split:]])
+
+
+def test_tensor_order_is_model_order(gram):
+    assert gram.groups[0] == "embed" and gram.groups[-1] == "head"
+    assert [g for g in gram.groups if g.startswith("L")] == sorted(
+        [g for g in gram.groups if g.startswith("L")], key=lambda g: int(g[1:]))
+
+
+def test_gram_gives_the_inner_products_of_members(gram, sources):
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(2, len(gram.tensors), 3))
+    assert gram.dot(a, b) == pytest.approx(torch.dot(flat(a, gram, sources), flat(b, gram, sources)).item(),
+                                           rel=1e-10)
+
+
+@pytest.mark.parametrize("w, boundary", [(0.3, 5), (0.8, 0), (0.5, -1)])
+def test_slerp_split_on_coefficients_equals_slerp_on_parameters(gram, sources, w, boundary):
+    a = 0.7 * gram.one_hot(0) + 0.3 * gram.one_hot(1)
+    b = gram.one_hot(2)
+    split = int(gram.boundaries()[boundary])
+    child = slerp_split_members(a, b, w, split, gram)
+    expected = reference_slerp_split(flat(a, gram, sources), flat(b, gram, sources), w, split)
+    assert torch.allclose(flat(child, gram, sources), expected, rtol=1e-9, atol=1e-12)
+
+
+def test_split_must_be_a_tensor_boundary(gram):
+    with pytest.raises(ValueError, match="not a tensor boundary"):
+        slerp_split_members(gram.one_hot(0), gram.one_hot(1), 0.5, int(gram.sizes[0]) + 1, gram)
+
+
+def test_layer_boundaries_are_a_subset_of_tensor_boundaries(gram):
+    layers, tensors = gram.boundaries("layer"), gram.boundaries("tensor")
+    assert set(layers) <= set(tensors) and layers[0] == 0 and layers[-1] == tensors[-1]
+    assert len(layers) == 1 + len(dict.fromkeys(gram.groups))
+
+
+def test_small_angles_interpolate_linearly():
+    assert slerp_weights(1.0, 0.25) == (0.75, 0.25)
+    a, b = slerp_weights(math.cos(1.0), 0.5)
+    assert a == pytest.approx(math.sin(0.5) / math.sin(1.0)) and a == b
+
+
+def test_member_recipe_merges_into_the_member(gram, sources):
+    member = np.random.default_rng(1).uniform(-0.5, 1.5, size=(len(gram.tensors), 3))
+    recipe = member_recipe(member, gram)
+    plan = plan_merge(recipe, {c.reference: c for c in sources})
+    merged = dict(iter_merged(plan))
+    for k, name in enumerate(gram.tensors):
+        stacked = torch.stack([c.read(name).to(torch.float64) for c in sources])
+        expected = torch.einsum("s,s...->...", torch.from_numpy(member[k]), stacked)
+        assert torch.allclose(merged[name].to(torch.float64), expected, rtol=1e-5, atol=1e-6), name
