@@ -184,12 +184,14 @@ def _run_zoo_build(args: argparse.Namespace) -> None:
 
 def _add_evolve(subparsers) -> None:
     parser = subparsers.add_parser(
-        "evolve", help="evolve a merge recipe with CMA-ES (parameter space, data-flow space, or both)",
+        "evolve", help="evolve a merge recipe: CMA-ES in parameter space, data-flow space or both, or M2N2",
         description=(
-            "Search merge recipes with CMA-ES as CONFIG says: method ps (evolve the free parameters of a recipe "
+            "Search merge recipes as CONFIG says. With CMA-ES: method ps (evolve the free parameters of a recipe "
             "template, e.g. per-layer dare_ties densities and weights), dfs (evolve a path through the layers of "
             "the source models, with scales on the hidden state), or ps+dfs (PS first; its merge joins the DFS "
-            "pool). Candidates are merged in memory and scored on the fitness tasks; RUN_DIR receives the config, "
+            "pool). With M2N2: method m2n2 (an archive of merges evolved by SLERP crossovers with moving split points, "
+            "resource competition and attraction; members are stored as per-tensor coefficients of the sources). "
+            "Candidates are merged in memory and scored on the fitness tasks; RUN_DIR receives the config, "
             "a JSONL line per candidate, the optimizer state per generation, plots, results.json with report-split "
             "scores of the best merge and of every source, and best/ (a Hugging Face checkpoint whose model card "
             "gives recipe, lineage and scores). Rerun the same command after a kill to resume: no scored "
@@ -199,7 +201,7 @@ def _add_evolve(subparsers) -> None:
     parser.add_argument("config", type=Path, help="run config YAML (see recipes/zoo-small-ps.yaml)")
     parser.add_argument("--run-dir", type=Path, required=True, help="run folder (created, or resumed)")
     parser.add_argument("--max-evals", type=int, default=None,
-                        help="evaluation budget of each search stage (overrides the config's optimizer.max_evals)")
+                        help="evaluation budget of each search stage (overrides the config's max_evals)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(run=_run_evolve)
 
@@ -222,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="evomerge",
         description="Evolutionary model merging: merge checkpoints with mergekit-compatible recipes, "
-                    "score candidates per example, build the offline model zoo, evolve recipes with CMA-ES.",
+                    "score candidates per example, build the offline model zoo, evolve recipes with CMA-ES or M2N2.",
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_merge(subparsers)

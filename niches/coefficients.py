@@ -16,8 +16,10 @@ with one filter entry per tensor, which the harness merges into its resident mod
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -27,10 +29,7 @@ from merging.architecture import detect_architecture
 from merging.checkpoint import Checkpoint
 from merging.errors import CheckpointError
 from merging.recipe import Recipe
-
-SMALL_ANGLE = 1e-4
-"""Below this angle (radians) SLERP is replaced by linear interpolation (sin Ω ~ 0)."""
-
+from niches.m2n2 import slerp_scales
 
 @dataclass
 class SourceGram:
@@ -66,6 +65,29 @@ class SourceGram:
         groups = [{"pre": "embed", "post": "head"}.get(arch.position(n)) or f"L{arch.layer_of(n)}" for n in names]
         return cls([c.reference for c in checkpoints], names, sizes, grams, groups)
 
+    @classmethod
+    def load_or_compute(cls, path: Path, checkpoints: Sequence[Checkpoint]) -> "SourceGram":
+        """The Gram of these sources saved at `path` (safetensors + JSON metadata, no
+        pickle), or computed and saved there: a resumed run skips the pass over the weights."""
+        from safetensors.numpy import load_file, save_file
+
+        references = [c.reference for c in checkpoints]
+        if path.is_file():
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="np") as handle:
+                meta = json.loads(handle.metadata()["meta"])
+            if meta["sources"] == references:
+                arrays = load_file(str(path))
+                return cls(references, meta["tensors"], arrays["sizes"], arrays["grams"], meta["groups"])
+        gram = cls.compute(checkpoints)
+        temporary = path.with_name(f".{path.name}.tmp")
+        save_file({"sizes": gram.sizes, "grams": gram.grams}, str(temporary),
+                  metadata={"meta": json.dumps({"sources": references, "tensors": gram.tensors,
+                                                "groups": gram.groups})})
+        temporary.replace(path)
+        return gram
+
     def dot(self, a: np.ndarray, b: np.ndarray) -> float:
         """<A, B> of two members given as coefficient matrices."""
         return float(np.einsum("ks,ksr,kr->", a, self.grams, b))
@@ -89,25 +111,18 @@ class SourceGram:
         return np.array(keep)
 
 
-def slerp_weights(cos_angle: float, t: float) -> tuple[float, float]:
-    """(a, b) with SLERP(A, B; t) = a A + b B for unit-free vectors at this angle cosine."""
-    angle = math.acos(max(-1.0, min(1.0, cos_angle)))
-    if angle < SMALL_ANGLE:
-        return 1.0 - t, t
-    return math.sin((1.0 - t) * angle) / math.sin(angle), math.sin(t * angle) / math.sin(angle)
-
-
 def slerp_split_members(a: np.ndarray, b: np.ndarray, w: float, split: int, gram: SourceGram) -> np.ndarray:
     """M2N2's crossover on coefficient members: SLERP(A, B; w) on the tensors before flat
     offset `split` (a tensor boundary) and SLERP(A, B; 1 - w) after it, with the angle of
     the whole parameter vectors."""
-    cos_angle = gram.dot(a, b) / math.sqrt(gram.dot(a, a) * gram.dot(b, b))
+    norms = math.sqrt(gram.dot(a, a) * gram.dot(b, b))
+    omega = math.acos(max(-1.0, min(1.0, gram.dot(a, b) / norms))) if norms > 0 else 0.0
     before = np.cumsum(gram.sizes) <= split
     if not np.isin(split, np.concatenate([[0], np.cumsum(gram.sizes)])):
         raise ValueError(f"split {split} is not a tensor boundary")
     child = np.empty_like(a)
     for mask, t in ((before, w), (~before, 1.0 - w)):
-        ca, cb = slerp_weights(cos_angle, t)
+        ca, cb = slerp_scales(omega, t)
         child[mask] = ca * a[mask] + cb * b[mask]
     return child
 
@@ -123,3 +138,20 @@ def member_recipe(member: np.ndarray, gram: SourceGram, dtype: str | None = None
     if dtype:
         data["dtype"] = dtype
     return Recipe.model_validate(data)
+
+
+class CoefficientGenome:
+    """Members as flat vectors for the run loop (its log stores genomes flat): a member is
+    `flat.reshape(tensors, sources)` and decodes to its `linear` recipe."""
+
+    def __init__(self, gram: SourceGram, dtype: str | None = None):
+        self.gram = gram
+        self.dtype = dtype
+        self.shape = (len(gram.tensors), len(gram.sources))
+
+    @property
+    def dimension(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    def decode(self, genome: Sequence[float]) -> Recipe:
+        return member_recipe(np.asarray(genome, dtype=np.float64).reshape(self.shape), self.gram, self.dtype)

@@ -1,5 +1,5 @@
 """The plots of a run folder: fitness against evaluations, the evolved per-layer
-parameters (PS), the evolved layer path (DFS). Written as PNG with matplotlib's Agg
+parameters (PS), the evolved layer path (DFS), the best member's coefficients (M2N2). Written as PNG with matplotlib's Agg
 backend (no display needed)."""
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
+from niches.coefficients import CoefficientGenome
 from niches.genome import DataflowGenome, RecipeGenome
 
 if TYPE_CHECKING:
@@ -24,8 +25,10 @@ def plot_run(out_dir: Path, stages: Sequence[tuple[RecipeGenome | DataflowGenome
     for genome, outcome in stages:
         if isinstance(genome, RecipeGenome):
             written.append(plot_ps_heatmap(out_dir / f"{outcome.name}_parameters.png", genome, outcome.best_genome))
-        else:
+        elif isinstance(genome, DataflowGenome):
             written.append(plot_dfs_path(out_dir / f"{outcome.name}_path.png", genome, outcome.best_genome))
+        else:
+            written.append(plot_coefficients(out_dir / f"{outcome.name}_coefficients.png", genome, outcome.best_genome))
     return written
 
 
@@ -41,9 +44,12 @@ def plot_fitness(path: Path, outcomes: Sequence["Outcome"]) -> Path:
         x = offset + np.arange(1, len(fitness) + 1)
         ax.plot(x, np.maximum.accumulate(fitness), label=f"{outcome.name}: best so far")
         generations = sorted({row["generation"] for row in samples})
-        ends = [offset + max(i + 1 for i, r in enumerate(samples) if r["generation"] == g) for g in generations]
-        medians = [np.median([r["fitness"] for r in samples if r["generation"] == g]) for g in generations]
-        ax.plot(ends, medians, "o--", markersize=3, label=f"{outcome.name}: generation median")
+        if len(generations) == len(samples):  # one candidate per step (M2N2): show each
+            ax.plot(x, fitness, ".", markersize=3, alpha=0.5, label=f"{outcome.name}: child")
+        else:
+            ends = [offset + max(i + 1 for i, r in enumerate(samples) if r["generation"] == g) for g in generations]
+            medians = [np.median([r["fitness"] for r in samples if r["generation"] == g]) for g in generations]
+            ax.plot(ends, medians, "o--", markersize=3, label=f"{outcome.name}: generation median")
         means = [row for row in outcome.history if row["kind"] == "mean"]
         if means:
             ax.plot([offset + len(fitness)], [means[0]["fitness"]], "k*", markersize=9,
@@ -118,6 +124,27 @@ def plot_dfs_path(path: Path, genome: DataflowGenome, best: np.ndarray) -> Path:
     ax.set_title(f"evolved layer path ({len(steps)} layers)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_coefficients(path: Path, genome: CoefficientGenome, best: np.ndarray) -> Path:
+    """An M2N2 member: the coefficient of each source model in each layer (the mean over
+    the layer's tensors; the split points make them differ within a model)."""
+    import matplotlib.pyplot as plt
+
+    member = np.asarray(best).reshape(genome.shape)
+    groups = list(dict.fromkeys(genome.gram.groups))
+    grid = np.array([[member[[k for k, g in enumerate(genome.gram.groups) if g == group], s].mean()
+                      for group in groups] for s in range(genome.shape[1])])
+    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(groups) + 3), 1.5 + 0.6 * len(grid)))
+    image = ax.imshow(grid, aspect="auto", cmap="coolwarm", vmin=-abs(grid).max(), vmax=abs(grid).max())
+    for (i, j), value in np.ndenumerate(grid):
+        ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7)
+    ax.set_yticks(range(len(grid)), [Path(s).name for s in genome.gram.sources])
+    ax.set_xticks(range(len(groups)), groups, fontsize=7)
+    ax.set_title("best member: coefficient of each source per layer")
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
     return _save(fig, path)
 
 

@@ -1,4 +1,4 @@
-"""Evolution runs: a config, a run folder, CMA-ES stages (PS, DFS, PS then DFS), resume.
+"""Evolution runs: a config, a run folder, CMA-ES stages (PS, DFS, PS then DFS) or M2N2, resume.
 
     evomerge evolve recipes/zoo-small-ps.yaml --run-dir runs/ps
 
@@ -6,19 +6,22 @@ The run folder holds everything a run makes:
 
     config.yaml          the config as given (a rerun must give the same one)
     template.yaml        the PS recipe template, as read
+    m2n2_gram.safetensors  (m2n2) the sources' per-tensor Gram matrices
     candidates.jsonl     one line per evaluated candidate: stage, index, genome, recipe
                          hash, per-task fitness scores, fitness, seconds
     scores.jsonl         the harness's per-example score cache
-    optimizer.jsonl      the optimizer's state after every generation
+    optimizer.jsonl      the optimizer's state after every generation (M2N2: after every child)
     ps/best/             (ps+dfs) the PS merge that joins the DFS pool
     best/                the best candidate as a Hugging Face checkpoint, with a model
                          card giving the recipe, the lineage and the test scores
     results.json         fitness of the best candidates, report scores of them and the sources
-    plots/               fitness against evaluations, PS per-layer heatmap, DFS path
+    sessions.jsonl       wall seconds of each invocation that finished
+    plots/               fitness against evaluations, PS per-layer heatmap, DFS path,
+                         M2N2 best member's coefficients
 
 Resume. A killed run is rerun with the same command. The optimizer is not unpickled:
-CMA-ES is deterministic under its seed (niches/cmaes.py), so the run replays every
-generation, feeding back the fitness logged in candidates.jsonl after checking that the
+CMA-ES and M2N2 are deterministic under their seed (niches/cmaes.py, niches/m2n2.py),
+so the run replays every generation, feeding back the fitness logged in candidates.jsonl after checking that the
 genome asked for is the one logged; the first candidate without a line is evaluated
 for real (a candidate scored just before the kill is still found in the score cache,
 so no forward pass is lost either way).
@@ -26,6 +29,7 @@ so no forward pass is lost either way).
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +46,7 @@ from merging.dataflow import DataflowSpace
 from merging.errors import EvomergeError, RecipeError
 from merging.recipe import Recipe, load_yaml, located
 from niches.cmaes import CMAES
+from niches.coefficients import CoefficientGenome, SourceGram, slerp_split_members
 from niches.genome import DataflowGenome, LayerLayout, RecipeGenome
 
 PS_MODEL = "ps"
@@ -79,6 +84,21 @@ class DFSSettings(_Strict):
     optimizer: OptimizerSettings = OptimizerSettings()
 
 
+class M2N2Settings(_Strict):
+    """M2N2 over members stored as per-tensor coefficients of the sources (niches/m2n2.py,
+    niches/coefficients.py). The switches are the paper's ablations."""
+
+    max_evals: int = 200
+    """Children evaluated (the sources themselves are evaluated first, outside the budget)."""
+    population_size: int = 20
+    alpha: float = 1.0
+    crossover: bool = True
+    split_point: bool = True
+    attraction: bool = True
+    split_at: Literal["tensor", "layer"] = "tensor"
+    """Where split points may fall: any tensor boundary, or only between layers."""
+
+
 class TaskSettings(_Strict):
     tasks: list[str]
     """Zoo task names, built-in benchmarks (mgsm_ja, gsm8k, ...) or JSONL paths."""
@@ -110,7 +130,7 @@ class TaskSettings(_Strict):
 
 
 class RunConfig(_Strict):
-    method: Literal["ps", "dfs", "ps+dfs"]
+    method: Literal["ps", "dfs", "ps+dfs", "m2n2"]
     models: list[str]
     """The source models (paths, Hub ids, or zoo:NAME): DFS's default pool; the report
     scores each of them beside the evolved merge."""
@@ -120,6 +140,7 @@ class RunConfig(_Strict):
     report: TaskSettings
     ps: Optional[PSSettings] = None
     dfs: Optional[DFSSettings] = None
+    m2n2: Optional[M2N2Settings] = None
     zoo: Optional[str] = None
     """A zoo size (micro, small, real) or folder: `zoo:NAME` models and zoo task names."""
     seed: int = 0
@@ -127,15 +148,19 @@ class RunConfig(_Strict):
     dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None
     """Dtype of the resident model that candidates are scored in (None: the checkpoint's)."""
     batch_size: int = 32
+    threads: Optional[int] = None
+    """torch CPU threads (None: torch's default, one per core). On a CPU shared with other
+    work, more threads than free cores make small models many times slower (the threads
+    spin waiting for each other): give the number of free cores."""
 
 
 @dataclass
 class Stage:
-    """One CMA-ES search: a genome over some models, its optimizer settings."""
+    """One search: a genome over some models, the search's settings (CMA-ES or M2N2)."""
 
     name: str
-    genome: RecipeGenome | DataflowGenome
-    settings: OptimizerSettings
+    genome: RecipeGenome | DataflowGenome | CoefficientGenome
+    settings: OptimizerSettings | M2N2Settings
     checkpoints: dict[str, Checkpoint]
     reference: str
     """The model the resident harness model starts as (same architecture as candidates)."""
@@ -167,7 +192,7 @@ def load_config(path: str | Path) -> RunConfig:
         error = exc.errors()[0]
         message = f"unknown key {error['loc'][-1]!r}" if error["type"] == "extra_forbidden" else error["msg"]
         raise RecipeError(f"{located(root, tuple(error['loc']), str(path))}: {message}") from None
-    needs = {"ps": ["ps"], "dfs": ["dfs"], "ps+dfs": ["ps", "dfs"]}[config.method]
+    needs = {"ps": ["ps"], "dfs": ["dfs"], "ps+dfs": ["ps", "dfs"], "m2n2": ["m2n2"]}[config.method]
     for section in needs:
         if getattr(config, section) is None:
             raise RecipeError(f"{path}: method {config.method} needs a `{section}:` section")
@@ -182,6 +207,7 @@ class RunFolder:
         self.candidates_file = self.path / "candidates.jsonl"
         self.optimizer_file = self.path / "optimizer.jsonl"
         self.scores_file = self.path / "scores.jsonl"
+        self.sessions_file = self.path / "sessions.jsonl"
 
     def start(self, config_text: str, template_text: str | None) -> None:
         """Record the config (first run) or check that a rerun gives the same one."""
@@ -208,12 +234,24 @@ class RunFolder:
 def evolve(config_path: str | Path, run_dir: str | Path, *, max_evals: int | None = None,
            progress: bool = True) -> dict:
     """Run (or resume) the evolution a config describes; return results.json's content."""
-    config_path = Path(config_path)
+    import torch
+
     config = load_config(config_path)
+    threads = torch.get_num_threads()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    try:
+        return _evolve(config, Path(config_path), Path(run_dir), max_evals, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _evolve(config: RunConfig, config_path: Path, run_dir: Path, max_evals: int | None, progress: bool) -> dict:
+    started = time.perf_counter()
     base_dir = config_path.parent
     zoo_dir = _zoo_dir(config.zoo, base_dir)
     resolve = _reference_resolver(zoo_dir, base_dir)
-    template_text = (base_dir / config.ps.template).read_text() if config.ps else None
+    template_text = _read_template(base_dir / config.ps.template, config_path) if config.ps else None
     folder = RunFolder(run_dir)
     folder.start(config_path.read_text(), template_text)
     fitness_tasks = config.fitness.resolve(zoo_dir, base_dir)
@@ -246,6 +284,16 @@ def evolve(config_path: str | Path, run_dir: str | Path, *, max_evals: int | Non
                        f"{', '.join(f'`{m}`' for m in pool)} ({stage.genome.space.repeats} repeats, scales "
                        f"{stage.genome.scales}), {stage.genome.dimension} genes evolved by CMA-ES "
                        f"({outcomes[-1].evaluations} evaluations)")
+    if config.method == "m2n2":
+        stage = _m2n2_stage(config, models, folder, max_evals)
+        stages.append(stage)
+        outcomes.append(_m2n2_search(stage, config, folder, fitness_tasks, progress))
+        settings = config.m2n2
+        lineage.append(f"M2N2: an archive of {settings.population_size} members, each a per-tensor linear "
+                       f"combination of {', '.join(f'`{m}`' for m in models)}, evolved by SLERP crossovers "
+                       f"(split points at {settings.split_at} boundaries{'' if settings.split_point else ', off'}; "
+                       f"attraction {'on' if settings.attraction else 'off'}; alpha {settings.alpha}) over "
+                       f"{outcomes[-1].evaluations} child evaluations")
     final = outcomes[-1]
     report = _report(final, models + [resolve(m) for m in config.baselines], config, folder, report_tasks,
                      progress)
@@ -257,11 +305,21 @@ def evolve(config_path: str | Path, run_dir: str | Path, *, max_evals: int | Non
         "report": {"split": config.report.split, "limit": config.report.limit, "scores": report},
     }
     _export(final, folder.path / "best", config, notes=_card_notes(lineage, report, config))
-    _write_atomic(folder.path / "results.json", json.dumps(results, indent=2) + "\n")
     from niches.plots import plot_run
 
     plot_run(folder.path / "plots", [(s.genome, o) for s, o in zip(stages, outcomes)])
+    folder.append(folder.sessions_file, {"seconds": round(time.perf_counter() - started, 1)})
+    # wall time of the invocations that finished (a killed one's time is not recorded)
+    results["wall_seconds"] = sum(row["seconds"] for row in read_jsonl(folder.sessions_file))
+    _write_atomic(folder.path / "results.json", json.dumps(results, indent=2) + "\n")
     return results
+
+
+def _read_template(path: Path, config_path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError as exc:
+        raise EvomergeError(f"{config_path}: ps.template {path}: {exc.strerror}") from None
 
 
 def _ps_stage(config: RunConfig, template_path: Path, template_text: str, resolve: Callable[[str], str],
@@ -295,77 +353,155 @@ def _dfs_stage(config: RunConfig, pool: list[str], max_evals: int | None) -> Sta
     return Stage("dfs", genome, _budget(settings.optimizer, max_evals), checkpoints, pool[0])
 
 
-def _budget(settings: OptimizerSettings, max_evals: int | None) -> OptimizerSettings:
+def _m2n2_stage(config: RunConfig, models: list[str], folder: RunFolder, max_evals: int | None) -> Stage:
+    checkpoints = {ref: Checkpoint(ref, resolve_model_path(ref)) for ref in models}
+    gram = SourceGram.load_or_compute(folder.path / "m2n2_gram.safetensors", [checkpoints[m] for m in models])
+    return Stage("m2n2", CoefficientGenome(gram), _budget(config.m2n2, max_evals), checkpoints, models[0])
+
+
+def _budget(settings, max_evals: int | None):
     return settings if max_evals is None else settings.model_copy(update={"max_evals": max_evals})
 
 
-def _search(stage: Stage, config: RunConfig, folder: RunFolder, tasks: list[Task], progress: bool) -> Outcome:
-    """CMA-ES over the stage's genome, replaying logged candidates (resume)."""
-    from tqdm.auto import tqdm
+class Candidates:
+    """A stage's candidates: evaluated through the harness and logged, or, when a resumed
+    run reaches one that was logged before, replayed from the log after checking that the
+    search asked for the same genome (per-example scores then come from the score cache,
+    without a forward pass)."""
 
+    def __init__(self, stage: Stage, config: RunConfig, folder: RunFolder, tasks: list[Task], progress: bool,
+                 total: int):
+        from tqdm.auto import tqdm
+
+        self.stage, self.config, self.folder, self.tasks = stage, config, folder, tasks
+        self.logged = {(row["kind"], row["index"]): row for row in folder.candidates(stage.name)}
+        self.history: list[dict] = []
+        self.best_fitness = -math.inf
+        self._harness: Harness | None = None
+        self._next = {}  # kind -> index of its next candidate
+        self.bar = tqdm(total=total, desc=f"{stage.name} evaluations", disable=not progress, unit="cand",
+                        dynamic_ncols=True)
+
+    def evaluate(self, genome: np.ndarray, generation: int, kind: str = "sample",
+                 per_example: bool = False) -> tuple[dict, np.ndarray | None]:
+        """The logged row of a candidate, and its per-example scores over all fitness tasks
+        (concatenated) when asked for."""
+        if kind == "mean":  # a run extended with --max-evals ends at another mean: match by genome
+            same = [row for (k, _), row in self.logged.items() if k == kind]
+            matches = [row for row in same if np.allclose(row["genome"], genome, rtol=0, atol=1e-12)]
+            index = matches[0]["index"] if matches else len(same)
+        else:
+            index = self._next.get(kind, 0)
+            self._next[kind] = index + 1
+        recipe = self.stage.genome.decode(genome)
+        row = self.logged.get((kind, index))
+        if row is not None:
+            if row["generation"] != generation or not np.allclose(row["genome"], genome, rtol=0, atol=1e-12):
+                raise EvomergeError(
+                    f"{self.folder.candidates_file}: {kind} {index} of stage {self.stage.name} does not replay "
+                    "(the logged genome differs from the one the search asks for now); the run was made with "
+                    "other settings or another version. Use a new --run-dir")
+            results = self._score(recipe) if per_example else None
+        else:
+            start = time.perf_counter()
+            results = self._score(recipe)
+            row = {"stage": self.stage.name, "kind": kind, "index": index, "generation": generation,
+                   "genome": np.asarray(genome).ravel().tolist(), "recipe_hash": _recipe_hash(recipe, self.stage, self.config),
+                   "scores": {name: r.mean for name, r in results.items()}, "fitness": _fitness(results),
+                   "seconds": round(time.perf_counter() - start, 3)}
+            self.folder.append(self.folder.candidates_file, row)
+        self.history.append(row)
+        self.best_fitness = max(self.best_fitness, row["fitness"])
+        if kind == "sample":
+            self.bar.update(1)
+            self.bar.set_postfix(best=f"{self.best_fitness:.4f}", refresh=False)
+        scores = np.concatenate([results[t.name].scores for t in self.tasks]) if per_example else None
+        return row, scores
+
+    def _score(self, recipe: Recipe) -> dict[str, TaskResult]:
+        if self._harness is None:
+            self._harness = _harness(self.stage.checkpoints[self.stage.reference].path, self.config, self.folder)
+        return self._harness.score_recipe(recipe, self.stage.checkpoints, self.tasks, limit=self.config.fitness.limit,
+                                          seed=self.config.seed)
+
+    def close(self) -> None:
+        self.bar.close()
+        for checkpoint in self.stage.checkpoints.values():
+            checkpoint.close()
+
+    def outcome(self, evaluations: int) -> Outcome:
+        """The best candidate by fitness over everything evaluated."""
+        best = max(self.history, key=lambda row: row["fitness"])
+        genome = np.asarray(best["genome"])
+        return Outcome(self.stage.name, genome, best["fitness"], self.stage.genome.decode(genome), evaluations,
+                       self.history)
+
+
+def _search(stage: Stage, config: RunConfig, folder: RunFolder, tasks: list[Task], progress: bool) -> Outcome:
+    """CMA-ES over the stage's genome; the distribution mean is evaluated at the end."""
     settings = stage.settings
     optimizer = CMAES(stage.genome.x0, settings.sigma0, bounds=(0.0, 1.0), popsize=settings.popsize,
                       seed=config.seed, separable=settings.separable, restarts=settings.restarts,
                       max_evals=settings.max_evals)
-    logged = folder.candidates(stage.name)
-    samples = [row for row in logged if row["kind"] == "sample"]
     logged_generations = {row["generation"] for row in read_jsonl(folder.optimizer_file)
                           if row["stage"] == stage.name}
-    harness: Harness | None = None
-    history: list[dict] = []
-    bar = tqdm(total=settings.max_evals, desc=f"{stage.name} evaluations", disable=not progress,
-               unit="cand", dynamic_ncols=True)
-
-    def evaluate(genome: np.ndarray, index: int, generation: int, kind: str) -> dict:
-        nonlocal harness
-        if harness is None:
-            harness = _harness(stage.checkpoints[stage.reference].path, config, folder)
-        recipe = stage.genome.decode(genome)
-        start = time.perf_counter()
-        results = harness.score_recipe(recipe, stage.checkpoints, tasks, limit=config.fitness.limit,
-                                       seed=config.seed)
-        row = {"stage": stage.name, "kind": kind, "index": index, "generation": generation,
-               "genome": genome.tolist(), "recipe_hash": _recipe_hash(recipe, stage, config),
-               "scores": {name: r.mean for name, r in results.items()}, "fitness": _fitness(results),
-               "seconds": round(time.perf_counter() - start, 3)}
-        folder.append(folder.candidates_file, row)
-        return row
-
-    index = 0
+    candidates = Candidates(stage, config, folder, tasks, progress, settings.max_evals)
     try:
         while not optimizer.stop():
             genomes = optimizer.ask()
             generation = optimizer.generation
-            rows = []
-            for genome in genomes:
-                if index < len(samples):
-                    row = samples[index]
-                    if row["generation"] != generation or not np.allclose(row["genome"], genome, rtol=0, atol=1e-12):
-                        raise EvomergeError(
-                            f"{folder.candidates_file}: candidate {index} of stage {stage.name} does not replay "
-                            "(the logged genome differs from the one the optimizer asks for now); the run was made "
-                            "with other settings or another version. Use a new --run-dir")
-                else:
-                    row = evaluate(genome, index, generation, "sample")
-                rows.append(row)
-                history.append(row)
-                index += 1
-                bar.update(1)
-                bar.set_postfix(best=f"{max(r['fitness'] for r in history):.4f}", refresh=False)
+            rows = [candidates.evaluate(genome, generation)[0] for genome in genomes]
             optimizer.tell(genomes, [row["fitness"] for row in rows])
             if optimizer.generation not in logged_generations:
                 folder.append(folder.optimizer_file, {"stage": stage.name, **optimizer.state()})
-        # the distribution mean: under noisy fitness often better than the best single sample
-        means = [row for row in logged if row["kind"] == "mean" and np.allclose(row["genome"], optimizer.mean)]
-        history.append(means[0] if means else evaluate(optimizer.mean, index, optimizer.generation, "mean"))
+        # under noisy fitness the distribution mean often beats the best single sample
+        candidates.evaluate(optimizer.mean, optimizer.generation, kind="mean")
     finally:
-        bar.close()
-        for checkpoint in stage.checkpoints.values():
-            checkpoint.close()
-    best = max(history, key=lambda row: row["fitness"])
-    best_genome = np.asarray(best["genome"])
-    return Outcome(stage.name, best_genome, best["fitness"], stage.genome.decode(best_genome),
-                   optimizer.evaluations, history)
+        candidates.close()
+    return candidates.outcome(optimizer.evaluations)
+
+
+def _m2n2_search(stage: Stage, config: RunConfig, folder: RunFolder, tasks: list[Task], progress: bool) -> Outcome:
+    """M2N2 over coefficient members (niches/coefficients.py): the sources are the seeds
+    (evaluated outside the budget, as in the reference), then one child per evaluation."""
+    from niches.m2n2 import NaturalNiches
+
+    settings: M2N2Settings = stage.settings
+    genome: CoefficientGenome = stage.genome
+    gram = genome.gram
+    search = NaturalNiches(settings.population_size, alpha=settings.alpha, crossover=settings.crossover,
+                           split_point=settings.split_point, attraction=settings.attraction,
+                           n_params=int(gram.sizes.sum()), allowed_boundaries=gram.boundaries(settings.split_at),
+                           crossover_fn=lambda a, b, w, split: slerp_split_members(a, b, w, split, gram),
+                           seed=config.seed)
+    candidates = Candidates(stage, config, folder, tasks, progress, settings.max_evals)
+    try:
+        for source in range(len(gram.sources)):
+            member = gram.one_hot(source)
+            _, scores = candidates.evaluate(member.ravel(), -1, kind="seed", per_example=True)
+            search.tell(member, _check_resources(scores, tasks))
+        for step in range(settings.max_evals):
+            child = search.ask()
+            row, scores = candidates.evaluate(child.ravel(), step, per_example=True)
+            slot = search.tell(child, _check_resources(scores, tasks))
+            if ("sample", step) not in candidates.logged:
+                folder.append(folder.optimizer_file, {
+                    "stage": stage.name, "generation": step + 1, "evaluations": search.evaluations,
+                    "slot": slot, "archive_size": len(search.members),
+                    "archive_mean_scores": search.scores.mean(axis=1).tolist()})
+    finally:
+        candidates.close()
+    # M2N2's answer is the archive member best on the training data
+    best = search.best().ravel()
+    row = next(r for r in reversed(candidates.history) if np.allclose(r["genome"], best, rtol=0, atol=1e-12))
+    return Outcome(stage.name, best, row["fitness"], genome.decode(best), settings.max_evals, candidates.history)
+
+
+def _check_resources(scores: np.ndarray, tasks: list[Task]) -> np.ndarray:
+    if (scores < 0).any():
+        raise EvomergeError(f"M2N2 shares per-example scores as resources, so they must be >= 0; tasks "
+                            f"{', '.join(t.name for t in tasks)} give negative ones (perplexity tasks do)")
+    return scores
 
 
 def _harness(template: Path, config: RunConfig, folder: RunFolder) -> Harness:

@@ -1,12 +1,13 @@
 """The miniature of Table 1 of "Evolutionary Optimization of Model Merging Recipes" on the
 small zoo: PS, DFS and PS+DFS merges of `lang` and `math`, against both sources and the
-base, on `math_lang` (test split), with standard errors; the paper's MGSM-JA numbers beside.
+base, on `math_lang` (test split), with standard errors; the paper's MGSM-JA numbers beside;
+and M2N2 on the same models, fitness data and budget as PS.
 
     evomerge zoo build --size small
-    python3 scripts/reproduce_evollm_small.py --runs runs/        # resumable, ~15 min on 2 cores
+    python3 scripts/reproduce_evollm_small.py --runs runs/        # resumable, ~10 min on 1 core
 
-Runs `evomerge evolve` on recipes/zoo-small-{ps,dfs,ps-dfs}.yaml (each resumes if its run
-folder exists) and writes the table into docs/results.md.
+Runs `evomerge evolve` on recipes/zoo-small-{ps,dfs,ps-dfs,m2n2}.yaml (each resumes if its
+run folder exists) and writes the table into docs/results.md.
 """
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ import argparse
 import datetime
 import resource
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,7 +25,7 @@ from benchdocs import update_section  # noqa: E402
 from niches.run import evolve  # noqa: E402
 
 METHODS = {"ps": "PS (dare_ties, per-layer density and weight)", "dfs": "DFS (layer path + scales)",
-           "ps-dfs": "PS+DFS"}
+           "ps-dfs": "PS+DFS", "m2n2": "M2N2 (archive of 20, SLERP with split points)"}
 PAPER = [("Shisa Gamma 7B v1 (Japanese)", "9.6"), ("WizardMath 7B v1.1", "18.4"), ("Abel 7B 002", "30.0"),
          ("EvoLLM-JP-v1-7B (PS)", "52.0"), ("EvoLLM-JP-v1-10B (PS+DFS)", "55.6")]
 
@@ -35,12 +35,9 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, default=ROOT / "runs", help="folder of the three run folders")
     parser.add_argument("--docs", type=Path, default=ROOT / "docs" / "results.md")
     args = parser.parse_args()
-    results, seconds = {}, {}
-    for name in METHODS:
-        start = time.perf_counter()
-        results[name] = evolve(ROOT / "recipes" / f"zoo-small-{name}.yaml", args.runs / f"zoo-small-{name}",
-                               progress=True)
-        seconds[name] = time.perf_counter() - start
+    results = {name: evolve(ROOT / "recipes" / f"zoo-small-{name}.yaml", args.runs / f"zoo-small-{name}",
+                            progress=True) for name in METHODS}
+    seconds = {name: result["wall_seconds"] for name, result in results.items()}
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     update_section("evollm_small", "Evolutionary merging on the small zoo (miniature of Akiba et al., Table 1)",
                    table(results, seconds, peak, args.runs), docs=args.docs)
@@ -60,6 +57,8 @@ def table(results: dict, seconds: dict, peak_gib: float, runs: Path) -> str:
         result = results[name]
         stages = result["stages"]
         evals = " + ".join(str(s["evaluations"]) for s in stages.values())
+        if name == "m2n2":
+            evals += " (+ 2 sources)"
         fitness = " → ".join(f"{s['best_fitness']:.3f}" for s in stages.values())
         rows.append(f"| **{label}** | {cells(result['report']['scores']['evolved'])} | {evals} | {fitness} |")
     n = first[sources[0]]["math_lang"]["n"]
@@ -72,9 +71,9 @@ The sources' rows are the same models scored by the same harness.
 |---|---|---|---|---|---|
 {chr(10).join(rows)}
 
-Wall time on 2 CPU cores, no GPU (shared with another job), {
+Wall time (one torch thread, no GPU; the other core busy with another job), {
     datetime.date.today().isoformat()}: PS {seconds['ps']:.0f} s, DFS {seconds['dfs']:.0f} s, PS+DFS {
-    seconds['ps-dfs']:.0f} s (a resumed run counts only its remaining work); peak RSS {peak_gib:.2f} GiB.
+    seconds['ps-dfs']:.0f} s, M2N2 {seconds['m2n2']:.0f} s, each including the report; peak RSS {peak_gib:.2f} GiB.
 Run folders (candidates, plots, best/ checkpoints): `{runs}/zoo-small-*`.
 
 The paper's numbers (MGSM-JA accuracy, %, from the reference repository's README), for the

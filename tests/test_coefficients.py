@@ -3,15 +3,13 @@ Gram matrices equals SLERP on the real flattened parameters (float64 reference),
 member's recipe merges into exactly those parameters."""
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
 
 from merging.checkpoint import Checkpoint
 from merging.engine import iter_merged, plan_merge
-from niches.coefficients import SourceGram, member_recipe, slerp_split_members, slerp_weights
+from niches.coefficients import SourceGram, member_recipe, slerp_split_members
 
 
 @pytest.fixture(scope="module")
@@ -82,10 +80,11 @@ def test_layer_boundaries_are_a_subset_of_tensor_boundaries(gram):
     assert len(layers) == 1 + len(dict.fromkeys(gram.groups))
 
 
-def test_small_angles_interpolate_linearly():
-    assert slerp_weights(1.0, 0.25) == (0.75, 0.25)
-    a, b = slerp_weights(math.cos(1.0), 0.5)
-    assert a == pytest.approx(math.sin(0.5) / math.sin(1.0)) and a == b
+def test_identical_members_interpolate_linearly(gram):
+    """Angle 0: SLERP falls back to linear interpolation (the reference's rule)."""
+    a = gram.one_hot(0)
+    child = slerp_split_members(a, 2 * a, 0.25, int(gram.boundaries()[-1]), gram)
+    assert np.allclose(child, 1.25 * a)
 
 
 def test_member_recipe_merges_into_the_member(gram, sources):

@@ -35,6 +35,8 @@ def write_config(folder: Path, zoo: Path, method: str = "ps", evals: int = 12, e
     (folder / "template.yaml").write_text(TEMPLATE)
     dfs = f"dfs:\n  sources: [ps, zoo:lang]\n  optimizer: {{max_evals: {evals}, popsize: 6}}\n" if "dfs" in method else ""
     ps = f"ps:\n  template: template.yaml\n  optimizer: {{max_evals: {evals}, popsize: 6}}\n" if "ps" in method else ""
+    if method == "m2n2":
+        ps = f"m2n2: {{max_evals: {evals}, population_size: 5}}\n"
     path = folder / "config.yaml"
     path.write_text(f"""\
 method: {method}
@@ -44,6 +46,7 @@ baselines: [zoo:base]
 fitness: {{tasks: [math_lang], split: train, limit: 24}}
 report: {{tasks: [math_lang, math], split: test, limit: 30}}
 {ps}{dfs}device: cpu
+threads: 1
 {extra}""")
     return path
 
@@ -97,21 +100,60 @@ def test_the_same_seed_replays_the_same_candidates(ps_run, micro_zoo, tmp_path):
     assert fresh == [(r["genome"], r["fitness"]) for r in read_candidates(run_dir)[:6]]
 
 
-def test_resume_after_a_kill_loses_no_scored_candidate(ps_run, micro_zoo, tmp_path):
-    config = write_config(tmp_path, micro_zoo[0])
-    run_dir = tmp_path / "run"
+@pytest.fixture(scope="module")
+def m2n2_run(micro_zoo, tmp_path_factory) -> tuple[Path, dict]:
+    folder = tmp_path_factory.mktemp("m2n2")
+    config = write_config(folder, micro_zoo[0], method="m2n2")
+    return folder / "run", evolve(config, folder / "run", progress=False)
+
+
+def test_m2n2_run(m2n2_run):
+    from transformers import AutoModelForCausalLM
+
+    run_dir, results = m2n2_run
+    rows = read_candidates(run_dir)
+    assert [r["kind"] for r in rows] == ["seed"] * 2 + ["sample"] * 12
+    assert all(len(r["genome"]) == len(rows[0]["genome"]) for r in rows)
+    # the seeds are the sources themselves: one-hot coefficient members
+    assert set(rows[0]["genome"]) == {0.0, 1.0}
+    recipe = results["stages"]["m2n2"]["best_recipe"]
+    assert recipe["merge_method"] == "linear" and len(recipe["models"]) == 2
+    assert (run_dir / "m2n2_gram.safetensors").is_file() and (run_dir / "plots" / "m2n2_coefficients.png").is_file()
+    archive = [json.loads(line) for line in (run_dir / "optimizer.jsonl").read_text().splitlines()]
+    assert len(archive) == 12 and max(a["archive_size"] for a in archive) == 5
+    AutoModelForCausalLM.from_pretrained(run_dir / "best")
+    assert "M2N2: an archive of 5 members" in (run_dir / "best" / "README.md").read_text()
+
+
+def kill_midway(config: Path, run_dir: Path, lines: int) -> list[str]:
+    """Start `evomerge evolve` in a subprocess, SIGKILL it once the candidate log has
+    `lines` lines, and return the log as the kill left it."""
     command = [sys.executable, "-m", "merging.cli", "evolve", str(config), "--run-dir", str(run_dir), "--no-progress"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    log = run_dir / "candidates.jsonl"
     deadline = time.time() + 120
-    while time.time() < deadline:
-        lines = (run_dir / "candidates.jsonl").read_text().splitlines() if (run_dir / "candidates.jsonl").exists() else []
-        if len(lines) >= 5:
-            break
+    while time.time() < deadline and len(log.read_text().splitlines() if log.exists() else []) < lines:
         time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    before = (run_dir / "candidates.jsonl").read_text().splitlines()
+    return log.read_text().splitlines()
+
+
+def test_m2n2_resumes_after_a_kill(m2n2_run, micro_zoo, tmp_path):
+    config = write_config(tmp_path, micro_zoo[0], method="m2n2")
+    before = kill_midway(config, tmp_path / "run", 6)
+    assert 6 <= len(before) < 14 and not (tmp_path / "run" / "best").exists()
+    evolve(config, tmp_path / "run", progress=False)
+    after = read_candidates(tmp_path / "run")
+    assert [(r["genome"], r["fitness"]) for r in after] == [(r["genome"], r["fitness"])
+                                                            for r in read_candidates(m2n2_run[0])]
+
+
+def test_resume_after_a_kill_loses_no_scored_candidate(ps_run, micro_zoo, tmp_path):
+    config = write_config(tmp_path, micro_zoo[0])
+    run_dir = tmp_path / "run"
+    before = kill_midway(config, run_dir, 5)
     scored_before = len((run_dir / "scores.jsonl").read_text().splitlines())
     assert 5 <= len(before) < 13 and not (run_dir / "best").exists()
 
@@ -164,7 +206,7 @@ def test_ps_then_dfs(micro_zoo, tmp_path):
 
 
 @pytest.mark.parametrize("text, message", [
-    ("method: pss\n", r"line 1: method: Input should be 'ps', 'dfs' or 'ps\+dfs'"),
+    ("method: pss\n", r"line 1: method: Input should be 'ps', 'dfs', 'ps\+dfs' or 'm2n2'"),
     ("method: ps\nmodels: [a]\nfitness: {tasks: [x], split: train}\nreport: {tasks: [x], split: test}\npopsize: 3\n",
      "line 5: popsize: unknown key 'popsize'"),
     ("method: dfs\nmodels: [a]\nfitness: {tasks: [x], split: train}\nreport: {tasks: [x], split: test}\n",
@@ -196,3 +238,10 @@ def test_shipped_run_configs_are_valid(name):
         layout = LayerLayout(32, ("model.embed_tokens.weight",), ("model.norm.weight", "lm_head.weight"))
         genome = RecipeGenome.from_file(recipes / config.ps.template, layout)
         assert genome.decode(genome.x0).merge_method == "dare_ties"
+
+
+def test_a_missing_template_is_named(micro_zoo, tmp_path):
+    config = write_config(tmp_path, micro_zoo[0])
+    (tmp_path / "template.yaml").unlink()
+    with pytest.raises(EvomergeError, match=r"config.yaml: ps.template .*template.yaml: No such file"):
+        evolve(config, tmp_path / "run", progress=False)
