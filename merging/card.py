@@ -14,7 +14,8 @@ if TYPE_CHECKING:
     from merging.engine import MergePlan
 
 
-def model_card(plan: "MergePlan", tokenizer_model: str, tokenizer_files: list[str], notes: str = "") -> str:
+def model_card(plan: "MergePlan", tokenizer_model: str, tokenizer_files: list[str], notes: str = "",
+               seed: int = 0) -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     try:
@@ -29,6 +30,7 @@ def model_card(plan: "MergePlan", tokenizer_model: str, tokenizer_files: list[st
         f"- `{ref}`{' (base)' if ref == recipe.base_model else ''}: {ck.path}"
         for ref, ck in plan.checkpoints.items()
     )
+    rerun = "evomerge merge recipe.yaml OUT_DIR" + (f" --seed {seed}" if plan.method.random else "")
     return f"""---
 {yaml.safe_dump(front, sort_keys=False).strip()}
 ---
@@ -44,7 +46,7 @@ Tokenizer from `{tokenizer_model}` ({', '.join(tokenizer_files) or 'no tokenizer
 
 ## Recipe
 
-Rerun with `evomerge merge recipe.yaml OUT_DIR`:
+Rerun with `{rerun}`:
 
 ```yaml
 {recipe.to_yaml().strip()}

@@ -44,7 +44,8 @@ TOKENIZER_FILES = (
 )
 """Files that make up a tokenizer or processor in Hugging Face format."""
 
-HUB_PATTERNS = ["*.safetensors", "*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+HUB_PATTERNS = ["*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+"""Config and tokenizer files fetched from the Hub; weights are fetched by name (see `_hub_weights`)."""
 
 
 @dataclass(frozen=True)
@@ -75,15 +76,27 @@ def resolve_model_path(reference: str, *, allow_pickle: bool = False) -> Path:
 
     try:
         path = Path(snapshot_download(repo_id, revision=revision or None, allow_patterns=HUB_PATTERNS))
+        path = Path(snapshot_download(repo_id, revision=revision or None,
+                                      allow_patterns=HUB_PATTERNS + _hub_weights(path, "safetensors")))
         if allow_pickle and not any(path.glob("*.safetensors")):
             path = Path(snapshot_download(repo_id, revision=revision or None,
-                                          allow_patterns=HUB_PATTERNS + ["*.bin"]))
+                                          allow_patterns=HUB_PATTERNS + _hub_weights(path, "bin")))
     except Exception as exc:  # network, auth, missing repo: all mean "cannot use this id"
         raise CheckpointError(
             f"model {reference!r}: not a local folder, and fetching it from the Hugging Face Hub failed "
             f"({type(exc).__name__}: {exc})"
         ) from exc
     return path
+
+
+def _hub_weights(snapshot: Path, kind: str) -> list[str]:
+    """The weight files to fetch: those the index names when there is one (as transformers
+    does), so that a repo holding the same weights twice (Mistral's consolidated file
+    beside the shards) is not downloaded twice; otherwise every file of that kind."""
+    index = snapshot / ("model.safetensors.index.json" if kind == "safetensors" else "pytorch_model.bin.index.json")
+    if index.is_file():
+        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    return [f"*.{kind}"]
 
 
 class Checkpoint:
@@ -313,8 +326,17 @@ class ShardedWriter:
 
 
 def check_output_dir(out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists() and not overwrite:
+    """An existing output folder is replaced only when asked, and never one that holds the
+    user's other work: the home folder, the current folder or one above it, a git checkout."""
+    out_dir = Path(out_dir)
+    if not out_dir.exists():
+        return
+    if not overwrite:
         raise EvomergeError(f"output folder {out_dir} already exists; pass --overwrite to replace it")
+    resolved, cwd = out_dir.resolve(), Path.cwd().resolve()
+    if resolved in (Path.home().resolve(), cwd, *cwd.parents) or (resolved / ".git").exists():
+        raise EvomergeError(f"refusing to --overwrite {out_dir}: it is the home folder, the current folder, "
+                            "a folder above it or a git checkout; choose a new output folder")
 
 
 @contextmanager

@@ -9,6 +9,18 @@ from evaluation.zoo import ZOO_HOME as DEFAULT_ZOO
 from merging.errors import EvomergeError
 
 
+def _methods_epilog() -> str:
+    """The merge methods and the parameters each takes, from the registry (never stale)."""
+    from merging.operators import METHODS, REQUIRED
+
+    def listing(params: dict) -> str:
+        return ", ".join(f"{name}={'required' if value is REQUIRED else value}" for name, value in params.items()) or "-"
+
+    rows = [f"  {name:<17} per model: {listing(m.model_params)}; global: {listing(m.global_params)}"
+            f"{'; needs base_model' if m.needs_base else ''}" for name, m in METHODS.items()]
+    return "merge methods (parameter=default):\n" + "\n".join(rows)
+
+
 def _add_merge(subparsers) -> None:
     parser = subparsers.add_parser(
         "merge",
@@ -22,7 +34,9 @@ def _add_merge(subparsers) -> None:
             "recipe's folder) or Hub ids (org/name[@revision]) when a network exists. The output is "
             "written to a temporary folder and moved into place only when complete."
         ),
-        epilog="example: evomerge merge recipes/demo-ties.yaml demo/merged --overwrite",
+        epilog=_methods_epilog() + "\n\nexit status: 0 done, 2 bad input (nothing written), 130 interrupted\n"
+               "example: evomerge merge recipes/demo-ties.yaml demo/merged --overwrite",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("recipe", type=Path, help="the recipe YAML file")
     parser.add_argument("out_dir", type=Path, help="the checkpoint folder to create")
@@ -41,22 +55,12 @@ def _add_merge(subparsers) -> None:
     parser.set_defaults(run=_run_merge)
 
 
-def _resolve_device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise EvomergeError(f"--device {name}: no CUDA device is available (torch {torch.__version__})")
-    return name
-
-
 def _run_merge(args: argparse.Namespace) -> None:
     from merging.checkpoint import check_output_dir, parse_size
-    from merging.engine import describe_plan, merge_to_disk, open_models, plan_merge
+    from merging.engine import describe_plan, merge_to_disk, open_models, plan_merge, resolve_device
     from merging.recipe import load_recipe
 
-    device = _resolve_device(args.device)
+    device = None if args.dry_run else resolve_device(args.device)  # a dry run computes nothing
     shard_bytes = parse_size(args.out_shard_size)
     recipe = load_recipe(args.recipe)
     if not args.dry_run:
@@ -116,8 +120,9 @@ def _run_eval(args: argparse.Namespace) -> None:
 
     from evaluation.harness import Harness
     from evaluation.tasks import resolve_task
+    from merging.engine import resolve_device
 
-    device = str(_resolve_device(args.device))
+    device = str(resolve_device(args.device))
     zoo = args.zoo or (DEFAULT_ZOO / "micro")
     tasks = [resolve_task(name, zoo_dir=zoo, split=args.split, lm_eval_include=args.lm_eval_include)
              for name in args.task]
@@ -239,6 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.run(args)
     except EvomergeError as exc:
+        print(f"evomerge: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # disk full, permission denied: the system's words, without a traceback
         print(f"evomerge: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -26,7 +26,7 @@ from merging.checkpoint import (
     Checkpoint, ShardedWriter, TensorSpec, atomic_output_dir, check_output_dir, copy_tokenizer,
     resolve_model_path,
 )
-from merging.errors import CheckpointError, RecipeError
+from merging.errors import CheckpointError, EvomergeError, RecipeError
 from merging.operators.base import MergeMethod
 from merging.recipe import OutputSlice, Recipe, output_slices, parameter_scopes, resolve_parameter
 
@@ -101,8 +101,10 @@ def plan_merge(recipe: Recipe, checkpoints: dict[str, Checkpoint]) -> MergePlan:
         plan.tasks.append(_make_task(recipe, method, slice_, out_name, names, t, checkpoints, out_dtype))
 
     first, last = slices[0], slices[-1]
+    by_layer = {ref: _tensors_by_layer(ck, arch[ref]) for ref, ck in checkpoints.items()}
     head = first.sources[0].model
-    for name in _names_at(checkpoints[head], arch[head], "pre"):
+    _check_same_tensors({s.model: by_layer[s.model]["pre"] for s in first.sources}, head, "before the layers")
+    for name in by_layer[head]["pre"]:
         add(first, name, {s.model: name for s in first.sources}, 0.0)
     for slice_ in slices:
         ranges = {}
@@ -112,26 +114,52 @@ def plan_merge(recipe: Recipe, checkpoints: dict[str, Checkpoint]) -> MergePlan:
             if end > depth:
                 raise RecipeError(f"layer_range [{start}, {end}] of model {source.model!r} "
                                   f"exceeds its {depth} layers")
-            ranges[source.model] = start
+            ranges[source.model] = (start, end)
+        if len({end - start for start, end in ranges.values()}) > 1:
+            listing = ", ".join(f"{m!r} gives {end - start}" for m, (start, end) in ranges.items())
+            raise CheckpointError(f"all models merged into the same layers must have as many layers: {listing}")
         lead = slice_.sources[0].model
-        length = slice_.layer_range(slice_.sources[0], arch[lead].num_layers)
-        length = length[1] - length[0]
+        length = ranges[lead][1] - ranges[lead][0]
         for offset in range(length):
             t = offset / (length - 1) if length > 1 else 1.0
             out_index = len(plan.layer_sources)
-            plan.layer_sources.append((lead, ranges[lead] + offset))
-            lead_names = [n for n in checkpoints[lead].tensors if arch[lead].layer_of(n) == ranges[lead] + offset]
-            for lead_name in lead_names:
-                names = {m: arch[m].rename_layer(lead_name, ranges[m] + offset) for m in ranges}
+            lead_layer = ranges[lead][0] + offset
+            plan.layer_sources.append((lead, lead_layer))
+            _check_same_tensors({m: [arch[m].rename_layer(n, lead_layer) for n in by_layer[m][start + offset]]
+                                 for m, (start, _) in ranges.items()}, lead, f"layer {lead_layer}")
+            for lead_name in by_layer[lead][lead_layer]:
+                names = {m: arch[m].rename_layer(lead_name, start + offset) for m, (start, _) in ranges.items()}
                 add(slice_, arch[lead].rename_layer(lead_name, out_index), names, t)
     tail = last.sources[0].model
-    for name in _names_at(checkpoints[tail], arch[tail], "post"):
+    _check_same_tensors({s.model: by_layer[s.model]["post"] for s in last.sources}, tail, "after the layers")
+    for name in by_layer[tail]["post"]:
         add(last, name, {s.model: name for s in last.sources}, 0.0)
     return plan
 
 
-def _names_at(checkpoint: Checkpoint, arch: Architecture, position: str) -> list[str]:
-    return [n for n in checkpoint.tensors if arch.position(n) == position]
+def _tensors_by_layer(checkpoint: Checkpoint, arch: Architecture) -> dict[int | str, list[str]]:
+    """Tensor names grouped by layer index, plus "pre" (embeddings) and "post" (final
+    norm, head), in file order: one pass over the names instead of one per layer."""
+    groups: dict[int | str, list[str]] = {"pre": [], "post": []}
+    for name in checkpoint.tensors:
+        layer = arch.layer_of(name)
+        groups.setdefault(layer if layer is not None else arch.position(name), []).append(name)
+    for layer in range(arch.num_layers):
+        groups.setdefault(layer, [])
+    return groups
+
+
+def _check_same_tensors(names: dict[str, list[str]], lead: str, where: str) -> None:
+    """Every model merged into one place must hold the lead model's tensors there, no
+    more: a tensor only some models have would otherwise be dropped without a word.
+    (Tensors the lead has and another lacks are named by `_make_task`.)"""
+    expected = set(names[lead])
+    for model, found in names.items():
+        extra = sorted(set(found) - expected)
+        if extra:
+            raise CheckpointError(f"model {model!r} has tensor(s) {', '.join(extra[:5])}"
+                                  f"{' ...' if len(extra) > 5 else ''} {where} that model {lead!r} "
+                                  f"(whose tensors the output takes) does not have")
 
 
 def _make_task(recipe: Recipe, method: MergeMethod, slice_: OutputSlice, out_name: str,
@@ -182,7 +210,7 @@ def describe_plan(plan: MergePlan) -> str:
     ]
     for task in plan.tasks:
         sources = ", ".join(f"{i.model}:{i.name}" for i in task.inputs)
-        base = f" base={task.base.model}" if task.base else ""
+        base = f" base={task.base.model}:{task.base.name}" if task.base else ""
         params = " ".join(f"{k}={_short(v)}" for k, v in task.params.items())
         lines.append(f"{task.output.name} {list(task.output.shape)} {str(task.output.dtype).removeprefix('torch.')}"
                      f" <- [{sources}]{base} {params}".rstrip())
@@ -193,6 +221,23 @@ def _short(value: Any) -> str:
     if isinstance(value, list):
         return "[" + ",".join(_short(v) for v in value) + "]"
     return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """`auto` is the GPU when there is one. A name torch does not know, or a CUDA device
+    this machine lacks, is an error that names it, before any work starts."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise EvomergeError(f"device {name!r} is not one torch knows; use cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise EvomergeError(f"device {name!r}: no CUDA device is available (torch {torch.__version__})")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise EvomergeError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def tensor_generator(seed: int, name: str, device: torch.device) -> torch.Generator:
@@ -285,7 +330,7 @@ def merge_to_disk(plan: MergePlan, out_dir: str | Path, *, device: str | torch.d
             shutil.copy2(generation, staging / "generation_config.json")
         else:
             _write_generation_config(staging)
-        (staging / "README.md").write_text(model_card(plan, tokenizer_model, copied, card_notes))
+        (staging / "README.md").write_text(model_card(plan, tokenizer_model, copied, card_notes, seed=seed))
     return out_dir
 
 

@@ -207,7 +207,26 @@ def load_yaml(text: str, source: str) -> tuple[Any, yaml.Node]:
         started = f" (in the {exc.context.split()[-1]} that starts on line {context.line + 1})" \
             if context is not None and exc.context and context.line != mark.line else ""
         raise RecipeError(f"{where}: invalid YAML: {getattr(exc, 'problem', exc)}{started}") from exc
+    _refuse_duplicate_keys(root, source)
     return data, root
+
+
+def _refuse_duplicate_keys(node: yaml.Node | None, source: str) -> None:
+    """YAML keeps the last of two equal keys without a word; in a recipe that silently
+    drops a setting (two `base_model:` lines, say), so it is an error naming both lines."""
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for key, value in node.value:
+            if isinstance(key, yaml.ScalarNode):
+                line = key.start_mark.line + 1
+                if key.value in seen:
+                    raise RecipeError(f"{source}, line {line}: key {key.value!r} is given twice "
+                                      f"(first on line {seen[key.value]})")
+                seen[key.value] = line
+            _refuse_duplicate_keys(value, source)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _refuse_duplicate_keys(item, source)
 
 
 def validate_recipe(data: Any, root: yaml.Node, source: str) -> Recipe:
@@ -227,7 +246,9 @@ def validate_recipe(data: Any, root: yaml.Node, source: str) -> Recipe:
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
-        error = exc.errors()[0]
+        # a union (a scalar, a gradient or a filter list) fails once per branch; an unknown
+        # key is the branch's error a user can act on, so it wins over "not a number"
+        error = next((e for e in exc.errors() if e["type"] == "extra_forbidden"), exc.errors()[0])
         loc = tuple(p for p in error["loc"] if not isinstance(p, str) or p in _all_keys(data))
         message = error["msg"]
         if error["type"] == "extra_forbidden":
@@ -279,6 +300,12 @@ def _semantic_errors(recipe: Recipe):
         if method.needs_base and not base:
             yield ("merge_method",), f"{recipe.merge_method} needs a `base_model`"
             return
+        if method.needs_base and recipe.slices and all(s.model != base for s in slice_.sources):
+            # the base's layers for this slice are those of its own layer_range (mergekit reads
+            # them from the slice's sources too); guessing them would merge the wrong layers
+            yield (loc + ("sources",)), (f"{recipe.merge_method} subtracts the base model {base!r}, so list it "
+                                         "among this slice's sources with the layer_range to subtract")
+            continue
         inputs = [s.model for s in slice_.sources if not (method.needs_base and s.model == base)]
         if len(inputs) < method.min_models:
             yield loc, f"{recipe.merge_method} needs at least {method.min_models} non-base model(s), got {len(inputs)}"

@@ -229,6 +229,32 @@ def test_different_architectures_are_refused(llama_family, tmp_path):
                     CheckpointError, r"different architectures: .* is llama, .* is gpt2")
 
 
+def test_models_of_different_depth_are_refused(llama_family, tmp_path):
+    from merging.synthetic import build_family
+
+    deep = build_family(tmp_path / "deep", variants=0, num_hidden_layers=6)["base"]
+    for a, b in ((llama_family["variant_1"], deep), (deep, llama_family["variant_1"])):
+        _expect_failure(tmp_path, RECIPES["linear"].format(a=a, b=b),
+                        CheckpointError, r"as many layers: .* gives 4, .* gives 6|as many layers: .* gives 6, .* gives 4")
+
+
+def test_a_tensor_only_a_later_model_has_is_refused_not_dropped(llama_family, tmp_path):
+    extended = _copy(llama_family["variant_2"], tmp_path / "extended")
+    state = load_state(extended)
+    state["model.layers.2.mlp.extra_bias"] = torch.zeros(8)
+    save_file(state, extended / "model.safetensors", metadata={"format": "pt"})
+    _expect_failure(tmp_path, RECIPES["linear"].format(a=llama_family["variant_1"], b=extended),
+                    CheckpointError, r"'.*extended' has tensor\(s\) model\.layers\.2\.mlp\.extra_bias layer 2 "
+                                     r"that model '.*variant_1'")
+
+
+def test_a_slice_must_list_the_base_it_subtracts(llama_family, tmp_path):
+    base, a = llama_family["base"], llama_family["variant_1"]
+    text = (f"merge_method: ties\nbase_model: {base}\nslices:\n  - sources:\n"
+            f"      - {{model: {a}, layer_range: [2, 4], parameters: {{density: 0.5, weight: 1.0}}}}\n")
+    _expect_failure(tmp_path, text, RecipeError, r"line 4: slices\[0\]\.sources: ties subtracts the base model .* among this slice's sources")
+
+
 def test_nan_in_a_source_leaves_no_output(llama_family, tmp_path):
     poisoned = _copy(llama_family["variant_2"], tmp_path / "poisoned")
     state = load_state(poisoned)

@@ -163,3 +163,15 @@ def test_a_recipe_that_is_not_a_mapping():
 def test_to_yaml_round_trips():
     recipe = parse_recipe(MERGEKIT_TIES)
     assert parse_recipe(recipe.to_yaml()) == recipe
+
+
+def test_a_typo_inside_a_filter_entry_is_named_on_its_line():
+    text = ("merge_method: ties\nbase_model: a\nmodels:\n  - model: b\n    parameters:\n      density: 0.5\n"
+            "      weight:\n        - filter: mlp\n          valu: 0.3\n        - value: 0.7\n")
+    with pytest.raises(RecipeError, match=r"line 9: models\[0\]\.parameters\.weight\[0\]\.valu: unknown key 'valu'"):
+        parse_recipe(text)
+
+
+def test_a_key_given_twice_is_refused():
+    with pytest.raises(RecipeError, match=r"line 3: key 'base_model' is given twice \(first on line 2\)"):
+        parse_recipe("merge_method: ties\nbase_model: a\nbase_model: c\nmodels:\n  - model: b\n")
