@@ -12,14 +12,18 @@ vector, never only an average. Four kinds cover what merged models are judged on
   feature vector (``features``) and a class index (``answer_field``).
 
 Data is a local JSONL file (``{"prompt": ..., "answer": ...}`` per line, or the fields
-the template names) or a `datasets` id with a split, read from the local cache.
+the template names), a `datasets` id with a split, read from the local cache, or MGSM's
+plain TSV files fetched through the Hugging Face Hub cache.
 """
 from __future__ import annotations
 
+import csv
 import json
 import math
 import re
+import unicodedata
 from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation, localcontext
 from pathlib import Path
 from typing import Literal, Sequence
 
@@ -27,27 +31,42 @@ from merging.errors import EvomergeError
 
 TaskKind = Literal["generate", "multiple_choice", "perplexity", "classify"]
 
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+# A minus sign only where no letter or digit precedes it: in "5-3" or "pages 10-12" the
+# hyphen joins two numbers. ASCII only, so "答えは-5" (no spaces in Japanese) keeps its sign.
+_NUMBER = re.compile(r"(?:(?<![0-9A-Za-z])-)?(?:\d[\d,]*(?:\.\d+)?|\.\d+)")
+_FULL_WIDTH = re.compile("[\uff01-\uff5e]")
+
+
+def _half_width(text: str) -> str:
+    """Full-width forms ("１，２３４", "1，234") as ASCII, by NFKC. Only that block: NFKC
+    of the whole text would turn "12 m²" into "12 m2", whose last number is 2."""
+    return _FULL_WIDTH.sub(lambda match: unicodedata.normalize("NFKC", match.group()), text)
 
 
 def extract_last_number(text: str) -> str | None:
     """The last number in `text`, normalised: commas dropped, trailing zeros of a
     decimal dropped, a leading '+' ignored ("1,234.50" -> "1234.5", "-3" -> "-3")."""
-    matches = _NUMBER.findall(text.replace("\u2212", "-"))
+    matches = _NUMBER.findall(_half_width(text).replace("\u2212", "-"))
     if not matches:
         return None
     return normalise_number(matches[-1])
 
 
 def normalise_number(text: str) -> str | None:
-    cleaned = text.strip().replace(",", "").lstrip("+").rstrip(".")
+    """The canonical string of a number, so that equal numbers compare equal as strings.
+    Decimal, not float: 12345678901234567890 and ...891 are different answers."""
+    cleaned = _half_width(text).strip().replace("\u2212", "-").replace(",", "").lstrip("+").rstrip(".")
     try:
-        value = float(cleaned)
-    except ValueError:
+        value = Decimal(cleaned)
+    except InvalidOperation:
         return None
-    if math.isfinite(value) and value == int(value):
-        return str(int(value))
-    return repr(value)
+    if not value.is_finite():
+        return None
+    if value.is_zero():  # "-0", "0.00"
+        return "0"
+    with localcontext() as context:
+        context.prec = len(cleaned)  # normalize() rounds to the context's precision: keep every digit
+        return format(value.normalize(context), "f")  # "1234.50" -> "1234.5", "3.0" -> "3"
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:
@@ -75,7 +94,8 @@ class Task:
     kind: TaskKind
     data: str
     """A JSONL path (`{split}` is filled in), `hf:DATASET_ID[:CONFIG]` for a `datasets` id,
-    or `sklearn:digits` for scikit-learn's bundled 8x8 digits (80/20 split)."""
+    `mgsm:LANG` for MGSM's `mgsm_LANG.tsv` (test split only), or `sklearn:digits` for
+    scikit-learn's bundled 8x8 digits (80/20 split)."""
     split: str = "test"
     template: str = "{prompt}"
     """`str.format` over an example's fields makes the prompt."""
@@ -90,7 +110,9 @@ class Task:
     def load(self, limit: int | None = None) -> list[dict]:
         """The examples of `split`, the first `limit` of them."""
         if self.data.startswith("hf:"):
-            rows = _load_hf(self.data[3:], self.split)
+            rows = _load_hf(self.name, self.data[3:], self.split)
+        elif self.data.startswith("mgsm:"):
+            rows = _load_mgsm(self.name, self.data[5:], self.split)
         elif self.data == "sklearn:digits":
             rows = _load_digits(self.split)
         else:
@@ -115,11 +137,57 @@ class Task:
         return float(predicted is not None and predicted == reference)
 
 
-def _load_hf(spec: str, split: str) -> list[dict]:
-    import datasets  # optional: only users with the Hub (or its cache) need it
-
+def _load_hf(task: str, spec: str, split: str) -> list[dict]:
+    """The rows of a `datasets` id (a Hub id, read from the local cache when offline, or a
+    local folder of data files); `spec` is `ID[:CONFIG]`."""
     name, _, config = spec.partition(":")
-    return [dict(row) for row in datasets.load_dataset(name, config or None, split=split)]
+    try:
+        import datasets  # optional: only users with the Hub (or its cache) need it
+    except ImportError as exc:
+        raise EvomergeError(f"task {task!r} reads the dataset {name!r} with the `datasets` package, "
+                            "which is not installed: pip install 'evomerge[datasets]'") from exc
+    try:
+        rows = datasets.load_dataset(name, config or None, split=split)
+    except (OSError, ValueError, RuntimeError) as exc:  # not cached offline; no such dataset, config or
+        # split; a script-based dataset that datasets >= 4 refuses
+        raise EvomergeError(f"task {task!r}: cannot load dataset {name!r} (config {config or None!r}, split "
+                            f"{split!r}) from the Hub or its local cache: {exc}") from exc
+    return [dict(row) for row in rows]
+
+
+MGSM_REPO = "juletxara/mgsm"
+
+
+def _load_mgsm(task: str, lang: str, split: str) -> list[dict]:
+    """MGSM's test split in `lang`, from the plain `mgsm_{lang}.tsv` of the dataset repo
+    (its loading script is refused by `datasets` >= 4). The file goes through the Hub
+    cache, so it is read offline once cached."""
+    from huggingface_hub import hf_hub_download
+
+    filename = f"mgsm_{lang}.tsv"
+    if split != "test":
+        raise EvomergeError(f"task {task!r}: MGSM's {filename} is the test split; there is no {split!r} split")
+    try:
+        path = hf_hub_download(repo_id=MGSM_REPO, filename=filename, repo_type="dataset")
+    except OSError as exc:  # offline and not cached, no network, no such file
+        raise EvomergeError(f"task {task!r}: cannot fetch {filename} of the dataset {MGSM_REPO} from the Hub "
+                            f"or its local cache: {exc}") from exc
+    return parse_mgsm_tsv(path)
+
+
+def parse_mgsm_tsv(path: str | Path) -> list[dict]:
+    """`question<TAB>answer_number` rows without a header (quoted with '"' where needed;
+    an answer may be written "1,234") -> {"question", "answer_number"} records."""
+    records = []
+    with open(path, newline="", encoding="utf-8") as handle:
+        for line, row in enumerate(csv.reader(handle, delimiter="\t", quotechar='"'), start=1):
+            if not row:
+                continue
+            answer = normalise_number(row[1]) if len(row) == 2 else None
+            if answer is None or "." in answer:
+                raise EvomergeError(f"{path}: row {line} is not `question<TAB>integer answer`: {row!r}")
+            records.append({"question": row[0], "answer_number": int(answer)})
+    return records
 
 
 def _load_digits(split: str) -> list[dict]:
@@ -153,21 +221,41 @@ class TaskResult:
         return math.sqrt(sum((s - mean) ** 2 for s in self.scores) / (n - 1) / n)
 
     def to_dict(self) -> dict:
-        return {"task": self.task, "mean": self.mean, "stderr": self.stderr, "n": len(self.scores),
-                "scores": self.scores}
+        """JSON-ready: an undefined mean or standard error (n < 1, n < 2) is null, not NaN,
+        which strict JSON readers refuse."""
+        return {"task": self.task, "mean": _finite_or_none(self.mean), "stderr": _finite_or_none(self.stderr),
+                "n": len(self.scores), "scores": self.scores}
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def format_results(tasks: Sequence, results: dict[str, TaskResult]) -> str:
+    """The table `evomerge eval` prints, one row per task (anything with `name` and
+    `split`); a mean (n = 0) or standard error (n < 2) that does not exist reads n/a, not nan."""
+    def cell(value: float) -> str:
+        return f"{value:>8.4f}" if math.isfinite(value) else f"{'n/a':>8}"
+
+    lines = [f"{'task':<16} {'split':<6} {'n':>6} {'mean':>8} {'stderr':>8}"]
+    for task in tasks:
+        result = results[task.name]
+        lines.append(f"{task.name:<16} {task.split:<6} {len(result.scores):>6} {cell(result.mean)} "
+                     f"{cell(result.stderr)}")
+    return "\n".join(lines)
 
 
 BUILTIN_TASKS: dict[str, Task] = {
     "gsm8k": Task("gsm8k", "generate", "hf:openai/gsm8k:main", split="test",
                   template="Question: {question}\nAnswer: Let's think step by step.",
                   answer_field="answer", stop=["Question:", "\n\n\n"], max_new_tokens=256),
-    "mgsm_en": Task("mgsm_en", "generate", "hf:juletxara/mgsm:en", split="test",
+    "mgsm_en": Task("mgsm_en", "generate", "mgsm:en", split="test",
                     template="Question: {question}\nStep-by-Step Answer:",
                     answer_field="answer_number", stop=["Question:", "\n\n\n"], max_new_tokens=256),
-    "mgsm_ja": Task("mgsm_ja", "generate", "hf:juletxara/mgsm:ja", split="test",
-                    template="問題: {question}\nステップごとの答え:",
-                    answer_field="answer_number", stop=["問題:", "\n\n\n"], max_new_tokens=256),
-    "mgsm_ja_evollm": Task("mgsm_ja_evollm", "generate", "hf:juletxara/mgsm:ja", split="test",
+    "mgsm_ja": Task("mgsm_ja", "generate", "mgsm:ja", split="test",
+                    template="問題：{question}\nステップごとの答え：",
+                    answer_field="answer_number", stop=["問題：", "問題:", "\n\n\n"], max_new_tokens=256),
+    "mgsm_ja_evollm": Task("mgsm_ja_evollm", "generate", "mgsm:ja", split="test",
                            template="以下に、あるタスクを説明する指示があります。リクエストを適切に完了するための回答を"
                                     "日本語で記述してください。一歩一歩考えましょう。\n\n### 指示:\n{question}\n\n### 応答:",
                            answer_field="answer_number", stop=["### 指示", "\n\n\n"], max_new_tokens=512),
@@ -191,7 +279,7 @@ def resolve_task(name: str, *, zoo_dir: str | Path | None = None, split: str | N
     if name.startswith("lm_eval:"):
         from evaluation.lm_eval_backend import lm_eval_task
 
-        return lm_eval_task(name, lm_eval_include)
+        return lm_eval_task(name, lm_eval_include, split)
     task: Task | None = None
     if zoo_dir is not None and Path(zoo_dir, "zoo.json").is_file():
         from evaluation.zoo import zoo_tasks

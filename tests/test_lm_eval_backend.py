@@ -57,3 +57,17 @@ models:
     passes = harness.forward_passes
     harness.score_recipe(recipe, open_models(recipe), [lm_task])
     assert harness.forward_passes == passes  # cached like a native task
+
+
+def test_a_split_other_than_the_tasks_own_is_refused(llama_family, custom_task):
+    """lm-eval scores the split its YAML names; --split must not be silently ignored."""
+    from merging.errors import EvomergeError
+
+    include, _ = custom_task
+    harness = Harness(llama_family["base"], device="cpu")
+    wrong = resolve_task("lm_eval:evomerge_sums", lm_eval_include=include, split="validation")
+    with pytest.raises(EvomergeError, match="scored on its 'test' split, not 'validation'"):
+        harness.score_resident([wrong])
+    assert harness.forward_passes == 0
+    same = resolve_task("lm_eval:evomerge_sums", lm_eval_include=include, split="test")
+    assert len(harness.score_resident([same], limit=2)[same.name].scores) == 2

@@ -23,9 +23,31 @@ from evaluation.tasks import Task, TaskResult, cut_at_stop, extract_last_number
     ("no digits here", None),
     ("", None),
     ("Step 1. add. Step 2.", "2"),
+    ("+5 more", "5"),                   # a leading plus is ignored
+    ("5-3", "3"),                       # a hyphen after a digit joins, it is no minus sign
+    ("pages 10-12", "12"),
+    ("x-4", "4"),                       # nor after a letter
+    ("答えは-5です", "-5"),              # Japanese has no spaces: a sign after kana stays
+    ("１，２３４", "1234"),              # full-width digits and comma
+    ("1，234", "1234"),
+    ("－７", "-7"),                     # full-width minus
+    ("12 m²", "12"),                    # a superscript is no digit of its own
+    ("12345678901234567891", "12345678901234567891"),  # exact beyond float precision
+    ("0.10", "0.1"),
 ])
 def test_extract_last_number(text, expected):
     assert extract_last_number(text) == expected
+
+
+def test_numbers_compare_exactly_beyond_float_precision(tmp_path):
+    task = Task("t", "generate", str(tmp_path / "x.jsonl"))
+    assert task.score_generation({"answer": "12345678901234567890"}, "12345678901234567891") == 0.0
+    assert task.score_generation({"answer": "12345678901234567890"}, "12,345,678,901,234,567,890") == 1.0
+    assert task.score_generation({"answer": 1234}, "答えは１，２３４です") == 1.0
+    long = "9" * 5000  # longer than int() converts, longer than Decimal's default 28 digits
+    assert extract_last_number(f"{long}1 vs {long}.50") == f"{long}.5"
+    assert task.score_generation({"answer": long + "1"}, long + "2") == 0.0
+    assert extract_last_number("-0.00") == "0"
 
 
 def test_cut_at_stop_takes_the_earliest_stop():
@@ -100,3 +122,115 @@ def test_digits_classification_scores_every_test_example():
     assert evaluate(linear, None, task).mean < 0.2
     with pytest.raises(EvomergeError, match="splits train and test"):
         dataclasses.replace(task, split="dev").load()
+
+
+def test_result_table_and_json_without_a_standard_error():
+    """One example has no standard error: the table says n/a, the JSON null (NaN is not JSON)."""
+    from evaluation.tasks import format_results
+
+    one = TaskResult("t", [1.0])
+    table = format_results([Task("t", "generate", "x.jsonl")], {"t": one})
+    assert table.splitlines()[1].split() == ["t", "test", "1", "1.0000", "n/a"]
+    assert "nan" not in table
+    assert json.loads(json.dumps(one.to_dict()))["stderr"] is None
+    assert TaskResult("t", [1.0, 0.0]).to_dict()["stderr"] == pytest.approx(0.5)
+
+
+MGSM_TSV = (
+    "Janet has 3 apples and buys 4 more. How many?\t7\n"
+    "\n"  # a blank line is no row
+    '"A ""quoted"" question,\twith a tab inside"\t1,234\n'
+    "ジャネットのアヒルは1日に16個の卵を産みます。\t18\n"
+)
+
+
+def test_parse_mgsm_tsv_reads_quotes_tabs_and_thousands(tmp_path):
+    from evaluation.tasks import parse_mgsm_tsv
+
+    path = tmp_path / "mgsm_ja.tsv"
+    path.write_text(MGSM_TSV, encoding="utf-8")
+    rows = parse_mgsm_tsv(path)
+    assert rows == [
+        {"question": "Janet has 3 apples and buys 4 more. How many?", "answer_number": 7},
+        {"question": 'A "quoted" question,\twith a tab inside', "answer_number": 1234},
+        {"question": "ジャネットのアヒルは1日に16個の卵を産みます。", "answer_number": 18},
+    ]
+    path.write_text("a question without an answer\n", encoding="utf-8")
+    from merging.errors import EvomergeError
+
+    with pytest.raises(EvomergeError, match="mgsm_ja.tsv: row 1"):
+        parse_mgsm_tsv(path)
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """An empty Hugging Face Hub cache, offline: what a machine without a network sees."""
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hub"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    return cache
+
+
+def test_mgsm_tasks_read_the_tsv_from_the_hub_cache(hub_cache):
+    """The file as `hf_hub_download` stored it (a snapshot under refs/main) is read offline."""
+    from evaluation.tasks import BUILTIN_TASKS
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = hub_cache / "datasets--juletxara--mgsm"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "snapshots" / commit / "mgsm_ja.tsv").write_text(MGSM_TSV, encoding="utf-8")
+    task = BUILTIN_TASKS["mgsm_ja"]
+    rows = task.load(limit=2)
+    assert [r["answer_number"] for r in rows] == [7, 1234]
+    assert task.prompt(rows[0]) == "問題：Janet has 3 apples and buys 4 more. How many?\nステップごとの答え："
+    assert task.score_generation(rows[1], " 1000と234で1,234です。\n\n\n問題：次") == 1.0
+    assert task.score_generation(rows[1], " 答えは1234\n問題: 次は99") == 1.0  # half-width stop too
+    assert len(BUILTIN_TASKS["mgsm_ja_evollm"].load()) == 3
+
+
+def test_mgsm_without_the_file_cached_names_task_and_file(hub_cache):
+    from evaluation.tasks import BUILTIN_TASKS
+    from merging.errors import EvomergeError
+
+    with pytest.raises(EvomergeError, match="task 'mgsm_en': cannot fetch mgsm_en.tsv of the dataset juletxara/mgsm"):
+        BUILTIN_TASKS["mgsm_en"].load()
+    with pytest.raises(EvomergeError, match="task 'mgsm_ja'.*test split; there is no 'train' split"):
+        dataclasses.replace(BUILTIN_TASKS["mgsm_ja"], split="train").load()
+
+
+def test_hf_tasks_load_a_local_dataset_folder(tmp_path, monkeypatch):
+    """`datasets.load_dataset` for real, on a folder of JSONL files (no Hub needed)."""
+    datasets = pytest.importorskip("datasets")
+    from evaluation.tasks import _load_hf
+    from merging.errors import EvomergeError
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    folder = tmp_path / "sums"
+    folder.mkdir()
+    (folder / "test.jsonl").write_text("\n".join(json.dumps({"question": f"{i}+1?", "answer": f"#### {i + 1}"})
+                                                 for i in range(3)))
+    task = Task("sums", "generate", f"hf:{folder}", template="{question}")
+    rows = task.load()
+    assert rows == [{"question": f"{i}+1?", "answer": f"#### {i + 1}"} for i in range(3)]
+    assert task.score_generation(rows[2], "3") == 1.0
+    with pytest.raises(EvomergeError, match="task 'sums': cannot load dataset .*split 'train'"):
+        _load_hf("sums", str(folder), "train")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
+    with pytest.raises(EvomergeError, match="task 'gsm8k': cannot load dataset 'no-such-org/no-such-data'"):
+        _load_hf("gsm8k", "no-such-org/no-such-data:main", "test")
+
+
+def test_hf_tasks_without_datasets_say_what_to_install(monkeypatch):
+    import sys
+
+    from evaluation.tasks import _load_hf
+    from merging.errors import EvomergeError
+
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets -> ImportError
+    with pytest.raises(EvomergeError, match=r"task 'gsm8k' reads the dataset 'openai/gsm8k'.*evomerge\[datasets\]"):
+        _load_hf("gsm8k", "openai/gsm8k:main", "test")
