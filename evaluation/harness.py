@@ -22,6 +22,7 @@ import torch
 from evaluation.scoring import evaluate
 from evaluation.tasks import Task, TaskResult
 from merging.engine import iter_merged, output_config, plan_merge
+from merging.errors import EvomergeError
 from merging.recipe import Recipe
 
 
@@ -32,10 +33,13 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def candidate_hash(recipe: Recipe, model_paths: dict[str, Path], seed: int) -> str:
-    """Content identity of a candidate: same recipe, same sources, same seed -> same hash."""
+    """Content identity of a candidate: same recipe, same sources, same seed -> same hash.
+
+    A source is identified by its `checkpoint_hash` (path, weight file sizes and times),
+    not its path alone: a model rebuilt in place must not reuse the old model's scores."""
     payload = json.dumps({
         "recipe": recipe.model_dump(mode="json", exclude_none=True),
-        "models": {ref: str(Path(path).resolve()) for ref, path in sorted(model_paths.items())},
+        "models": {ref: checkpoint_hash(path) for ref, path in sorted(model_paths.items())},
         "seed": seed,
     }, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
@@ -153,10 +157,12 @@ class Harness:
                                                               dtype=self.dtype).eval()
             self.model.register_forward_pre_hook(self._count)
         state = self.model.state_dict()
-        produced = {t.output.name for t in plan.tasks}
-        untouched = {n for n in set(state) - produced if not n.endswith("lm_head.weight")}  # tied heads
+        untouched = set(state) - {t.output.name for t in plan.tasks}
+        if getattr(self.model.config, "tie_word_embeddings", False):  # the head is the embedding matrix
+            untouched = {n for n in untouched if not n.endswith("lm_head.weight")}
         if untouched:
-            raise ValueError(f"the merge does not produce {sorted(untouched)[:3]} of the resident model")
+            raise EvomergeError(f"the merge does not produce {sorted(untouched)[:3]} of the resident model "
+                                f"(from {self.template}); a candidate must write every tensor of it")
         with torch.no_grad():
             for name, tensor in iter_merged(plan, device=self.device, seed=seed):
                 state[name].copy_(tensor)
@@ -181,6 +187,8 @@ class Harness:
             plan = plan_merge(recipe, checkpoints)
             timings.plan = time.perf_counter() - start
             self.load_candidate(plan, seed=seed)
+            if self.device.type == "cuda":  # the copies are queued: wait for them before reading the clock
+                torch.cuda.synchronize(self.device)
             self.resident = candidate
             timings.merge = time.perf_counter() - start - timings.plan
         for task in todo:

@@ -11,6 +11,7 @@ from typing import Sequence
 import torch
 
 from evaluation.tasks import Task, TaskResult, cut_at_stop
+from merging.errors import EvomergeError
 
 
 class _StopWhenAllDone:
@@ -59,24 +60,40 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int,
     return outputs
 
 
+def _right_padded(ids: list[list[int]], pad: int | None, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists as one right-padded batch and its attention mask. Right padding keeps
+    every row's real tokens at positions 0..n-1, as when scored alone."""
+    width = max(len(x) for x in ids)
+    pad = pad if pad is not None else 0
+    input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids], device=device)
+    attention = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=device)
+    return input_ids, attention
+
+
 @torch.no_grad()
 def continuation_logprobs(model, tokenizer, contexts: Sequence[str], continuations: Sequence[str],
-                          *, batch_size: int = 32) -> list[float]:
-    """Sum of log p(continuation | context) per pair (right padding, one forward pass)."""
+                          *, batch_size: int = 32, task: str = "multiple_choice") -> list[float]:
+    """Sum of log p(continuation | context) per pair (right padding, one forward pass).
+
+    An empty context gets the tokenizer's BOS token to condition on (the first
+    continuation token needs a position before it); without a BOS token it is an error
+    naming `task`."""
     device = next(model.parameters()).device
     results: list[float] = []
     for start in range(0, len(contexts), batch_size):
         pairs = list(zip(contexts[start:start + batch_size], continuations[start:start + batch_size]))
         ids, spans = [], []
-        for context, continuation in pairs:
+        for index, (context, continuation) in enumerate(pairs, start=start):
             context_ids = tokenizer(context, add_special_tokens=False)["input_ids"]
+            if not context_ids:
+                if tokenizer.bos_token_id is None:
+                    raise EvomergeError(f"task {task!r}: the context of choice pair {index} is empty and the "
+                                        "tokenizer has no BOS token to condition the choice on")
+                context_ids = [tokenizer.bos_token_id]
             continuation_ids = tokenizer(continuation, add_special_tokens=False)["input_ids"]
             ids.append(context_ids + continuation_ids)
             spans.append((len(context_ids), len(context_ids) + len(continuation_ids)))
-        width = max(len(x) for x in ids)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids], device=device)
-        attention = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=device)
+        input_ids, attention = _right_padded(ids, tokenizer.pad_token_id, device)
         logprobs = torch.log_softmax(model(input_ids=input_ids, attention_mask=attention).logits.float(), -1)
         for row, (begin, end) in enumerate(spans):
             positions = torch.arange(begin, end, device=device)
@@ -85,6 +102,29 @@ def continuation_logprobs(model, tokenizer, contexts: Sequence[str], continuatio
     return results
 
 
+@torch.no_grad()
+def mean_token_losses(model, tokenizer, texts: Sequence[str], *, batch_size: int = 32,
+                      task: str = "perplexity") -> list[float]:
+    """Mean next-token loss of each text (what `model(ids, labels=ids).loss` gives for
+    it alone), batched with right padding; padded positions count for nothing."""
+    device = next(model.parameters()).device
+    ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+    for index, row in enumerate(ids):
+        if len(row) < 2:  # no token has a predecessor: the mean over zero losses is NaN
+            raise EvomergeError(f"task {task!r}: example {index} has {len(row)} token(s); perplexity needs "
+                                "at least 2")
+    losses: list[float] = []
+    for start in range(0, len(ids), batch_size):
+        input_ids, attention = _right_padded(ids[start:start + batch_size], tokenizer.pad_token_id, device)
+        logits = model(input_ids=input_ids, attention_mask=attention).logits.float()
+        token_losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), input_ids[:, 1:],
+                                                         reduction="none")
+        mask = attention[:, 1:].float()
+        losses.extend(((token_losses * mask).sum(1) / mask.sum(1)).tolist())
+    return losses
+
+
+@torch.no_grad()  # fitness only reads the model: no autograd graph, no activations kept
 def evaluate(model, tokenizer, task: Task, *, limit: int | None = None, batch_size: int = 32,
              examples: list[dict] | None = None, stats: dict | None = None) -> TaskResult:
     """Score `model` on `task`; one score per example, in data order. `stats` collects
@@ -104,7 +144,8 @@ def evaluate(model, tokenizer, task: Task, *, limit: int | None = None, batch_si
                 contexts.append(task.prompt(example))
                 continuations.append(str(choice))
                 owners.append(index)
-        logprobs = continuation_logprobs(model, tokenizer, contexts, continuations, batch_size=batch_size)
+        logprobs = continuation_logprobs(model, tokenizer, contexts, continuations, batch_size=batch_size,
+                                         task=task.name)
         best: dict[int, tuple[float, int]] = {}
         choice_index = [0] * len(examples)
         for owner, logprob in zip(owners, logprobs):
@@ -114,15 +155,13 @@ def evaluate(model, tokenizer, task: Task, *, limit: int | None = None, batch_si
                 best[owner] = (logprob, position)
         scores = [float(best[i][1] == int(e[task.answer_field])) for i, e in enumerate(examples)]
     elif task.kind == "perplexity":
-        scores = []
-        for example in examples:
-            ids = tokenizer(task.prompt(example), return_tensors="pt", add_special_tokens=False)["input_ids"]
-            ids = ids.to(next(model.parameters()).device)
-            scores.append(-model(input_ids=ids, labels=ids).loss.item())
+        losses = mean_token_losses(model, tokenizer, [task.prompt(e) for e in examples], batch_size=batch_size,
+                                   task=task.name)
+        scores = [-loss for loss in losses]
     elif task.kind == "classify":
         scores = classify(model, examples, task.answer_field, batch_size=batch_size)
     else:
-        raise ValueError(f"task {task.name!r}: unknown kind {task.kind!r}")
+        raise EvomergeError(f"task {task.name!r}: unknown kind {task.kind!r}")
     return TaskResult(task.name, scores)
 
 

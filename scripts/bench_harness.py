@@ -114,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
              f"(Llama, {params / 1e6:.2f}M parameters, character tokenizer), test split "
              f"({', '.join(f'{k} {v}' for k, v in n.items())} examples), batch size {args.batch_size}, "
              "greedy generation stopping at a newline. *plan*: the recipe resolved into per-tensor "
-             "work (headers only); *merge*: merged tensors computed and copied into the resident model; "
+             "work (headers only); *merge*: merged tensors computed and copied into the resident model "
+             "(on CUDA the clock is read after torch.cuda.synchronize, so queued copies are counted); "
              "*evaluate*: all three tasks; *tokens/s*: generated tokens (padding excluded) over the "
              f"evaluation time. Largest build / evaluate share: {max(shares):.2%} (target < 5%).")
     command = "python3 " + " ".join(shlex.quote(a) for a in ["scripts/bench_harness.py", *(argv or sys.argv[1:])])

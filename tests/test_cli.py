@@ -135,3 +135,20 @@ def test_eval_scores_a_recipe_without_writing_a_checkpoint(recipe, tmp_path, cap
 def test_eval_unknown_task_is_a_clear_error(llama_family, capsys):
     assert main(["eval", str(llama_family["base"]), "--task", "nonesuch", "--device", "cpu"]) == 2
     assert "unknown task 'nonesuch'" in capsys.readouterr().err
+
+
+def test_eval_help_explains_tasks_and_flags():
+    result = run_cli("eval", "--help")
+    assert result.returncode == 0, result.stderr
+    for flag in ("--task", "--split", "--limit", "--zoo", "--device", "--batch-size", "--cache", "--output",
+                 "--lm-eval-include"):
+        assert flag in result.stdout
+    for task in ("mgsm_ja", "gsm8k", ".jsonl", "lm_eval:TASK"):
+        assert task in result.stdout
+
+
+def test_zoo_build_help_explains_sizes_and_flags():
+    result = run_cli("zoo", "build", "--help")
+    assert result.returncode == 0, result.stderr
+    for text in ("--size", "micro", "small", "real", "--out", "--seed", "--overwrite", "zoo.json"):
+        assert text in result.stdout

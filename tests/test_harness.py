@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -118,3 +119,124 @@ slices:
     results = harness.score_recipe(recipe, open_models(recipe), tasks[2:])
     assert harness.model.config.num_hidden_layers == 6
     assert len(results["ppl"].scores) == len(PROMPTS)
+
+
+@pytest.fixture(scope="module")
+def lm(llama_family):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return (AutoModelForCausalLM.from_pretrained(llama_family["base"]).eval(),
+            AutoTokenizer.from_pretrained(llama_family["base"]))
+
+
+def test_batched_generation_equals_one_prompt_at_a_time(lm):
+    """Left padding must not change what a prompt generates."""
+    from evaluation.scoring import generate
+
+    model, tokenizer = lm
+    assert len({len(tokenizer(p)["input_ids"]) for p in PROMPTS}) > 1  # the batch is really padded
+    batched = generate(model, tokenizer, PROMPTS, max_new_tokens=8, batch_size=len(PROMPTS))
+    alone = [generate(model, tokenizer, [p], max_new_tokens=8)[0] for p in PROMPTS]
+    assert batched == alone
+    assert all(batched)
+
+
+def test_batched_perplexity_equals_one_text_at_a_time(lm, tmp_path):
+    from evaluation.scoring import evaluate
+
+    model, tokenizer = lm
+    data = tmp_path / "texts.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": p * (i + 1)}) for i, p in enumerate(PROMPTS)))
+    result = evaluate(model, tokenizer, Task("ppl", "perplexity", str(data)), batch_size=3)
+    with torch.no_grad():
+        alone = [-model(input_ids=ids, labels=ids).loss.item()
+                 for ids in (tokenizer(p * (i + 1), return_tensors="pt")["input_ids"] for i, p in enumerate(PROMPTS))]
+    assert result.scores == pytest.approx(alone, abs=1e-5)
+
+
+def test_perplexity_of_a_one_token_text_is_a_clear_error(lm, tmp_path):
+    from evaluation.scoring import evaluate
+    from merging.errors import EvomergeError
+
+    model, tokenizer = lm
+    data = tmp_path / "texts.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": p}) for p in ["Evolution", "a"]))
+    assert len(tokenizer("a")["input_ids"]) == 1
+    with pytest.raises(EvomergeError, match="task 'ppl': example 1 has 1 token"):
+        evaluate(model, tokenizer, Task("ppl", "perplexity", str(data)))
+
+
+def test_evaluation_builds_no_autograd_graph(lm, tasks):
+    from evaluation.scoring import evaluate
+
+    model, tokenizer = lm
+    grad_enabled = []
+    hook = model.register_forward_pre_hook(lambda *_: grad_enabled.append(torch.is_grad_enabled()))
+    try:
+        for task in tasks:
+            evaluate(model, tokenizer, task)
+    finally:
+        hook.remove()
+    assert grad_enabled and not any(grad_enabled)
+
+
+def test_a_choice_with_an_empty_context_is_conditioned_on_bos(lm, llama_family):
+    from transformers import AutoTokenizer
+
+    from evaluation.scoring import continuation_logprobs
+    from merging.errors import EvomergeError
+
+    model, tokenizer = lm
+    got = continuation_logprobs(model, tokenizer, ["", "The"], [" quick", " quick"])
+    for context, value in zip(["", "The"], got):
+        context_ids = tokenizer(context)["input_ids"] or [tokenizer.bos_token_id]
+        ids = torch.tensor([context_ids + tokenizer(" quick")["input_ids"]])
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(ids).logits[0], -1)
+        expected = sum(logprobs[i - 1, ids[0, i]].item() for i in range(len(context_ids), ids.shape[1]))
+        assert value == pytest.approx(expected, abs=1e-5)
+    no_bos = AutoTokenizer.from_pretrained(llama_family["base"])
+    no_bos.bos_token = None
+    with pytest.raises(EvomergeError, match="task 'mc': the context of choice pair 1 is empty"):
+        continuation_logprobs(model, no_bos, ["The", ""], [" quick", " quick"], task="mc")
+
+
+def test_rebuilding_a_source_in_place_changes_the_candidate(llama_family, tasks, tmp_path):
+    """Same recipe, same paths, new weights: a new candidate, scored afresh (not the stale cache)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    family = {name: shutil.copytree(llama_family[name], tmp_path / name) for name in ("base", "variant_1", "variant_2")}
+    recipe = ties_recipe(family)
+    paths = {ref: Path(ref) for ref in recipe.referenced_models()}
+    before = candidate_hash(recipe, paths, 0)
+    harness = Harness(family["base"], device="cpu", cache=tmp_path / "scores.jsonl")
+    harness.score_recipe(recipe, open_models(recipe), tasks[2:])
+    weights = family["variant_1"] / "model.safetensors"
+    save_file({name: tensor * 2 for name, tensor in load_file(weights).items()}, weights, metadata={"format": "pt"})
+    assert candidate_hash(recipe, paths, 0) != before
+    passes = harness.forward_passes
+    harness.score_recipe(recipe, open_models(recipe), tasks[2:])
+    assert harness.forward_passes > passes
+
+
+def test_an_untied_head_the_merge_does_not_write_is_an_error(llama_family, tmp_path):
+    from merging.errors import EvomergeError
+    from merging.synthetic import build_family
+
+    recipe = ties_recipe(llama_family)
+    plan = plan_merge(recipe, open_models(recipe))
+    plan.tasks = [t for t in plan.tasks if t.output.name != "lm_head.weight"]
+    harness = Harness(llama_family["base"], device="cpu")
+    assert not harness.model.config.tie_word_embeddings
+    with pytest.raises(EvomergeError, match="does not produce \\['lm_head.weight'\\]"):
+        harness.load_candidate(plan)
+    # a tied head is the embedding matrix: a checkpoint has no lm_head.weight to merge
+    tied = build_family(tmp_path / "tied", variants=2, seed=3, tie_word_embeddings=True)
+    recipe = ties_recipe(tied)
+    plan = plan_merge(recipe, open_models(recipe))
+    assert "lm_head.weight" not in {t.output.name for t in plan.tasks}
+    harness = Harness(tied["base"], device="cpu")
+    harness.load_candidate(plan)
+    assert harness.model.lm_head.weight.data_ptr() == harness.model.model.embed_tokens.weight.data_ptr()
