@@ -21,15 +21,9 @@ import torch
 
 from evaluation.scoring import evaluate
 from evaluation.tasks import Task, TaskResult
-from merging.engine import iter_merged, output_config, plan_merge
+from merging.engine import iter_merged, output_config, plan_merge, resolve_device
 from merging.errors import EvomergeError
 from merging.recipe import Recipe
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def candidate_hash(recipe: Recipe, model_paths: dict[str, Path], seed: int) -> str:

@@ -119,7 +119,7 @@ def _run_eval(args: argparse.Namespace) -> None:
     import json
 
     from evaluation.harness import Harness
-    from evaluation.tasks import resolve_task
+    from evaluation.tasks import format_results, resolve_task
     from merging.engine import resolve_device
 
     device = str(resolve_device(args.device))
@@ -142,10 +142,7 @@ def _run_eval(args: argparse.Namespace) -> None:
         harness = Harness(resolve_model_path(args.model), device=device, cache=args.cache,
                           batch_size=args.batch_size)
         results = harness.score_resident(tasks, limit=args.limit)
-    print(f"{'task':<16} {'split':<6} {'n':>6} {'mean':>8} {'stderr':>8}")
-    for task in tasks:
-        result = results[task.name]
-        print(f"{task.name:<16} {task.split:<6} {len(result.scores):>6} {result.mean:>8.4f} {result.stderr:>8.4f}")
+    print(format_results(tasks, results))
     if args.output:
         args.output.write_text(json.dumps({
             "model": args.model, "device": device, "limit": args.limit,
