@@ -37,7 +37,7 @@ import numpy as np
 import yaml
 
 from merging.checkpoint import Checkpoint
-from merging.dataflow import DataflowSpace, dataflow_recipe
+from merging.dataflow import DataflowSpace, dataflow_recipe, output_projections
 from merging.errors import RecipeError
 from merging.recipe import FilteredValue, Recipe, located, load_yaml, validate_recipe
 
@@ -225,12 +225,20 @@ class DataflowGenome:
     crosses models), "model_pairs" (one scale per ordered pair of different models) or
     "none". `init`: "first_model" starts from model 0's own path (its slots in the first
     repeat at 0.6, the rest at 0.4, so a sigma of ~0.2 explores from there).
+
+    A family whose scales cannot fold into weights (post-norm) is refused here, when the
+    search is set up, rather than at the first candidate's decode after hours of work.
     """
 
     def __init__(self, space: DataflowSpace, *, scales: str = "layer_pairs",
                  scale_bounds: tuple[float, float] = (0.5, 2.0), init: str = "first_model"):
         if scales not in ("layer_pairs", "model_pairs", "none"):
             raise RecipeError(f"scales must be layer_pairs, model_pairs or none, got {scales!r}")
+        if scales != "none":
+            try:
+                output_projections(space.model_type)
+            except RecipeError as exc:
+                raise RecipeError(f"model {space.sources[0]} (model 0 of the data-flow space): {exc}") from None
         if not 0 < scale_bounds[0] < 1 < scale_bounds[1]:
             raise RecipeError(f"scale bounds must satisfy 0 < low < 1 < high, got {list(scale_bounds)}")
         if init not in ("first_model", "uniform"):

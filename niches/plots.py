@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from niches.coefficients import CoefficientGenome
-from niches.genome import DataflowGenome, RecipeGenome
+from niches.genome import DataflowGenome, FreeParameter, RecipeGenome
 
 if TYPE_CHECKING:
     from niches.run import Outcome
@@ -67,19 +67,16 @@ def plot_ps_heatmap(path: Path, genome: RecipeGenome, best: np.ndarray) -> Path:
     layer (embeddings first, final norm and head last); global values fill their row."""
     import matplotlib.pyplot as plt
 
-    values = genome.values(best)
-    columns = max((p.labels for p in genome.parameters), key=len)
-    names = list(dict.fromkeys(p.name for p in genome.parameters))
-    fig, axes = plt.subplots(len(names), 1, figsize=(max(6, 0.5 * len(columns) + 3), 1.2 + 1.1 * len(genome.parameters)),
+    columns = _heatmap_columns(genome)
+    panels = _heatmap_grids(genome, best)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(max(6, 0.5 * len(columns) + 3), 1.2 + 1.1 * len(genome.parameters)),
                              squeeze=False)
-    for ax, name in zip(axes[:, 0], names):
-        rows = [(p, v) for p, v in zip(genome.parameters, values) if p.name == name]
-        grid = np.array([_spread(p, v, columns) for p, v in rows])
-        image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=min(p.low for p, _ in rows),
-                          vmax=max(p.high for p, _ in rows))
+    for ax, (name, (rows, grid)) in zip(axes[:, 0], panels.items()):
+        image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=min(p.low for p in rows),
+                          vmax=max(p.high for p in rows))
         for (i, j), value in np.ndenumerate(grid):
             ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7, color="w")
-        ax.set_yticks(range(len(rows)), [Path(p.model).name if p.model else "*" for p, _ in rows])
+        ax.set_yticks(range(len(rows)), [Path(p.model).name if p.model else "*" for p in rows])
         ax.set_xticks(range(len(columns)), columns, fontsize=7)
         ax.set_title(f"evolved {name}")
         fig.colorbar(image, ax=ax)
@@ -87,15 +84,35 @@ def plot_ps_heatmap(path: Path, genome: RecipeGenome, best: np.ndarray) -> Path:
     return _save(fig, path)
 
 
-def _spread(parameter, values: np.ndarray, columns: Sequence[str]) -> np.ndarray:
-    """A parameter's genes laid over the widest label set (groups repeat their value)."""
-    if len(values) == 1:
-        return np.full(len(columns), values[0])
-    if len(values) == len(columns):
-        return values
-    size = int(parameter.granularity)
-    layers = len(columns) - 2
-    return np.array([values[0], *(values[1 + i // size] for i in range(layers)), values[-1]])
+def _heatmap_columns(genome: RecipeGenome) -> list[str]:
+    """The heatmap's columns: embeddings, every layer, final norm and head (one column
+    when every parameter is global), whatever the parameters' group sizes."""
+    if genome.layout is None:
+        return ["all"]
+    return ["embed", *(f"L{i}" for i in range(genome.layout.num_layers)), "head"]
+
+
+def _heatmap_grids(genome: RecipeGenome, best: np.ndarray) -> dict[str, tuple[list[FreeParameter], np.ndarray]]:
+    """Per parameter name, its free parameters (one per row) and the grid plotted: each
+    gene's value spread over the columns its group of layers covers. Groups of different
+    sizes share the per-layer columns, so a weight per 4 layers lines up with a density
+    per 2."""
+    columns = len(_heatmap_columns(genome))
+    panels: dict[str, tuple[list[FreeParameter], list[np.ndarray]]] = {}
+    for parameter, values in zip(genome.parameters, genome.values(best)):
+        rows, grid = panels.setdefault(parameter.name, ([], []))
+        rows.append(parameter)
+        grid.append(_spread(parameter, values, columns))
+    return {name: (rows, np.array(grid)) for name, (rows, grid) in panels.items()}
+
+
+def _spread(parameter: FreeParameter, values: np.ndarray, columns: int) -> np.ndarray:
+    """A parameter's genes over the columns: a global value fills them; a group of k
+    layers repeats its gene over its k layer columns."""
+    if parameter.granularity == "global":
+        return np.full(columns, values[0])
+    size = 1 if parameter.granularity == "layer" else int(parameter.granularity)
+    return np.array([values[0], *(values[1 + layer // size] for layer in range(columns - 2)), values[-1]])
 
 
 def plot_dfs_path(path: Path, genome: DataflowGenome, best: np.ndarray) -> Path:

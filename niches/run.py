@@ -16,6 +16,8 @@ The run folder holds everything a run makes:
                          card giving the recipe, the lineage and the test scores
     results.json         fitness of the best candidates, report scores of them and the sources
     sessions.jsonl       wall seconds of each invocation that finished
+    sources.json         per stage, the identity of each source checkpoint its logged
+                         fitness was measured on (a changed one stops the replay)
     plots/               fitness against evaluations, PS per-layer heatmap, DFS path,
                          M2N2 best member's coefficients
 
@@ -24,22 +26,26 @@ CMA-ES and M2N2 are deterministic under their seed (niches/cmaes.py, niches/m2n2
 so the run replays every generation, feeding back the fitness logged in candidates.jsonl after checking that the
 genome asked for is the one logged; the first candidate without a line is evaluated
 for real (a candidate scored just before the kill is still found in the score cache,
-so no forward pass is lost either way).
+so no forward pass is lost either way). Logged fitness is only replayed while the source
+checkpoints are the ones it was measured on (sources.json): in a ps+dfs run extended
+with --max-evals, a PS stage that finds a new best rewrites ps/best, and the DFS stage's
+logged fitness then belongs to a model that no longer exists, so the run stops and says so.
 """
 from __future__ import annotations
 
 import json
 import math
 import time
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional, Union
+from typing import Annotated, Any, Callable, Literal, Optional, Union
 
 import numpy as np
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Discriminator, Tag, ValidationError
 
-from evaluation.harness import Harness, candidate_hash, read_jsonl
+from evaluation.harness import Harness, candidate_hash, checkpoint_hash, read_jsonl
 from evaluation.tasks import Task, TaskResult, resolve_task
 from merging.checkpoint import Checkpoint, resolve_model_path
 from merging.dataflow import DataflowSpace
@@ -99,9 +105,29 @@ class M2N2Settings(_Strict):
     """Where split points may fall: any tensor boundary, or only between layers."""
 
 
+class TaskSpec(_Strict):
+    """A task defined in the config: a data set scored the way a built-in task is, e.g.
+    EvoLLM-JP's fitness set (GSM8K test problems outside MGSM, in Japanese) from the Hub,
+    which no built-in task names."""
+
+    name: str
+    data: str
+    """`hf:DATASET_ID[:CONFIG]` (a `datasets` id) or a JSONL path, relative to the config file."""
+    like: str
+    """The built-in task whose prompt template, answer field, stop strings and token budget it uses."""
+    split: Optional[str] = None
+    """The data set's split (default: the section's `split`)."""
+
+
+TaskEntry = Annotated[Union[Annotated[str, Tag("name")], Annotated[TaskSpec, Tag("spec")]],
+                      Discriminator(lambda entry: "name" if isinstance(entry, str) else "spec")]
+"""A task by name, or one defined in place (errors then point into the mapping, not at a name)."""
+
+
 class TaskSettings(_Strict):
-    tasks: list[str]
-    """Zoo task names, built-in benchmarks (mgsm_ja, gsm8k, ...) or JSONL paths."""
+    tasks: list[TaskEntry]
+    """Zoo task names, built-in benchmarks (mgsm_ja, gsm8k, ...), JSONL paths, or tasks
+    defined here ({name, data, like, split})."""
     split: str
     limit: Optional[int] = None
     like: Optional[str] = None
@@ -109,24 +135,38 @@ class TaskSettings(_Strict):
     field, stop strings, token budget), e.g. a Japanese GSM8K-style training set scored
     like `mgsm_ja_evollm`."""
 
+    @property
+    def names(self) -> list[str]:
+        """The names the tasks' scores are reported under."""
+        return [t.name if isinstance(t, TaskSpec) else Path(t).stem if t.endswith(".jsonl") else t
+                for t in self.tasks]
+
     def resolve(self, zoo_dir: Path | None, base_dir: Path) -> list[Task]:
         from dataclasses import replace
 
-        from evaluation.tasks import BUILTIN_TASKS
-
-        if self.like is not None and self.like not in BUILTIN_TASKS:
-            raise RecipeError(f"like: {self.like!r} is not a built-in task; known: {', '.join(sorted(BUILTIN_TASKS))}")
         tasks = []
-        for name in self.tasks:
-            if name.endswith(".jsonl"):
-                path = Path(name) if Path(name).is_absolute() else base_dir / name
+        for spec in self.tasks:
+            if isinstance(spec, TaskSpec):
+                local = not spec.data.startswith("hf:") and not Path(spec.data).is_absolute()
+                task = replace(_builtin(spec.like), name=spec.name, data=str(base_dir / spec.data) if local
+                               else spec.data, split=spec.split or self.split)
+            elif spec.endswith(".jsonl"):
+                path = Path(spec) if Path(spec).is_absolute() else base_dir / spec
                 task = resolve_task(str(path), split=self.split)
                 if self.like:
-                    task = replace(BUILTIN_TASKS[self.like], name=task.name, data=task.data, split=self.split)
+                    task = replace(_builtin(self.like), name=task.name, data=task.data, split=self.split)
             else:
-                task = resolve_task(name, zoo_dir=zoo_dir, split=self.split)
+                task = resolve_task(spec, zoo_dir=zoo_dir, split=self.split)
             tasks.append(task)
         return tasks
+
+
+def _builtin(name: str) -> Task:
+    from evaluation.tasks import BUILTIN_TASKS
+
+    if name not in BUILTIN_TASKS:
+        raise RecipeError(f"like: {name!r} is not a built-in task; known: {', '.join(sorted(BUILTIN_TASKS))}")
+    return BUILTIN_TASKS[name]
 
 
 class RunConfig(_Strict):
@@ -152,6 +192,10 @@ class RunConfig(_Strict):
     """torch CPU threads (None: torch's default, one per core). On a CPU shared with other
     work, more threads than free cores make small models many times slower (the threads
     spin waiting for each other): give the number of free cores."""
+    paper_scores: dict[str, dict[str, float]] = {}
+    """Published scores printed beside ours in the report, {report task: {row: score}}: a
+    row is `evolved` (this run's merge), `ps` (ps+dfs: the PS merge) or a model of
+    `models` or `baselines` as written there; scores on our scale (accuracy in 0-1)."""
 
 
 @dataclass
@@ -196,6 +240,18 @@ def load_config(path: str | Path) -> RunConfig:
     for section in needs:
         if getattr(config, section) is None:
             raise RecipeError(f"{path}: method {config.method} needs a `{section}:` section")
+    if config.method == "dfs" and PS_MODEL in (config.dfs.sources or []):
+        raise RecipeError(f"{located(root, ('dfs', 'sources'), str(path))}: names `{PS_MODEL}` but method dfs "
+                          "has no PS stage (method ps+dfs has)")
+    rows = {"evolved", *config.models, *config.baselines} | ({PS_MODEL} if config.method == "ps+dfs" else set())
+    for task, scores in config.paper_scores.items():
+        if task not in config.report.names:
+            raise RecipeError(f"{located(root, ('paper_scores', task), str(path))}: {task!r} is not a report task "
+                              f"({', '.join(config.report.names)})")
+        for row in scores:
+            if row not in rows:
+                raise RecipeError(f"{located(root, ('paper_scores', task, row), str(path))}: {row!r} is no row of "
+                                  f"the report; rows: {', '.join(sorted(rows))}")
     return config
 
 
@@ -252,38 +308,40 @@ def _evolve(config: RunConfig, config_path: Path, run_dir: Path, max_evals: int 
     zoo_dir = _zoo_dir(config.zoo, base_dir)
     resolve = _reference_resolver(zoo_dir, base_dir)
     template_text = _read_template(base_dir / config.ps.template, config_path) if config.ps else None
-    folder = RunFolder(run_dir)
-    folder.start(config_path.read_text(), template_text)
     fitness_tasks = config.fitness.resolve(zoo_dir, base_dir)
     report_tasks = config.report.resolve(zoo_dir, base_dir)
     models = [resolve(m) for m in config.models]
+    # Build what can be built before the run folder is touched, so that a bad template or
+    # DFS setting fails now, not after the PS stage's hours of work.
+    ps_stage = (_ps_stage(config, base_dir / config.ps.template, template_text, resolve, max_evals)
+                if config.method in ("ps", "ps+dfs") else None)
+    if config.method == "ps+dfs":  # the PS merge has the architecture of the model its template merges onto
+        _dfs_genome(config, _dfs_pool(config, resolve, str(ps_stage.checkpoints[ps_stage.reference].path)))
+    dfs_stage = _dfs_stage(config, _dfs_pool(config, resolve, None), max_evals) if config.method == "dfs" else None
+    folder = RunFolder(run_dir)
+    folder.start(config_path.read_text(), template_text)
     stages: list[Stage] = []
     outcomes: list[Outcome] = []
     lineage: list[str] = []
-    if config.method in ("ps", "ps+dfs"):
-        stage = _ps_stage(config, base_dir / config.ps.template, template_text, resolve, max_evals)
-        stages.append(stage)
-        outcomes.append(_search(stage, config, folder, fitness_tasks, progress))
+    others: dict[str, str] = {}  # report rows besides the evolved merge: row key -> model folder or Hub id
+    if ps_stage is not None:
+        stages.append(ps_stage)
+        outcomes.append(_search(ps_stage, config, folder, fitness_tasks, progress))
         lineage.append(f"PS: `{outcomes[-1].best_recipe.merge_method}` merge of "
                        f"{', '.join(f'`{m}`' for m in outcomes[-1].best_recipe.referenced_models())}, "
-                       f"{stage.genome.dimension} genes evolved by CMA-ES ({outcomes[-1].evaluations} evaluations)")
-    if config.method in ("dfs", "ps+dfs"):
-        pool = list(config.dfs.sources or ([PS_MODEL] if config.method == "ps+dfs" else []) + config.models)
-        if PS_MODEL in pool:
-            if config.method != "ps+dfs":
-                raise RecipeError(f"{config_path}: dfs.sources names `{PS_MODEL}` but there is no PS stage")
-            ps_dir = folder.path / "ps" / "best"
-            _export(outcomes[0], ps_dir, config, notes=_card_notes(lineage, {}, config))
-            pool = [str(ps_dir) if m == PS_MODEL else resolve(m) for m in pool]
-        else:
-            pool = [resolve(m) for m in pool]
-        stage = _dfs_stage(config, pool, max_evals)
-        stages.append(stage)
-        outcomes.append(_search(stage, config, folder, fitness_tasks, progress))
-        lineage.append(f"DFS: a path of {len(stage.genome.path(outcomes[-1].best_genome))} layers through "
-                       f"{', '.join(f'`{m}`' for m in pool)} ({stage.genome.space.repeats} repeats, scales "
-                       f"{stage.genome.scales}), {stage.genome.dimension} genes evolved by CMA-ES "
-                       f"({outcomes[-1].evaluations} evaluations)")
+                       f"{ps_stage.genome.dimension} genes evolved by CMA-ES ({outcomes[-1].evaluations} evaluations)")
+    if config.method == "ps+dfs":
+        ps_dir = folder.path / "ps" / "best"
+        _export(outcomes[0], ps_dir, config, notes=_card_notes(lineage, None, config))
+        others[PS_MODEL] = str(ps_dir)
+        dfs_stage = _dfs_stage(config, _dfs_pool(config, resolve, str(ps_dir)), max_evals)
+    if dfs_stage is not None:
+        stages.append(dfs_stage)
+        outcomes.append(_search(dfs_stage, config, folder, fitness_tasks, progress))
+        lineage.append(f"DFS: a path of {len(dfs_stage.genome.path(outcomes[-1].best_genome))} layers through "
+                       f"{', '.join(f'`{m}`' for m in dfs_stage.genome.space.sources)} ({dfs_stage.genome.space.repeats} "
+                       f"repeats, scales {dfs_stage.genome.scales}), {dfs_stage.genome.dimension} genes evolved by "
+                       f"CMA-ES ({outcomes[-1].evaluations} evaluations)")
     if config.method == "m2n2":
         stage = _m2n2_stage(config, models, folder, max_evals)
         stages.append(stage)
@@ -295,16 +353,17 @@ def _evolve(config: RunConfig, config_path: Path, run_dir: Path, max_evals: int 
                        f"attraction {'on' if settings.attraction else 'off'}; alpha {settings.alpha}) over "
                        f"{outcomes[-1].evaluations} child evaluations")
     final = outcomes[-1]
-    report = _report(final, models + [resolve(m) for m in config.baselines], config, folder, report_tasks,
-                     progress)
+    others.update({m: m for m in models + [resolve(m) for m in config.baselines]})
+    report = _report(final, others, config, folder, report_tasks, progress)
     results = {
         "method": config.method,
         "stages": {o.name: {"best_fitness": o.best_fitness, "evaluations": o.evaluations,
                             "best_genome": o.best_genome.tolist(), "best_recipe": o.best_recipe.model_dump(
                                 mode="json", exclude_none=True)} for o in outcomes},
-        "report": {"split": config.report.split, "limit": config.report.limit, "scores": report},
+        "report": {"split": config.report.split, "limit": config.report.limit, "scores": report,
+                   "paper": _paper_rows(config, resolve)},
     }
-    _export(final, folder.path / "best", config, notes=_card_notes(lineage, report, config))
+    _export(final, folder.path / "best", config, notes=_card_notes(lineage, results, config))
     from niches.plots import plot_run
 
     plot_run(folder.path / "plots", [(s.genome, o) for s, o in zip(stages, outcomes)])
@@ -313,6 +372,15 @@ def _evolve(config: RunConfig, config_path: Path, run_dir: Path, max_evals: int 
     results["wall_seconds"] = sum(row["seconds"] for row in read_jsonl(folder.sessions_file))
     _write_atomic(folder.path / "results.json", json.dumps(results, indent=2) + "\n")
     return results
+
+
+def _paper_rows(config: RunConfig, resolve: Callable[[str], str]) -> dict[str, dict[str, float]]:
+    """The config's paper_scores keyed like the report's rows: {row key: {task: score}}."""
+    rows: dict[str, dict[str, float]] = {}
+    for task, scores in config.paper_scores.items():
+        for row, score in scores.items():
+            rows.setdefault(row if row in ("evolved", PS_MODEL) else resolve(row), {})[task] = score
+    return rows
 
 
 def _read_template(path: Path, config_path: Path) -> str:
@@ -341,16 +409,27 @@ def _ps_genome(template_path: Path, template_text: str, resolve: Callable[[str],
         first = data["slices"][0]["sources"][0]["model"]
     if not isinstance(first, str):
         raise RecipeError(f"{template_path}: the template names no model")
-    layout = LayerLayout.of(Checkpoint(first, resolve_model_path(first)))
+    with closing(Checkpoint(first, resolve_model_path(first))) as checkpoint:
+        layout = LayerLayout.of(checkpoint)
     return RecipeGenome(data, root, str(template_path), layout)
 
 
-def _dfs_stage(config: RunConfig, pool: list[str], max_evals: int | None) -> Stage:
+def _dfs_pool(config: RunConfig, resolve: Callable[[str], str], ps_model: str | None) -> list[str]:
+    """The DFS stage's models, model 0 first, with `ps` standing for `ps_model` (the PS
+    merge's folder, or a model of its architecture while the merge does not exist yet)."""
+    pool = config.dfs.sources or ([PS_MODEL] if config.method == "ps+dfs" else []) + config.models
+    return [ps_model if m == PS_MODEL else resolve(m) for m in pool]
+
+
+def _dfs_genome(config: RunConfig, pool: list[str]) -> DataflowGenome:
     settings = config.dfs
     space = DataflowSpace(pool, repeats=settings.repeats)
-    genome = DataflowGenome(space, scales=settings.scales, scale_bounds=settings.scale_bounds, init=settings.init)
+    return DataflowGenome(space, scales=settings.scales, scale_bounds=settings.scale_bounds, init=settings.init)
+
+
+def _dfs_stage(config: RunConfig, pool: list[str], max_evals: int | None) -> Stage:
     checkpoints = {ref: Checkpoint(ref, resolve_model_path(ref)) for ref in pool}
-    return Stage("dfs", genome, _budget(settings.optimizer, max_evals), checkpoints, pool[0])
+    return Stage("dfs", _dfs_genome(config, pool), _budget(config.dfs.optimizer, max_evals), checkpoints, pool[0])
 
 
 def _m2n2_stage(config: RunConfig, models: list[str], folder: RunFolder, max_evals: int | None) -> Stage:
@@ -375,12 +454,15 @@ class Candidates:
 
         self.stage, self.config, self.folder, self.tasks = stage, config, folder, tasks
         self.logged = {(row["kind"], row["index"]): row for row in folder.candidates(stage.name)}
+        _check_sources(stage, folder, len(self.logged))
         self.history: list[dict] = []
         self.best_fitness = -math.inf
         self._harness: Harness | None = None
         self._next = {}  # kind -> index of its next candidate
-        self.bar = tqdm(total=total, desc=f"{stage.name} evaluations", disable=not progress, unit="cand",
-                        dynamic_ncols=True)
+        # replayed samples cost no time: the bar starts past them, so its rate and time left are the real ones
+        replayed = sum(kind == "sample" for kind, _ in self.logged)
+        self.bar = tqdm(total=total, initial=min(replayed, total), desc=f"{stage.name} evaluations",
+                        disable=not progress, unit="cand", dynamic_ncols=True)
 
     def evaluate(self, genome: np.ndarray, generation: int, kind: str = "sample",
                  per_example: bool = False) -> tuple[dict, np.ndarray | None]:
@@ -402,7 +484,9 @@ class Candidates:
                     "(the logged genome differs from the one the search asks for now); the run was made with "
                     "other settings or another version. Use a new --run-dir")
             results = self._score(recipe) if per_example else None
+            fresh = False
         else:
+            fresh = True
             start = time.perf_counter()
             results = self._score(recipe)
             row = {"stage": self.stage.name, "kind": kind, "index": index, "generation": generation,
@@ -413,7 +497,7 @@ class Candidates:
         self.history.append(row)
         self.best_fitness = max(self.best_fitness, row["fitness"])
         if kind == "sample":
-            self.bar.update(1)
+            self.bar.update(int(fresh))
             self.bar.set_postfix(best=f"{self.best_fitness:.4f}", refresh=False)
         scores = np.concatenate([results[t.name].scores for t in self.tasks]) if per_example else None
         return row, scores
@@ -435,6 +519,27 @@ class Candidates:
         genome = np.asarray(best["genome"])
         return Outcome(self.stage.name, genome, best["fitness"], self.stage.genome.decode(genome), evaluations,
                        self.history)
+
+
+def _check_sources(stage: Stage, folder: RunFolder, logged: int) -> None:
+    """Record the identity of the stage's source checkpoints, and refuse to replay logged
+    fitness measured on a source that has changed since (a replay checks genomes, which
+    stay the same when a model under them is rewritten)."""
+    record = folder.path / "sources.json"
+    recorded = json.loads(record.read_text()) if record.is_file() else {}
+    now = {ref: checkpoint_hash(checkpoint.path) for ref, checkpoint in stage.checkpoints.items()}
+    before = recorded.get(stage.name)
+    if before == now:
+        return
+    changed = [ref for ref in now if before is not None and before.get(ref) != now[ref]]
+    if logged and changed:
+        raise EvomergeError(
+            f"{folder.path}: the {stage.name} stage's {logged} logged candidates were scored with "
+            f"{', '.join(changed)} as it was then, and it has been rewritten since (as ps/best is when the PS stage "
+            "of a ps+dfs run, extended with --max-evals, finds a new best), so their fitness cannot be replayed. "
+            "Use a new --run-dir; to keep the new model, copy it out first and name it in the new config")
+    recorded[stage.name] = now
+    _write_atomic(record, json.dumps(recorded, indent=2) + "\n")
 
 
 def _search(stage: Stage, config: RunConfig, folder: RunFolder, tasks: list[Task], progress: bool) -> Outcome:
@@ -521,9 +626,9 @@ def _recipe_hash(recipe: Recipe, stage: Stage, config: RunConfig) -> str:
     return candidate_hash(recipe, {ref: ck.path for ref, ck in stage.checkpoints.items()}, config.seed)
 
 
-def _report(final: Outcome, models: list[str], config: RunConfig, folder: RunFolder, tasks: list[Task],
+def _report(final: Outcome, others: dict[str, str], config: RunConfig, folder: RunFolder, tasks: list[Task],
             progress: bool) -> dict[str, dict[str, dict]]:
-    """Report-split scores of the evolved merge and of every source model."""
+    """Report-split scores of the evolved merge and of every other row (row key -> model)."""
     from merging.engine import open_models
 
     report: dict[str, dict[str, dict]] = {}
@@ -537,11 +642,11 @@ def _report(final: Outcome, models: list[str], config: RunConfig, folder: RunFol
         for checkpoint in checkpoints.values():
             checkpoint.close()
     report["evolved"] = {name: _summary(r) for name, r in results.items()}
-    for model in models:
+    for key, model in others.items():
         if progress:
-            print(f"scoring source {model} on {', '.join(t.name for t in tasks)}", flush=True)
+            print(f"scoring {model} on {', '.join(t.name for t in tasks)}", flush=True)
         harness = _harness(resolve_model_path(model), config, folder)
-        report[model] = {name: _summary(r) for name, r in harness.score_resident(tasks, limit=config.report.limit).items()}
+        report[key] = {name: _summary(r) for name, r in harness.score_resident(tasks, limit=config.report.limit).items()}
     return report
 
 
@@ -549,14 +654,53 @@ def _summary(result: TaskResult) -> dict:
     return {"mean": result.mean, "stderr": result.stderr, "n": len(result.scores)}
 
 
+def report_table(results: dict, *, markdown: bool = False) -> str:
+    """The report of a run (results.json's content) as a table: a row per model, mean ±
+    standard error per task, and a `paper` column beside each task the config gives
+    published scores for (paper_scores), so ours and the paper's read side by side."""
+    report = results["report"]
+    paper = report.get("paper", {})
+    tasks = list(next(iter(report["scores"].values())))
+    published = {task for scores in paper.values() for task in scores}
+    header = ["model"] + [column for t in tasks for column in ([t, f"{t} (paper)"] if t in published else [t])]
+    rows = []
+    for key, scores in report["scores"].items():
+        cells = []
+        for t in tasks:
+            cells.append(f"{scores[t]['mean']:.3f} ± {scores[t]['stderr']:.3f}")
+            if t in published:
+                cells.append(f"{paper[key][t]:.3f}" if t in paper.get(key, {}) else "")
+        rows.append([_row_label(key, markdown), *cells])
+    if markdown:
+        return "\n".join(["| " + " | ".join(header) + " |", "|---|" + "---|" * (len(header) - 1)]
+                         + ["| " + " | ".join(row) + " |" for row in rows])
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
+                     for row in [header, *rows])
+
+
+def _row_label(key: str, markdown: bool) -> str:
+    if key == "evolved":
+        return "**this merge**" if markdown else "evolved merge"
+    if key == PS_MODEL:
+        return "PS merge (`ps/best`)" if markdown else "PS merge (ps/best)"
+    return f"`{key}`" if markdown else Path(key).name
+
+
 def _export(outcome: Outcome, out_dir: Path, config: RunConfig, *, notes: str) -> None:
-    """Write a stage's best candidate as a checkpoint (atomically, replacing an older one),
-    unless a resumed run finds it already written with this recipe and card."""
+    """Write a stage's best candidate as a checkpoint (atomically, replacing an older one).
+    When the checkpoint there already holds this recipe (a resumed or extended run whose
+    best did not change), only its card is brought up to date: rewriting the weights would
+    change the checkpoint's identity, and a DFS stage over it would refuse its own log."""
     from merging.engine import merge_to_disk, open_models, plan_merge
 
     recipe = outcome.best_recipe
     card = out_dir / "README.md"
-    if card.is_file() and recipe.to_yaml().strip() in card.read_text() and card.read_text().endswith(notes.strip() + "\n"):
+    text = card.read_text() if card.is_file() else ""
+    head, marker, _ = text.partition("\n## Evolution\n")  # the notes end the card (merging/card.py)
+    if marker and recipe.to_yaml().strip() in head:
+        if text != f"{head}\n{notes.strip()}\n":
+            _write_atomic(card, f"{head}\n{notes.strip()}\n")
         return
     plan = plan_merge(recipe, open_models(recipe))
     try:
@@ -565,18 +709,14 @@ def _export(outcome: Outcome, out_dir: Path, config: RunConfig, *, notes: str) -
         plan.close()
 
 
-def _card_notes(lineage: list[str], report: dict, config: RunConfig) -> str:
+def _card_notes(lineage: list[str], results: dict | None, config: RunConfig) -> str:
     lines = ["## Evolution", "", "Made by `evomerge evolve` (method `" + config.method + "`, seed "
-             f"{config.seed}); fitness: mean of {', '.join(config.fitness.tasks)} ({config.fitness.split} split"
+             f"{config.seed}); fitness: mean of {', '.join(config.fitness.names)} ({config.fitness.split} split"
              f"{f', first {config.fitness.limit} examples' if config.fitness.limit else ''}).", ""]
     lines += [f"{i + 1}. {step}" for i, step in enumerate(lineage)]
-    if report:
-        tasks = list(next(iter(report.values())))
+    if results:
         lines += ["", f"## Scores ({config.report.split} split, mean ± standard error)", "",
-                  "| model | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
-        for model, scores in report.items():
-            cells = [f"{scores[t]['mean']:.3f} ± {scores[t]['stderr']:.3f}" for t in tasks]
-            lines.append(f"| {'**this merge**' if model == 'evolved' else f'`{model}`'} | " + " | ".join(cells) + " |")
+                  report_table(results, markdown=True)]
     return "\n".join(lines) + "\n"
 
 

@@ -143,6 +143,18 @@ def test_with_the_default_eps_the_fold_is_close(space, tmp_path):
     assert fold_error < 1e-3
 
 
+@pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
+def test_with_the_default_eps_and_realistic_weights_the_fold_meets_1e_4(tmp_path, family):
+    # The family's own eps (1e-6 RMSNorm, 1e-5 LayerNorm), and weights drawn ten times
+    # larger than transformers' tiny default (initializer_range 0.2 instead of 0.02), so
+    # that the stream's mean square is far above eps, as in trained models.
+    paths = build_family(tmp_path / "models", family=family, variants=1, seed=0, initializer_range=0.2)
+    space = DataflowSpace([str(paths["base"]), str(paths["variant_1"])], repeats=2)
+    fold_error, scale_effect = fold_errors(space, tmp_path / "out")
+    assert fold_error < 1e-4
+    assert scale_effect > 1e-2
+
+
 def _save_tiny(folder: Path, model_type: str, **config) -> str:
     from transformers import AutoConfig, AutoModel
 
@@ -157,8 +169,16 @@ def _save_tiny(folder: Path, model_type: str, **config) -> str:
     ("gemma2", {"head_dim": 16, "num_key_value_heads": 1}, "post-attention and post-feedforward norms"),
 ])
 def test_families_that_cannot_fold_say_why(tmp_path, model_type, config, reason):
+    from niches.genome import DataflowGenome
+
     space = DataflowSpace([_save_tiny(tmp_path / "a", model_type, **config)])
     every_layer = torch.ones(space.num_slots)
     with pytest.raises(RecipeError, match=f"{model_type}.*{reason}"):
         dataflow_recipe(space, every_layer, torch.ones(space.num_layers, space.num_layers))
     assert len(dataflow_recipe(space, every_layer).slices) == 2  # without scales it still stacks
+    # a search over scales is refused when it is set up, not at its first candidate
+    for scales in ("layer_pairs", "model_pairs"):
+        with pytest.raises(RecipeError, match=rf"model {tmp_path / 'a'} \(model 0 of the data-flow space\): "
+                                              rf".*{model_type}.*{reason}"):
+            DataflowGenome(space, scales=scales)
+    assert DataflowGenome(space, scales="none").dimension == space.num_slots

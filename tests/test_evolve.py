@@ -14,7 +14,7 @@ import torch
 
 from merging.cli import main
 from merging.errors import EvomergeError, RecipeError
-from niches.run import evolve, load_config
+from niches.run import TaskSettings, evolve, load_config, report_table
 
 TEMPLATE = """\
 merge_method: dare_ties
@@ -177,22 +177,36 @@ def test_a_rerun_with_another_config_is_refused(ps_run, micro_zoo, tmp_path):
         evolve(config, run_dir, progress=False)
 
 
-def test_a_bigger_budget_extends_a_finished_run(micro_zoo, tmp_path):
+def test_a_bigger_budget_extends_a_finished_run(micro_zoo, tmp_path, capsys):
     config = write_config(tmp_path, micro_zoo[0], evals=6)
     evolve(config, tmp_path / "run", progress=False)
     first = read_candidates(tmp_path / "run")
-    evolve(config, tmp_path / "run", max_evals=12, progress=False)
+    capsys.readouterr()
+    evolve(config, tmp_path / "run", max_evals=12, progress=True)
     rows = read_candidates(tmp_path / "run")
     samples = [r for r in rows if r["kind"] == "sample"]
     assert rows[:7] == first and len(samples) == 12 and [r["index"] for r in samples] == list(range(12))
+    # the progress bar starts past the 6 replayed candidates (they take no time, so counting
+    # them as evaluations would make the time left an underestimate)
+    bar = capsys.readouterr().err
+    assert "ps evaluations:  50%" in bar and "6/12" in bar and " 0/12" not in bar and "12/12" in bar
 
 
-def test_ps_then_dfs(micro_zoo, tmp_path):
+PAPER = "paper_scores:\n  math: {evolved: 0.556, ps: 0.52, 'zoo:math': 0.184}\n"
+"""Published scores to print beside the report's math column (made-up values)."""
+
+
+@pytest.fixture(scope="module")
+def ps_dfs_run(micro_zoo, tmp_path_factory) -> tuple[Path, dict]:
+    folder = tmp_path_factory.mktemp("ps_dfs")
+    config = write_config(folder, micro_zoo[0], method="ps+dfs", evals=6, extra=PAPER)
+    return folder / "run", evolve(config, folder / "run", progress=False)
+
+
+def test_ps_then_dfs(ps_dfs_run, micro_zoo):
     from transformers import AutoConfig
 
-    config = write_config(tmp_path, micro_zoo[0], method="ps+dfs", evals=6)
-    results = evolve(config, tmp_path / "run", progress=False)
-    run_dir = tmp_path / "run"
+    run_dir, results = ps_dfs_run
     assert (run_dir / "ps" / "best" / "model.safetensors").is_file()
     stages = [r["stage"] for r in read_candidates(run_dir)]
     assert stages == ["ps"] * 7 + ["dfs"] * 7
@@ -205,8 +219,101 @@ def test_ps_then_dfs(micro_zoo, tmp_path):
     assert "DFS: a path of" in (run_dir / "best" / "README.md").read_text()
 
 
+def test_the_ps_then_dfs_report_has_the_ps_merge_as_a_row(ps_dfs_run):
+    """The intermediate PS merge is scored on the test split too, so the report shows
+    what the DFS stage added to it."""
+    run_dir, results = ps_dfs_run
+    scores = results["report"]["scores"]
+    assert list(scores)[:2] == ["evolved", "ps"] and len(scores) == 5  # evolved, ps, lang, math, base
+    assert scores["ps"]["math"]["n"] == 30
+    card = (run_dir / "best" / "README.md").read_text()
+    cells = " | ".join(f"{scores['ps'][t]['mean']:.3f} ± {scores['ps'][t]['stderr']:.3f}" for t in ("math_lang", "math"))
+    assert f"| PS merge (`ps/best`) | {cells} | 0.520 |" in card
+
+
+def test_the_papers_scores_are_printed_beside_ours(ps_dfs_run, micro_zoo):
+    run_dir, results = ps_dfs_run
+    math_model = str(micro_zoo[0].resolve() / "models" / "math")
+    assert results["report"]["paper"] == {"evolved": {"math": 0.556}, "ps": {"math": 0.52}, math_model: {"math": 0.184}}
+    assert json.loads((run_dir / "results.json").read_text())["report"]["paper"] == results["report"]["paper"]
+    card = (run_dir / "best" / "README.md").read_text()
+    assert "| model | math_lang | math | math (paper) |" in card
+    evolved = results["report"]["scores"]["evolved"]
+    cells = " | ".join(f"{evolved[t]['mean']:.3f} ± {evolved[t]['stderr']:.3f}" for t in ("math_lang", "math"))
+    assert f"| **this merge** | {cells} | 0.556 |" in card
+    assert f"| `{micro_zoo[0].resolve() / 'models' / 'lang'}` |" in card and card.count(" |  |") == 2  # lang, base
+    table = report_table(results).splitlines()  # the same table as plain text
+    assert table[0].split() == ["model", "math_lang", "math", "math", "(paper)"]
+    assert table[1].startswith("evolved merge") and table[1].endswith("0.556")
+    assert table[3].startswith("lang ") and table[4].startswith("math ") and table[4].endswith("0.184")
+
+
+def test_resume_after_a_kill_during_the_dfs_stage(ps_dfs_run, micro_zoo, tmp_path):
+    config = write_config(tmp_path, micro_zoo[0], method="ps+dfs", evals=6)
+    run_dir = tmp_path / "run"
+    before = kill_midway(config, run_dir, 10)  # the PS stage logs 7 lines: killed while DFS runs
+    assert [json.loads(line)["stage"] for line in before if line.endswith("}")][7:9] == ["dfs", "dfs"]
+    assert len(before) < 14 and not (run_dir / "best").exists()
+
+    results = evolve(config, run_dir, progress=False)
+    after = read_candidates(run_dir)
+    uninterrupted = read_candidates(ps_dfs_run[0])
+    assert [(r["stage"], r["genome"], r["fitness"]) for r in after] == \
+        [(r["stage"], r["genome"], r["fitness"]) for r in uninterrupted]
+    for stage in ("ps", "dfs"):  # (the recipes differ: each names its own run folder's ps/best)
+        for key in ("best_genome", "best_fitness", "evaluations"):
+            assert results["stages"][stage][key] == ps_dfs_run[1]["stages"][stage][key]
+
+
+def test_extending_ps_then_dfs_keeps_an_unchanged_ps_merge(micro_zoo, tmp_path):
+    """A bigger budget whose PS stage finds nothing better leaves ps/best's weights as
+    they are (only its card follows), so the DFS stage goes on from its log."""
+    config = write_config(tmp_path, micro_zoo[0], method="ps+dfs", evals=6)
+    run_dir = tmp_path / "run"
+    evolve(config, run_dir, progress=False)
+    weights = (run_dir / "ps" / "best" / "model.safetensors").stat().st_mtime_ns
+    first = read_candidates(run_dir)
+    evolve(config, run_dir, max_evals=12, progress=False)
+    assert (run_dir / "ps" / "best" / "model.safetensors").stat().st_mtime_ns == weights
+    assert "(12 evaluations)" in (run_dir / "ps" / "best" / "README.md").read_text()
+    rows = read_candidates(run_dir)
+    assert [r for r in rows if r["stage"] == "dfs"][:7] == [r for r in first if r["stage"] == "dfs"]
+    assert sum(r["stage"] == "dfs" and r["kind"] == "sample" for r in rows) == 12
+
+
+def test_dfs_logged_on_an_older_ps_merge_is_not_replayed(micro_zoo, tmp_path):
+    """Extending a ps+dfs run whose PS stage then finds a new best: ps/best is rewritten,
+    and the DFS stage's logged fitness, measured on the old merge, must not be fed back
+    as if it were the new one's (the genomes asked for are the same, so a replay that
+    checks genomes alone would accept it)."""
+    config = write_config(tmp_path, micro_zoo[0], method="ps+dfs", evals=6)
+    # fitness on math, where the PS fitness moves: with this seed the 12-evaluation search
+    # ends at a mean better than every candidate of the 6-evaluation one
+    config.write_text(config.read_text().replace("tasks: [math_lang], split: train", "tasks: [math], split: train"))
+    run_dir = tmp_path / "run"
+    evolve(config, run_dir, progress=False)
+    weights = (run_dir / "ps" / "best" / "model.safetensors").stat().st_mtime_ns
+    with pytest.raises(EvomergeError, match=r"the dfs stage's 7 logged candidates were scored with .*/ps/best as it "
+                                            r"was then, and it has been rewritten since .* cannot be replayed. Use a "
+                                            r"new --run-dir"):
+        evolve(config, run_dir, max_evals=12, progress=False)
+    assert (run_dir / "ps" / "best" / "model.safetensors").stat().st_mtime_ns != weights
+    assert sum(r["stage"] == "dfs" for r in read_candidates(run_dir)) == 7  # nothing logged on the new merge
+
+
+PS_CONFIG = "method: ps\nmodels: [a]\nfitness: {tasks: [x], split: train}\nreport: {tasks: [x], split: test}\n" \
+    "ps: {template: t.yaml}\n"
+
+
 @pytest.mark.parametrize("text, message", [
     ("method: pss\n", r"line 1: method: Input should be 'ps', 'dfs', 'ps\+dfs' or 'm2n2'"),
+    (PS_CONFIG + "paper_scores:\n  x: {evolved: 0.5, b: 0.2}\n",
+     r"line 7: paper_scores.x.b: 'b' is no row of the report; rows: a, evolved"),
+    (PS_CONFIG + "paper_scores:\n  y: {a: 0.5}\n", "line 7: paper_scores.y: 'y' is not a report task"),
+    (PS_CONFIG.replace("{tasks: [x], split: train}", "\n  tasks:\n    - {name: f, data: f.jsonl, lke: x}\n  split: train"),
+     r"line 5: fitness.tasks\[0\].spec.like: Field required"),
+    (PS_CONFIG.replace("ps: {", "dfs: {sources: [ps]}\nps: {").replace("method: ps", "method: dfs"),
+     r"line 5: dfs.sources: names `ps` but method dfs has no PS stage"),
     ("method: ps\nmodels: [a]\nfitness: {tasks: [x], split: train}\nreport: {tasks: [x], split: test}\npopsize: 3\n",
      "line 5: popsize: unknown key 'popsize'"),
     ("method: dfs\nmodels: [a]\nfitness: {tasks: [x], split: train}\nreport: {tasks: [x], split: test}\n",
@@ -238,6 +345,54 @@ def test_shipped_run_configs_are_valid(name):
         layout = LayerLayout(32, ("model.embed_tokens.weight",), ("model.norm.weight", "lm_head.weight"))
         genome = RecipeGenome.from_file(recipes / config.ps.template, layout)
         assert genome.decode(genome.x0).merge_method == "dare_ties"
+    if name.startswith("evollm-jp"):
+        # the paper's fitness set is on the Hub (no local file to provide), prompted like the report task
+        (fitness,) = config.fitness.resolve(None, recipes)
+        assert (fitness.data, fitness.split) == ("hf:SakanaAI/gsm8k-ja-test_250-1319", "test")
+        assert fitness.template == config.report.resolve(None, recipes)[0].template
+        assert set(config.paper_scores) == {"mgsm_ja_evollm"} and "evolved" in config.paper_scores["mgsm_ja_evollm"]
+
+
+def test_tasks_defined_in_the_config(tmp_path):
+    """EvoLLM-JP's fitness set is on the Hub under no built-in task: a config defines it
+    in place, scored like a built-in task (here a JSONL file in that task's format)."""
+    (tmp_path / "ja.jsonl").write_text('{"question": "3たす4は？", "answer_number": 7}\n')
+    settings = TaskSettings.model_validate({"split": "train", "tasks": [
+        {"name": "ja_fitness", "data": "ja.jsonl", "like": "mgsm_ja_evollm"},
+        {"name": "hub", "data": "hf:SakanaAI/gsm8k-ja-test_250-1319", "like": "mgsm_ja_evollm", "split": "test"}]})
+    local, hub = settings.resolve(None, tmp_path)
+    assert settings.names == ["ja_fitness", "hub"]
+    assert (local.name, local.data, local.split) == ("ja_fitness", str(tmp_path / "ja.jsonl"), "train")
+    (example,) = local.load()
+    assert "### 指示:\n3たす4は？" in local.prompt(example) and local.score_generation(example, "答えは7です") == 1.0
+    assert (hub.data, hub.split, hub.answer_field) == ("hf:SakanaAI/gsm8k-ja-test_250-1319", "test", "answer_number")
+    with pytest.raises(RecipeError, match="like: 'mgsm' is not a built-in task"):
+        TaskSettings.model_validate({"split": "x", "tasks": [{"name": "a", "data": "a.jsonl", "like": "mgsm"}]}) \
+            .resolve(None, tmp_path)
+
+
+def test_dfs_over_a_post_norm_family_fails_before_the_run_folder(tmp_path):
+    """Scales cannot fold into a post-norm model: `evolve` says so before it does any
+    work, for dfs and for ps+dfs (whose PS merge has its template's family)."""
+    from transformers import AutoConfig, AutoModel
+
+    for name in ("a", "b"):
+        config = AutoConfig.for_model("bert", hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                      intermediate_size=64, vocab_size=64)
+        AutoModel.from_config(config).save_pretrained(tmp_path / name)
+    (tmp_path / "fit.jsonl").write_text('{"prompt": "1+1=", "answer": "2"}\n')
+    (tmp_path / "template.yaml").write_text(
+        "merge_method: dare_ties\nbase_model: a\nmodels:\n  - model: b\n    parameters:\n"
+        "      density: {free: [0.1, 1.0]}\n      weight: {free: [0.0, 1.0]}\n")
+    common = "models: [a, b]\nfitness: {tasks: [fit.jsonl], split: train}\nreport: {tasks: [fit.jsonl], split: test}\n"
+    for method, sections in [("dfs", "dfs: {repeats: 1}\n"),
+                             ("ps+dfs", "ps: {template: template.yaml}\ndfs: {sources: [ps, b], repeats: 1}\n")]:
+        config = tmp_path / "config.yaml"
+        config.write_text(f"method: {method}\n{common}{sections}")
+        with pytest.raises(RecipeError, match=r"model .*/a \(model 0 of the data-flow space\): data-flow scales cannot "
+                                              r"be folded into a 'bert' checkpoint: post-norm"):
+            evolve(config, tmp_path / "run", progress=False)
+        assert not (tmp_path / "run").exists()
 
 
 def test_a_missing_template_is_named(micro_zoo, tmp_path):

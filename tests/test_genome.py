@@ -157,3 +157,41 @@ def test_bad_dataflow_settings(space):
         DataflowGenome(space, scales="pairs")
     with pytest.raises(RecipeError, match="0 < low < 1 < high"):
         DataflowGenome(space, scale_bounds=(1.0, 2.0))
+
+
+def test_the_heatmap_spreads_every_group_over_its_own_layers(tmp_path, monkeypatch):
+    """Densities per 2 layers and weights per 4 share per-layer columns: each value sits
+    over exactly the layers its gene sets (the array plotted, not the pixels)."""
+    from matplotlib.axes import Axes
+
+    from niches.plots import plot_ps_heatmap
+
+    template = """\
+merge_method: dare_ties
+base_model: base
+models:
+  - model: lang
+    parameters:
+      density: {free: [0.0, 1.0], granularity: 2}
+      weight: {free: [0.0, 1.0], granularity: 4}
+  - model: math
+    parameters:
+      density: {free: [0.0, 1.0]}
+      weight: {free: [0.0, 1.0], granularity: 8}
+"""
+    genome = RecipeGenome.from_text(template, "t.yaml", LayerLayout(8, ("embed",), ("head",)))
+    best = np.round(np.linspace(0.0, 1.0, genome.dimension), 3)
+    density_2, weight_4, density_global, weight_8 = genome.values(best)
+    plotted = []
+    imshow = Axes.imshow
+    monkeypatch.setattr(Axes, "imshow", lambda ax, grid, **kw: plotted.append((ax, np.asarray(grid))) or imshow(ax, grid, **kw))
+    plot_ps_heatmap(tmp_path / "heatmap.png", genome, best)
+    (_, density), (weight_ax, weight) = plotted
+    assert np.array_equal(density[0], [density_2[0], *np.repeat(density_2[1:5], 2), density_2[5]])
+    assert np.array_equal(density[1], np.full(10, density_global[0]))
+    assert np.array_equal(weight[0], [weight_4[0], *np.repeat(weight_4[1:3], 4), weight_4[3]])
+    assert np.array_equal(weight[1], [weight_8[0], *np.repeat(weight_8[1], 8), weight_8[2]])
+    # the per-layer values are the ones the decoded recipe gives each layer
+    layers = genome.decode(best).model_dump(mode="json")["models"][0]["parameters"]["weight"][-1]["value"]
+    assert np.allclose(weight[0][1:-1], layers)
+    assert [t.get_text() for t in weight_ax.get_xticklabels()] == ["embed", *(f"L{i}" for i in range(8)), "head"]
