@@ -209,16 +209,11 @@ def _add_evolve(subparsers) -> None:
 
 
 def _run_evolve(args: argparse.Namespace) -> None:
-    from niches.run import evolve
+    from niches.run import evolve, report_table
 
     results = evolve(args.config, args.run_dir, max_evals=args.max_evals, progress=not args.no_progress)
-    report = results["report"]
-    tasks = list(next(iter(report["scores"].values())))
-    print(f"\nreport ({report['split']} split): mean ± standard error")
-    print(f"{'model':<40} " + " ".join(f"{t:>18}" for t in tasks))
-    for model, scores in report["scores"].items():
-        name = "evolved merge" if model == "evolved" else Path(model).name
-        print(f"{name:<40} " + " ".join(f"{scores[t]['mean']:>9.4f} ± {scores[t]['stderr']:<6.4f}" for t in tasks))
+    print(f"\nreport ({results['report']['split']} split): mean ± standard error")
+    print(report_table(results))
     print(f"wrote {args.run_dir / 'best'}")
 
 

@@ -248,6 +248,14 @@ def test_the_papers_scores_are_printed_beside_ours(ps_dfs_run, micro_zoo):
     assert table[3].startswith("lang ") and table[4].startswith("math ") and table[4].endswith("0.184")
 
 
+def test_evolve_prints_the_report_beside_the_papers_scores(ps_dfs_run, capsys):
+    """Rerunning a finished run replays it (no candidate is scored again) and prints its report."""
+    run_dir, results = ps_dfs_run
+    assert main(["evolve", str(run_dir.parent / "config.yaml"), "--run-dir", str(run_dir), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert report_table(results) in printed and "math (paper)" in printed
+
+
 def test_resume_after_a_kill_during_the_dfs_stage(ps_dfs_run, micro_zoo, tmp_path):
     config = write_config(tmp_path, micro_zoo[0], method="ps+dfs", evals=6)
     run_dir = tmp_path / "run"
