@@ -9,7 +9,8 @@ Writing: `ShardedWriter` writes each shard's header before its data, which is po
 because the merge plan knows every output shape and dtype before any tensor is
 computed; tensors are appended as they are produced and never buffered per shard.
 `atomic_output_dir` builds the output in a hidden sibling folder and renames it into
-place only when complete, so a failed merge leaves nothing half-written.
+place only when complete, so a failed merge leaves nothing half-written; `write_atomic`
+does the same for one file (every state, log summary, plot and card the project writes).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import struct
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from safetensors import safe_open
@@ -337,6 +338,26 @@ def check_output_dir(out_dir: Path, overwrite: bool) -> None:
     if resolved in (Path.home().resolve(), cwd, *cwd.parents) or (resolved / ".git").exists():
         raise EvomergeError(f"refusing to --overwrite {out_dir}: it is the home folder, the current folder, "
                             "a folder above it or a git checkout; choose a new output folder")
+
+
+def write_atomic(path: str | Path, content: str | bytes | Callable[[Path], object]) -> Path:
+    """Replace the file at `path` all at once: a reader, or a rerun after a kill, sees the
+    old content or the new one, never half of it. `content` is text, bytes, or a function
+    that writes the file at the path it is given (e.g. a safetensors or PNG writer); it
+    writes a hidden temporary sibling, which is then renamed over `path`."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        if isinstance(content, str):
+            temporary.write_text(content)
+        elif isinstance(content, bytes):
+            temporary.write_bytes(content)
+        else:
+            content(temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return path
 
 
 @contextmanager

@@ -26,10 +26,11 @@ import numpy as np
 import torch
 
 from merging.architecture import detect_architecture
-from merging.checkpoint import Checkpoint
+from merging.checkpoint import Checkpoint, write_atomic
 from merging.errors import CheckpointError
 from merging.recipe import Recipe
-from niches.m2n2 import slerp_scales
+from niches.m2n2 import member_slerp_scales
+
 
 @dataclass
 class SourceGram:
@@ -81,11 +82,9 @@ class SourceGram:
                 arrays = load_file(str(path))
                 return cls(references, meta["tensors"], arrays["sizes"], arrays["grams"], meta["groups"])
         gram = cls.compute(checkpoints)
-        temporary = path.with_name(f".{path.name}.tmp")
-        save_file({"sizes": gram.sizes, "grams": gram.grams}, str(temporary),
-                  metadata={"meta": json.dumps({"sources": references, "tensors": gram.tensors,
-                                                "groups": gram.groups})})
-        temporary.replace(path)
+        meta = json.dumps({"sources": references, "tensors": gram.tensors, "groups": gram.groups})
+        write_atomic(path, lambda temporary: save_file({"sizes": gram.sizes, "grams": gram.grams}, str(temporary),
+                                                       metadata={"meta": meta}))
         return gram
 
     def dot(self, a: np.ndarray, b: np.ndarray) -> float:
@@ -116,13 +115,13 @@ def slerp_split_members(a: np.ndarray, b: np.ndarray, w: float, split: int, gram
     offset `split` (a tensor boundary) and SLERP(A, B; 1 - w) after it, with the angle of
     the whole parameter vectors."""
     norms = math.sqrt(gram.dot(a, a) * gram.dot(b, b))
-    omega = math.acos(max(-1.0, min(1.0, gram.dot(a, b) / norms))) if norms > 0 else 0.0
+    cosine = gram.dot(a, b) / norms if norms > 0 else 1.0
     before = np.cumsum(gram.sizes) <= split
     if not np.isin(split, np.concatenate([[0], np.cumsum(gram.sizes)])):
         raise ValueError(f"split {split} is not a tensor boundary")
     child = np.empty_like(a)
     for mask, t in ((before, w), (~before, 1.0 - w)):
-        ca, cb = slerp_scales(omega, t)
+        ca, cb = member_slerp_scales(cosine, t)
         child[mask] = ca * a[mask] + cb * b[mask]
     return child
 

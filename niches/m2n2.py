@@ -8,13 +8,15 @@ merged by SLERP with a moving split point. The definitions follow the reference 
 (github.com/SakanaAI/natural_niches) line by line; where it has an undefined case (a
 division 0/0) the guard is said where it is made.
 
-    search = NaturalNiches(population_size=20, mutation_std=0.01, seed=0)
-    for member in seeds:
-        search.tell(member, evaluate(member))        # per-example scores, >= 0
-    for _ in range(budget):
-        child = search.ask()
-        search.tell(child, evaluate(child))
-    search.best()                                    # best mean score on the training data
+    search = NaturalNiches(population_size=20, seeds=[a, b], max_evals=1000, mutation_std=0.01, seed=0)
+    while not search.stop():
+        candidates = search.ask()            # first the seeds (kind "seed"), then one child at a time
+        search.tell(candidates, [evaluate(c.genome) for c in candidates])   # {task: per-example scores >= 0}
+    search.best()                            # the member with the best mean score on the training data
+
+It speaks the search protocol of niches/search.py, so `evomerge evolve` drives it with the
+same loop as CMA-ES (niches/loop.py). The seeds are evaluated outside the budget, as in
+the reference; `max_evals` counts the children.
 
 The search knows nothing about what a member is: any numpy array that the crossover
 function can combine (a flat parameter vector by default; a per-tensor coefficient
@@ -26,14 +28,24 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from merging.checkpoint import write_atomic
+from merging.operators.slerp import slerp_scales
+from niches.search import Candidate, Scores, concatenated
+
 SMALL_SIN = 1e-6
-"""SLERP falls back to linear interpolation when sin(angle) is at most this (the reference's threshold)."""
+"""The reference falls back to linear interpolation when sin(angle) is at most this."""
+
+REFERENCE_DOT_THRESHOLD = math.sqrt(1.0 - SMALL_SIN ** 2)
+"""The reference's rule in the SLERP operator's terms (linear where |cos| exceeds it):
+sin(angle) <= 1e-6. The operator (merging/operators/slerp.py) follows mergekit, linear
+from |cos| > 0.9995 (angles under 1.8 degrees), a guard for float32 tensors; M2N2 keeps
+the reference's threshold, computed in float64 over whole members, because late in a run
+parents are often that close and the reference's children are spherical there."""
 
 Crossover = Callable[[np.ndarray, np.ndarray, float, int], np.ndarray]
 """(parent A, parent B, mixing ratio w, split point) -> child."""
@@ -81,27 +93,26 @@ def select_second_parent(shared: np.ndarray, fitness: np.ndarray, first: int, rn
     return int(others[_proportional(np.asarray(fitness, dtype=np.float64)[others], rng)])
 
 
-def vector_angle(a: np.ndarray, b: np.ndarray) -> float:
-    """Angle between two whole members (flattened), computed in float64. Products and sums
-    rather than a BLAS dot: on a loaded machine a threaded BLAS call on one vector waited
-    milliseconds for its threads, more than the forward pass M2N2 spends per child."""
+def vector_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """Cosine of the angle between two whole members (flattened), computed in float64 (1
+    when one is zero: no angle, linear interpolation). Products and sums rather than a
+    BLAS dot: on a loaded machine a threaded BLAS call on one vector waited milliseconds
+    for its threads, more than the forward pass M2N2 spends per child."""
     a64, b64 = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
     norms = math.sqrt(float((a64 * a64).sum()) * float((b64 * b64).sum()))
-    return math.acos(min(1.0, max(-1.0, float((a64 * b64).sum()) / norms))) if norms > 0 else 0.0
+    return float((a64 * b64).sum()) / norms if norms > 0 else 1.0
 
 
-def slerp_scales(omega: float, t: float) -> tuple[float, float]:
-    """(p, q) with SLERP(A, B; t) = p A + q B at angle omega; linear when sin(omega) is too
-    small to divide by."""
-    if math.sin(omega) <= SMALL_SIN:
-        return 1.0 - t, t
-    return math.sin((1.0 - t) * omega) / math.sin(omega), math.sin(t * omega) / math.sin(omega)
+def member_slerp_scales(cosine: float, t: float) -> tuple[float, float]:
+    """(p, q) with SLERP(A, B; t) = p A + q B: the SLERP operator's formula with the
+    reference's degenerate case (REFERENCE_DOT_THRESHOLD)."""
+    return slerp_scales(cosine, t, dot_threshold=REFERENCE_DOT_THRESHOLD)
 
 
 def slerp(a: np.ndarray, b: np.ndarray, t: float) -> np.ndarray:
     """Spherical interpolation from a (t = 0) to b (t = 1), the angle taken between the
     whole vectors."""
-    p, q = slerp_scales(vector_angle(a, b), t)
+    p, q = member_slerp_scales(vector_cosine(a, b), t)
     return (p * a.astype(np.float64) + q * b.astype(np.float64)).astype(a.dtype)
 
 
@@ -114,11 +125,11 @@ def slerp_split(a: np.ndarray, b: np.ndarray, w: float, split: int,
     LLM) rejects any other split."""
     if allowed_boundaries is not None and not np.isin(split, allowed_boundaries):
         raise ValueError(f"split {split} is not one of the allowed boundaries")
-    omega = vector_angle(a, b)
+    cosine = vector_cosine(a, b)
     flat_a, flat_b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
     child = np.empty(a.size, dtype=np.float64)
     for part, t in ((slice(0, split), w), (slice(split, None), 1.0 - w)):
-        p, q = slerp_scales(omega, t)
+        p, q = member_slerp_scales(cosine, t)
         child[part] = p * flat_a[part] + q * flat_b[part]
     return child.reshape(a.shape).astype(a.dtype)
 
@@ -136,14 +147,12 @@ def replacement_index(scores: np.ndarray, child_scores: np.ndarray, alpha: float
 
 
 def save_state(path: str | Path, arrays: dict[str, np.ndarray], meta: dict) -> None:
-    """One safetensors file: arrays as tensors, `meta` as JSON in the header. Written to a
-    temporary file and renamed, so a kill leaves the old state or the new one, never half."""
+    """One safetensors file: arrays as tensors, `meta` as JSON in the header. Written
+    atomically, so a kill leaves the old state or the new one, never half."""
     from safetensors.numpy import save_file
 
-    path = Path(path)
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp), metadata={"meta": json.dumps(meta)})
-    os.replace(tmp, path)
+    tensors = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
+    write_atomic(path, lambda temporary: save_file(tensors, str(temporary), metadata={"meta": json.dumps(meta)}))
 
 
 def load_state(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
@@ -157,7 +166,11 @@ def load_state(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
 
 
 class NaturalNiches:
-    """The M2N2 archive and loop, ask/tell. One `tell` is one evaluated candidate.
+    """The M2N2 archive and loop, as a search of niches/search.py. `ask` gives the seeds
+    first (kind "seed", all at once: the starting models, evaluated outside the budget),
+    then one child per call (kind "sample"); `tell` enters each candidate with its
+    per-example scores (all tasks end to end are the resources, >= 0, higher is better).
+    `max_evals` is the number of children (None: no end).
 
     Switches (the paper's ablations): `crossover=False` takes parent A as the child;
     `split_point=False` merges by one SLERP ratio everywhere; `attraction=False` draws B
@@ -169,13 +182,17 @@ class NaturalNiches:
     `slerp_split`).
     """
 
-    def __init__(self, population_size: int = 20, *, alpha: float = 1.0, crossover: bool = True,
-                 split_point: bool = True, attraction: bool = True, mutation_std: float = 0.0,
-                 n_params: Optional[int] = None, allowed_boundaries: Optional[np.ndarray] = None,
-                 crossover_fn: Optional[Crossover] = None, seed: int = 0):
+    def __init__(self, population_size: int = 20, *, seeds: Sequence[np.ndarray] = (), max_evals: Optional[int] = None,
+                 alpha: float = 1.0, crossover: bool = True, split_point: bool = True, attraction: bool = True,
+                 mutation_std: float = 0.0, n_params: Optional[int] = None,
+                 allowed_boundaries: Optional[np.ndarray] = None, crossover_fn: Optional[Crossover] = None,
+                 seed: int = 0):
         if population_size < 1:
             raise ValueError("population_size must be at least 1")
         self.population_size = population_size
+        self.seeds = [np.asarray(s) for s in seeds]
+        """Seeds not told yet: the next `ask` gives them."""
+        self.max_evals = max_evals
         self.alpha = float(alpha)
         self.crossover = crossover
         self.split_point = split_point
@@ -187,18 +204,28 @@ class NaturalNiches:
         self.seed = seed
         self.rng = np.random.default_rng(seed)
         self.members: list[np.ndarray] = []
+        self.kinds: list[str] = []
         self.scores = np.zeros((0, 0), dtype=np.float32)
         self.evaluations = 0
+        """Candidates told, seeds included."""
+        self.children = 0
+        """Children told: what `max_evals` counts."""
+        self.last_slots: list[Optional[int]] = []
+        """The archive slot each candidate of the last `tell` took (None: rejected)."""
         self._asked = False
 
     def fitness(self) -> tuple[np.ndarray, np.ndarray]:
         """(F, f) of the current archive."""
         return fitness_sharing(self.scores, self.alpha)
 
-    def ask(self) -> np.ndarray:
-        """The next child: parents by shared fitness (and attraction), crossover, mutation."""
+    def ask(self) -> list[Candidate]:
+        """The seeds while they are not told; then the next child: parents by shared
+        fitness (and attraction), crossover, mutation."""
+        self._asked = True
+        if self.seeds:
+            return [Candidate(seed, "seed") for seed in self.seeds]
         if not self.members:
-            raise RuntimeError("the archive is empty: tell at least one evaluated member first")
+            raise RuntimeError("the archive is empty: give seeds, or tell at least one evaluated member first")
         shared, fitness = self.fitness()
         first = select_first_parent(fitness, self.rng)
         second = (select_second_parent(shared, fitness, first, self.rng) if self.attraction
@@ -211,8 +238,7 @@ class NaturalNiches:
         if self.mutation_std > 0:
             noise = self.rng.standard_normal(child.shape, dtype=np.float32 if child.dtype == np.float32 else np.float64)
             child = (child + noise * self.mutation_std).astype(child.dtype)
-        self._asked = True
-        return child
+        return [Candidate(child)]
 
     def _draw_split(self, member_size: int) -> int:
         n = self.n_params or member_size
@@ -222,10 +248,18 @@ class NaturalNiches:
             return int(self.rng.choice(self.allowed_boundaries))
         return int(self.rng.integers(0, n))
 
-    def tell(self, member: np.ndarray, scores: np.ndarray) -> Optional[int]:
-        """Enter an evaluated candidate (asked for, or a seed model) with its per-example
-        scores (>= 0, higher is better). Returns its archive slot, or None if rejected."""
-        scores = np.asarray(scores, dtype=np.float32).ravel()
+    def tell(self, candidates: Sequence[Candidate], scores: Sequence[Scores]) -> None:
+        """Enter evaluated candidates (asked for, or given starting models of kind "seed"),
+        in order; `last_slots` says where each went."""
+        if len(candidates) != len(scores):
+            raise ValueError(f"{len(candidates)} candidates but {len(scores)} scores")
+        self.last_slots = [self._enter(c.genome, concatenated(s), c.kind) for c, s in zip(candidates, scores)]
+        if any(c.kind == "seed" for c in candidates):
+            self.seeds = []
+        self._asked = False
+
+    def _enter(self, member: np.ndarray, scores: np.ndarray, kind: str) -> Optional[int]:
+        scores = scores.astype(np.float32)
         if self.members and scores.shape[0] != self.scores.shape[1]:
             raise ValueError(f"{scores.shape[0]} scores, the archive has {self.scores.shape[1]} examples")
         if (scores < 0).any() or not np.isfinite(scores).all():
@@ -235,48 +269,63 @@ class NaturalNiches:
         slot = replacement_index(self.scores, scores, self.alpha, self.population_size)
         if slot == len(self.members):
             self.members.append(member)
+            self.kinds.append(kind)
             self.scores = np.vstack([self.scores, scores[None, :]])
         elif slot is not None:
             self.members[slot] = member
+            self.kinds[slot] = kind
             self.scores[slot] = scores
         self.evaluations += 1
-        self._asked = False
+        self.children += kind == "sample"
         return slot
+
+    def stop(self) -> bool:
+        """True once the seeds are told and `max_evals` children too."""
+        return self.max_evals is not None and not self.seeds and self.children >= self.max_evals
 
     def best_index(self) -> int:
         """The member with the best mean score (the first on ties)."""
         return int(np.argmax(self.scores.mean(axis=1)))
 
-    def best(self) -> np.ndarray:
-        return self.members[self.best_index()]
+    def best(self) -> Candidate:
+        """M2N2's answer: the archive member best on the training data."""
+        i = self.best_index()
+        return Candidate(self.members[i], self.kinds[i])
 
     def state(self) -> tuple[dict[str, np.ndarray], dict]:
         """(arrays, meta) that `from_state` rebuilds this search from, the random stream
         included: a restored search continues exactly as this one would. Not between an
-        ask and its tell (the child would be lost)."""
+        ask and its tell (the child would be lost). `meta` also gives each member's mean
+        score and the last slots, for a reader of the run's optimizer.jsonl."""
         if self._asked:
             raise RuntimeError("state taken between ask and tell: tell the child first")
         arrays = {"scores": self.scores}
         if self.members:
             arrays["members"] = np.stack(self.members)
+        if self.seeds:
+            arrays["seeds"] = np.stack(self.seeds)
         if self.allowed_boundaries is not None:
             arrays["allowed_boundaries"] = self.allowed_boundaries
-        meta = {"population_size": self.population_size, "alpha": self.alpha, "crossover": self.crossover,
-                "split_point": self.split_point, "attraction": self.attraction, "mutation_std": self.mutation_std,
-                "n_params": self.n_params, "seed": self.seed, "evaluations": self.evaluations,
-                "rng": self.rng.bit_generator.state}
+        meta = {"population_size": self.population_size, "max_evals": self.max_evals, "alpha": self.alpha,
+                "crossover": self.crossover, "split_point": self.split_point, "attraction": self.attraction,
+                "mutation_std": self.mutation_std, "n_params": self.n_params, "seed": self.seed,
+                "evaluations": self.evaluations, "children": self.children, "kinds": self.kinds,
+                "rng": self.rng.bit_generator.state, "archive_size": len(self.members),
+                "archive_mean_scores": self.scores.mean(axis=1).tolist(), "last_slots": self.last_slots}
         return arrays, meta
 
     @classmethod
     def from_state(cls, arrays: dict[str, np.ndarray], meta: dict,
                    crossover_fn: Optional[Crossover] = None) -> "NaturalNiches":
         """The search `state` described (the crossover function is code: pass it again)."""
-        search = cls(meta["population_size"], alpha=meta["alpha"], crossover=meta["crossover"],
-                     split_point=meta["split_point"], attraction=meta["attraction"],
-                     mutation_std=meta["mutation_std"], n_params=meta["n_params"],
+        search = cls(meta["population_size"], seeds=list(arrays.get("seeds", [])), max_evals=meta["max_evals"],
+                     alpha=meta["alpha"], crossover=meta["crossover"], split_point=meta["split_point"],
+                     attraction=meta["attraction"], mutation_std=meta["mutation_std"], n_params=meta["n_params"],
                      allowed_boundaries=arrays.get("allowed_boundaries"), crossover_fn=crossover_fn, seed=meta["seed"])
         search.rng.bit_generator.state = meta["rng"]
         search.scores = arrays["scores"].astype(np.float32)
         search.members = list(arrays["members"]) if "members" in arrays else []
+        search.kinds = list(meta["kinds"])
         search.evaluations = meta["evaluations"]
+        search.children = meta["children"]
         return search

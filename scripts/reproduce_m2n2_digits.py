@@ -145,36 +145,34 @@ class ArchiveRun:
         mutation = MUTATION_STD if method.start == "scratch" else 0.0
         if state is not None:
             arrays, meta = state
-            cls = MapElites if method.kind == "map_elites" else NaturalNiches
-            self.search = cls.from_state(arrays, meta)
+            self.search = (MapElites.from_state(arrays, meta, descriptor=self._odd_even) if method.kind == "map_elites"
+                           else NaturalNiches.from_state(arrays, meta))
             return
+        seeds = problem.seeds(method, seed)
         if method.kind == "map_elites":
-            self.search = MapElites(mutation_std=mutation, seed=seed)
+            self.search = MapElites(self._odd_even, seeds=seeds, mutation_std=mutation, seed=seed)
         elif method.kind == "ga":
-            self.search = genetic_algorithm(POPULATION, mutation_std=mutation, seed=seed)
+            self.search = genetic_algorithm(POPULATION, seeds=seeds, mutation_std=mutation, seed=seed)
         else:
-            self.search = NaturalNiches(POPULATION, mutation_std=mutation, seed=seed, **method.settings)
-        for member in problem.seeds(method, seed):
-            self._tell(member)
+            self.search = NaturalNiches(POPULATION, seeds=seeds, mutation_std=mutation, seed=seed, **method.settings)
+        self.step()  # the seeds
 
-    def _tell(self, member: np.ndarray) -> None:
-        scores = self.problem.train.scores(member)[0]
-        if isinstance(self.search, MapElites):
-            odd = self.problem.odd
-            self.search.tell(member, (scores[odd].mean(), scores[~odd].mean()), scores.mean())
-        else:
-            self.search.tell(member, scores)
+    def _odd_even(self, scores: dict) -> tuple[float, float]:
+        """MAP-Elites' descriptors: accuracy on the odd and on the even classes."""
+        odd = self.problem.odd
+        return float(scores["train"][odd].mean()), float(scores["train"][~odd].mean())
 
     @property
     def evaluations(self) -> int:
         return self.search.evaluations - SEED_MODELS
 
     def step(self) -> None:
-        self._tell(self.search.ask())
+        candidates = self.search.ask()
+        self.search.tell(candidates, [{"train": self.problem.train.scores(c.genome)[0]} for c in candidates])
 
     def best(self) -> tuple[np.ndarray, float]:
         if isinstance(self.search, MapElites):
-            return self.search.best(), float(self.search.quality.max())
+            return self.search.best().genome, float(self.search.quality.max())
         i = self.search.best_index()
         return self.search.members[i], float(self.search.scores[i].mean())
 

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from merging.checkpoint import (
-    Checkpoint, ShardedWriter, TensorSpec, atomic_output_dir, parse_size, resolve_model_path,
+    Checkpoint, ShardedWriter, TensorSpec, atomic_output_dir, parse_size, resolve_model_path, write_atomic,
 )
 from merging.errors import CheckpointError, EvomergeError
 
@@ -69,6 +69,23 @@ def test_atomic_output_dir_leaves_nothing_on_failure(tmp_path):
             (staging / "partial.safetensors").write_bytes(b"x")
             raise ValueError("boom")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_write_atomic_replaces_whole_files_and_leaves_nothing_on_failure(tmp_path):
+    path = tmp_path / "state.json"
+    write_atomic(path, "old")
+    write_atomic(path, b"new")
+    assert path.read_text() == "new"
+
+    def half_written(temporary):
+        temporary.write_text("ha")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        write_atomic(path, half_written)
+    assert path.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["state.json"]
+    write_atomic(path, lambda temporary: temporary.write_text("by a writer"))
+    assert path.read_text() == "by a writer"
 
 
 def test_atomic_output_dir_refuses_and_then_overwrites(tmp_path):

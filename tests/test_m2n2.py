@@ -10,10 +10,24 @@ import torch
 
 from evaluation.zoo.mlp import Classifier, MLPShape, random_params
 from merging.errors import EvomergeError
-from niches.baselines import MapElites, genetic_algorithm, slerp_sweep
+from niches.baselines import MapElites, RandomSearch, SlerpSweep, genetic_algorithm, slerp_sweep
 from niches.coefficients import SourceGram, slerp_split_members
 from niches.m2n2 import (NaturalNiches, attraction, fitness_sharing, load_state, replacement_index, save_state,
                          select_first_parent, select_second_parent, slerp, slerp_split)
+from niches.search import Candidate, Search
+
+
+def tell(search, member: np.ndarray, scores, kind: str = "seed"):
+    """Tell one member with its per-example scores (one task); return where it went."""
+    search.tell([Candidate(member, kind)], [{"train": np.asarray(scores)}])
+    return search.last_slots[0]
+
+
+def step(search, evaluate) -> np.ndarray:
+    """One ask/tell round of a one-child search; the child."""
+    (child,) = search.ask()
+    search.tell([child], [{"train": np.asarray(evaluate(child.genome))}])
+    return child.genome
 
 # three members, four examples; nobody solves example 2, everybody example 3
 S = np.array([[1, 1, 0, 1],
@@ -105,11 +119,13 @@ def test_allowed_boundaries():
         seen.append(split)
         return slerp_split(x, y, w, split)
 
-    search = NaturalNiches(4, allowed_boundaries=np.array([0, 10, 30]), crossover_fn=recording_crossover, seed=0)
-    search.tell(a, np.array([1, 0, 1], dtype=np.float32))
-    search.tell(b, np.array([0, 1, 1], dtype=np.float32))
+    search = NaturalNiches(4, seeds=[a, b], allowed_boundaries=np.array([0, 10, 30]), crossover_fn=recording_crossover,
+                           seed=0)
+    seeds = search.ask()
+    assert [c.kind for c in seeds] == ["seed", "seed"] and seeds[1].genome is search.seeds[1]
+    search.tell(seeds, [{"train": np.array([1, 0, 1])}, {"train": np.array([0, 1, 1])}])
     for _ in range(300):
-        search.tell(search.ask(), np.array([1, 1, 0], dtype=np.float32))
+        step(search, lambda child: np.array([1, 1, 0], dtype=np.float32))
     assert set(seen) == {0, 10, 30}
 
 
@@ -125,12 +141,11 @@ def test_switches_no_crossover_and_no_split_point():
     nosplit = NaturalNiches(3, split_point=False, crossover_fn=recording_crossover, seed=0)
     for search in (plain, nosplit):
         for m, s in zip(members, ([1, 0], [0, 1])):
-            search.tell(m, np.array(s, dtype=np.float32))
+            tell(search, m, np.array(s, dtype=np.float32))
     for _ in range(20):
-        child = plain.ask()  # a parent itself: no crossover, no mutation
+        child = step(plain, lambda child: np.array([1, 0], dtype=np.float32))  # a parent itself: no crossover
         assert any(np.array_equal(child, m) for m in members)
-        plain.tell(child, np.array([1, 0], dtype=np.float32))
-        nosplit.tell(nosplit.ask(), np.array([0, 0], dtype=np.float32))
+        step(nosplit, lambda child: np.array([0, 0], dtype=np.float32))
     assert set(splits) == {6}  # one ratio over the whole vector
 
 
@@ -151,15 +166,20 @@ def test_archive_update_rule():
     assert replacement_index(pair, child, 0.0, capacity=2) == 1
     search = NaturalNiches(2, seed=0)
     for row in scores:
-        search.tell(row.copy(), row)
-    assert search.tell(np.zeros(3, dtype=np.float32), np.zeros(3)) is None
-    assert search.tell(np.full(3, 7.0, dtype=np.float32), np.array([0, 0, 1])) == 1
+        tell(search, row.copy(), row)
+    assert tell(search, np.zeros(3, dtype=np.float32), np.zeros(3), "sample") is None
+    assert tell(search, np.full(3, 7.0, dtype=np.float32), np.array([0, 0, 1]), "sample") == 1
     np.testing.assert_array_equal(search.scores, [[1, 1, 0], [0, 0, 1]])
     np.testing.assert_array_equal(search.members[1], [7, 7, 7])
+    assert search.kinds == ["seed", "sample"] and search.best().kind == "seed"
     with pytest.raises(ValueError, match=">= 0"):
-        search.tell(np.zeros(3, dtype=np.float32), np.array([-1, 0, 0]))
+        tell(search, np.zeros(3, dtype=np.float32), np.array([-1, 0, 0]))
     with pytest.raises(ValueError, match="examples"):
-        search.tell(np.zeros(3, dtype=np.float32), np.array([1, 0]))
+        tell(search, np.zeros(3, dtype=np.float32), np.array([1, 0]))
+    # the resources are every task's examples end to end, in task order
+    two_tasks = NaturalNiches(2, seed=0)
+    two_tasks.tell([Candidate(np.zeros(2), "seed")], [{"a": np.array([1, 0]), "b": np.array([0.5])}])
+    np.testing.assert_array_equal(two_tasks.scores, [[1, 0, 0.5]])
 
 
 @pytest.fixture(scope="module")
@@ -174,18 +194,19 @@ def digits():
 
 def seeded_search(digits, seed: int = 0, **settings) -> NaturalNiches:
     shape, train = digits
-    search = NaturalNiches(10, mutation_std=0.01, seed=seed, **settings)
     generator = torch.Generator().manual_seed(seed)
-    for _ in range(2):
-        member = random_params(shape, generator)
-        search.tell(member, train.scores(member)[0])
+    seeds = [random_params(shape, generator) for _ in range(2)]
+    search = NaturalNiches(10, seeds=seeds, mutation_std=0.01, seed=seed, **settings)
+    evolve(search, train, 0)
     return search
 
 
 def evolve(search: NaturalNiches, train: Classifier, steps: int) -> None:
-    for _ in range(steps):
-        child = search.ask()
-        search.tell(child, train.scores(child)[0])
+    """`steps` children, after the seeds if they are not told yet (a budget, as a run sets it)."""
+    search.max_evals = search.children + steps
+    while not search.stop():
+        candidates = search.ask()
+        search.tell(candidates, [{"train": train.scores(c.genome)[0]} for c in candidates])
 
 
 def test_quick_digits_run_improves_and_is_reproducible(digits):
@@ -195,7 +216,8 @@ def test_quick_digits_run_improves_and_is_reproducible(digits):
     evolve(search, train, 400)
     best = search.scores.mean(axis=1).max()
     assert best > start + 0.1, (start, best)
-    np.testing.assert_array_equal(search.best(), search.members[search.best_index()])
+    np.testing.assert_array_equal(search.best().genome, search.members[search.best_index()])
+    assert isinstance(search, Search) and search.children == 400 and search.evaluations == 402
     again = seeded_search(digits)
     evolve(again, train, 400)
     np.testing.assert_array_equal(np.stack(again.members), np.stack(search.members))
@@ -220,6 +242,7 @@ def test_save_restore_continues_like_an_uninterrupted_run(digits, tmp_path):
     np.testing.assert_array_equal(np.stack(resumed.members), np.stack(uninterrupted.members))
     np.testing.assert_array_equal(resumed.scores, uninterrupted.scores)
     assert not list(tmp_path.glob("*.tmp-*"))  # written atomically, nothing left over
+    resumed.max_evals = None
     resumed.ask()
     with pytest.raises(RuntimeError, match="between ask and tell"):
         resumed.state()
@@ -251,32 +274,57 @@ def test_coefficient_members_cross_over_like_their_parameters():
         draws.append((a, b, w, split))
         return slerp_split_members(a, b, w, split, gram)
 
-    search = NaturalNiches(4, n_params=int(sizes.sum()), allowed_boundaries=gram.boundaries(), crossover_fn=crossover)
-    for s in range(3):
-        search.tell(gram.one_hot(s), np.eye(3)[s])
+    search = NaturalNiches(4, seeds=[gram.one_hot(s) for s in range(3)], n_params=int(sizes.sum()),
+                           allowed_boundaries=gram.boundaries(), crossover_fn=crossover)
+    search.tell(search.ask(), [{"train": row} for row in np.eye(3)])
     for _ in range(5):
-        child = search.ask()
+        (child,) = search.ask()
         a, b, w, split = draws[-1]
-        np.testing.assert_allclose(materialise(child), slerp_split(materialise(a), materialise(b), w, split),
+        np.testing.assert_allclose(materialise(child.genome), slerp_split(materialise(a), materialise(b), w, split),
                                    rtol=1e-9, atol=1e-9)
-        search.tell(child, rng.integers(0, 2, 3).astype(np.float32))
+        search.tell([child], [{"train": rng.integers(0, 2, 3).astype(np.float32)}])
     assert {d[3] for d in draws} <= set(gram.boundaries().tolist())
 
 
+def odd_even(scores) -> tuple[float, float]:
+    """The reference's descriptors: accuracy on the odd and on the even examples' classes
+    (here the scores' own `odd` and `even` tasks)."""
+    return float(np.mean(scores["odd"])), float(np.mean(scores["even"]))
+
+
 def test_map_elites_grid_insertion_and_resume():
-    grid = MapElites(cells=10, seed=0)
-    assert grid.tell(np.zeros(4, dtype=np.float32), (0.05, 0.95), 0.5)
+    grid = MapElites(odd_even, cells=10, quality=lambda scores: float(scores["quality"][0]), seed=0)
+
+    def offer(member: np.ndarray, descriptors: tuple[float, float], quality: float) -> bool:
+        """Offer a member whose scores give these descriptors and this quality."""
+        odd, even = descriptors
+        grid.tell([Candidate(member)], [{"odd": np.array([odd]), "even": np.array([even]),
+                                         "quality": np.array([quality])}])
+        return grid.last_inserted[0]
+
+    assert offer(np.zeros(4, dtype=np.float32), (0.05, 0.95), 0.5)
     assert grid.cell((0.05, 0.95)) == (0, 9)
-    assert not grid.tell(np.ones(4, dtype=np.float32), (0.09, 0.91), 0.4)  # same cell, worse
-    assert not grid.tell(np.ones(4, dtype=np.float32), (0.09, 0.91), 0.5)  # a tie keeps the elite
-    assert grid.tell(np.full(4, 2.0, dtype=np.float32), (0.0, 0.99), 0.6)  # better: replaces
-    assert grid.tell(np.full(4, 3.0, dtype=np.float32), (1.0, 1.0), 0.55)  # a perfect half: last cell
+    assert not offer(np.ones(4, dtype=np.float32), (0.09, 0.91), 0.4)  # same cell, worse
+    assert not offer(np.ones(4, dtype=np.float32), (0.09, 0.91), 0.5)  # a tie keeps the elite
+    assert offer(np.full(4, 2.0, dtype=np.float32), (0.0, 0.99), 0.6)  # better: replaces
+    assert offer(np.full(4, 3.0, dtype=np.float32), (1.0, 1.0), 0.55)  # a perfect half: last cell
     assert sorted(grid.elites) == [(0, 9), (9, 9)]
-    np.testing.assert_array_equal(grid.best(), np.full(4, 2.0))
+    np.testing.assert_array_equal(grid.best().genome, np.full(4, 2.0))
     np.testing.assert_allclose(grid.quality[0, 9], 0.6)
     arrays, meta = grid.state()
-    copy = MapElites.from_state(arrays, meta)
-    np.testing.assert_array_equal(copy.ask(), grid.ask())
+    copy = MapElites.from_state(arrays, meta, descriptor=odd_even, quality=grid.quality_of)
+    np.testing.assert_array_equal(copy.ask()[0].genome, grid.ask()[0].genome)
+
+
+def test_map_elites_asks_its_seeds_first_and_spends_its_budget_on_children():
+    grid = MapElites(odd_even, seeds=[np.zeros(3), np.ones(3)], max_evals=4, seed=0)
+    evaluate = lambda c: {"odd": np.array([c.genome.mean()]), "even": np.array([1 - c.genome.mean()])}  # noqa: E731
+    kinds = []
+    while not grid.stop():
+        candidates = grid.ask()
+        kinds += [c.kind for c in candidates]
+        grid.tell(candidates, [evaluate(c) for c in candidates])
+    assert kinds == ["seed", "seed"] + ["sample"] * 4 and (grid.evaluations, grid.children) == (6, 4)
 
 
 def test_brute_force_sweep_picks_the_best_ratio():
@@ -291,6 +339,34 @@ def test_brute_force_sweep_picks_the_best_ratio():
     assert fitness.shape == (101,) and fitness.argmax() == 30
     ratio, _ = slerp_sweep(a, b, lambda batch: np.ones(len(batch)), steps=11)
     assert ratio == 0.0  # ties: the first, as the reference keeps only strict improvements
+    # as a search: batches of ratios, resumable
+    sweep = SlerpSweep(a, b, steps=11, batch_size=4)
+    assert isinstance(sweep, Search) and [len(sweep.ask()) for _ in range(2)] == [4, 4]  # asking twice: the same batch
+    batch = sweep.ask()
+    sweep.tell(batch, [{"t": -np.abs(np.arctan2(c.genome[1], c.genome[0]) / (math.pi / 2) - 0.2)} for c in batch])
+    resumed = SlerpSweep.from_state(*sweep.state())
+    assert [len(resumed.ask()), resumed.best_ratio] == [4, pytest.approx(0.2)]
+    np.testing.assert_allclose(resumed.best().genome, slerp(a, b, 0.2))
+
+
+def test_random_search_is_uniform_seeded_and_spends_exactly_its_budget():
+    search = RandomSearch(3, max_evals=10, popsize=4, seed=5)
+    asked, fitness_values = [], []
+    while not search.stop():
+        candidates = search.ask()
+        asked.append(len(candidates))
+        values = [c.genome.sum() for c in candidates]  # fitness: the sum of the genes
+        fitness_values += values
+        search.tell(candidates, [{"sum": np.array([v])} for v in values])
+    assert asked == [4, 4, 2] and search.evaluations == 10
+    assert search.best_fitness == max(fitness_values) and search.best().genome.sum() == max(fitness_values)
+    again = RandomSearch(3, max_evals=10, popsize=4, seed=5)
+    first = again.ask()
+    again.tell(first, [{"sum": np.array([c.genome.sum()])} for c in first])
+    resumed = RandomSearch.from_state(*again.state())
+    np.testing.assert_array_equal([c.genome for c in resumed.ask()], [c.genome for c in again.ask()])
+    many = np.stack([c.genome for c in RandomSearch(2, max_evals=4000, popsize=4000, seed=0).ask()])
+    assert many.min() >= 0 and many.max() < 1 and np.allclose(many.mean(axis=0), 0.5, atol=0.02)
 
 
 def test_mlp_layout_is_the_reference_one():
@@ -322,3 +398,25 @@ def test_fashion_mnist_reads_idx_and_names_the_package(tmp_path):
     assert x.shape == (2, 196) and xt.shape == (3, 196)
     assert y.tolist() == [7, 2] and yt.tolist() == [7, 2, 9]
     np.testing.assert_allclose(x[0, 0].item(), images[0, :2, :2].mean() / 255, rtol=1e-6)
+
+
+def test_one_slerp_rule_with_the_references_threshold():
+    """M2N2 uses the SLERP operator's formula (merging/operators/slerp.py); only the angle
+    below which it interpolates linearly is the reference's (sin < 1e-6), not mergekit's
+    (|cos| > 0.9995, about 1.8 degrees)."""
+    from merging.operators.slerp import slerp as operator_slerp
+    from merging.operators.slerp import slerp_scales
+    from niches.m2n2 import member_slerp_scales
+
+    for degrees in (30.0, 1.0):
+        a = np.array([1.0, 0.0])
+        b = np.array([math.cos(math.radians(degrees)), math.sin(math.radians(degrees))])
+        ours = slerp(a, b, 0.3)
+        operator = operator_slerp(torch.tensor(a), torch.tensor(b), 0.3).numpy()
+        if degrees == 30.0:  # an ordinary angle: the same arc
+            np.testing.assert_allclose(ours, operator, rtol=1e-12)
+        else:  # 1 degree: the operator takes the chord, M2N2 stays on the arc as the reference does
+            np.testing.assert_allclose(operator, 0.7 * a + 0.3 * b, rtol=1e-12)
+            np.testing.assert_allclose(np.linalg.norm(ours), 1.0, rtol=1e-12)
+            assert member_slerp_scales(math.cos(math.radians(degrees)), 0.3) != slerp_scales(
+                math.cos(math.radians(degrees)), 0.3)

@@ -9,6 +9,7 @@ tensors do not divide by zero); and nearly parallel or antiparallel tensors
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -52,6 +53,19 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
     coef_a = torch.where(linear, 1 - t, torch.sin((1 - t) * theta) / sin_theta)
     coef_b = torch.where(linear, t, torch.sin(t * theta) / sin_theta)
     return (coef_a * x + coef_b * y).reshape(a.shape)
+
+
+def slerp_scales(cosine: float, t: float, *, dot_threshold: float = DOT_THRESHOLD) -> tuple[float, float]:
+    """(p, q) with SLERP(a, b; t) = p a + q b for two vectors whose cosine is `cosine`: the
+    scalar form of `slerp`, in float64, for callers that interpolate whole models through
+    coefficients (M2N2's members, niches/coefficients.py). The degenerate case is the
+    operator's: linear interpolation (1 - t, t) where |cos| > `dot_threshold`, that is
+    where sin(theta) is too small to divide by, for parallel and antiparallel vectors alike."""
+    cosine = min(1.0, max(-1.0, float(cosine)))
+    if abs(cosine) > dot_threshold:
+        return 1.0 - t, t
+    theta = math.acos(cosine)
+    return math.sin((1.0 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
 
 
 def slerp_merge(*, base: torch.Tensor, tensors: Sequence[torch.Tensor], t: float) -> torch.Tensor:
