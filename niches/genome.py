@@ -20,6 +20,15 @@ names of the embedding and final tensors first, then a gradient of one point per
 (mergekit evaluates a gradient of L points at layer i at i / (L - 1), so each point lands
 on its layer exactly).
 
+In a `slices:` template, mergekit evaluates a gradient over each output slice on its own,
+t = i / (slice length - 1) for the slice's i-th layer (mergekit/plan.py, `plan_slice`), and
+takes the embeddings with the first slice's parameters and the final norm and head with
+the last slice's. So a per-layer marker there belongs to its slice: one gene per layer
+of the slice (the layer_range of the source it sits in, or of the slice's first source),
+an embeddings gene only in the first slice and a head gene only in the last, every gene
+read. A per-layer marker in the top-level `parameters` of a `slices:` template would be
+read again from its start in every slice: it is refused.
+
 `DataflowGenome` (data-flow space, merging/dataflow.py): one gene per slot of the layer
 path (slot used when the gene is above 0.5, i.e. when I_t = 2 g - 1 > 0) and, optionally,
 one gene per scale, mapped log-uniformly onto its bounds so that 1 sits in the middle of
@@ -77,7 +86,14 @@ class FreeParameter:
     init: float
     granularity: int | Literal["global", "layer"]
     labels: tuple[str, ...]
-    """One label per gene: ("all",), or ("embed", "L0", ..., "head"), or ("embed", "L0-3", ..., "head")."""
+    """One label per gene: ("all",), or ("embed", "L0", ..., "head"), or ("embed", "L0-3", ..., "head");
+    in a slice, its own layers, with "embed" only in the first slice and "head" only in the last."""
+    layers: tuple[int, int] | None = None
+    """Per-layer markers: the layers [start, end) its gradient covers (the slice's, or all)."""
+    embed: bool = True
+    """Whether it has a gene for the embeddings (per-layer markers not in the first slice do not)."""
+    head: bool = True
+    """Whether it has a gene for the final norm and head (only in the last slice)."""
 
     @property
     def size(self) -> int:
@@ -99,7 +115,7 @@ class RecipeGenome:
         self.layout = layout
         self.parameters: list[FreeParameter] = []
         for loc, marker, model in _markers(template):
-            self.parameters.append(self._free_parameter(loc, marker, model, root))
+            self.parameters.append(self._free_parameter(loc, marker, model, root, template))
         if not self.parameters:
             raise RecipeError(f"{source}: the template marks no parameter free; write e.g. "
                               "`density: {free: [0.1, 1.0], granularity: layer}`")
@@ -116,7 +132,8 @@ class RecipeGenome:
     def from_file(cls, path: str | Path, layout: LayerLayout | None = None) -> "RecipeGenome":
         return cls.from_text(Path(path).read_text(), str(path), layout)
 
-    def _free_parameter(self, loc: tuple, marker: dict, model: str | None, root: yaml.Node) -> FreeParameter:
+    def _free_parameter(self, loc: tuple, marker: dict, model: str | None, root: yaml.Node,
+                        template: dict) -> FreeParameter:
         def fail(message: str) -> RecipeError:
             return RecipeError(f"{located(root, loc, self.source)}: {message}")
 
@@ -133,18 +150,39 @@ class RecipeGenome:
             raise fail(f"`init` must be a number inside [{low}, {high}], got {init!r}")
         granularity = marker.get("granularity", "global")
         if granularity == "global":
-            labels: tuple[str, ...] = ("all",)
-        elif granularity == "layer" or (isinstance(granularity, int) and not isinstance(granularity, bool)
-                                        and granularity >= 1):
-            if self.layout is None:
-                raise fail("per-layer granularity needs the models' layout (RecipeGenome(..., layout=...))")
-            size = 1 if granularity == "layer" else granularity
-            groups = [(start, min(start + size, self.layout.num_layers))
-                      for start in range(0, self.layout.num_layers, size)]
-            labels = ("embed", *(f"L{a}" if b - a == 1 else f"L{a}-{b - 1}" for a, b in groups), "head")
-        else:
+            return FreeParameter(loc, str(loc[-1]), model, low, high, float(init), granularity, ("all",))
+        if not (granularity == "layer" or (isinstance(granularity, int) and not isinstance(granularity, bool)
+                                           and granularity >= 1)):
             raise fail(f"`granularity` must be global, layer or a number of layers per group, got {granularity!r}")
-        return FreeParameter(loc, str(loc[-1]), model, low, high, float(init), granularity, labels)
+        if self.layout is None:
+            raise fail("per-layer granularity needs the models' layout (RecipeGenome(..., layout=...))")
+        (start, end), embed, head = self._gradient_span(loc, template, fail)
+        size = 1 if granularity == "layer" else granularity
+        groups = [(a, min(a + size, end)) for a in range(start, end, size)]
+        labels = (*(["embed"] if embed else []), *(f"L{a}" if b - a == 1 else f"L{a}-{b - 1}" for a, b in groups),
+                  *(["head"] if head else []))
+        return FreeParameter(loc, str(loc[-1]), model, low, high, float(init), granularity, labels, (start, end),
+                             embed, head)
+
+    def _gradient_span(self, loc: tuple, template: dict, fail) -> tuple[tuple[int, int], bool, bool]:
+        """The layers a per-layer marker's gradient is read over, and whether the
+        embeddings and the head read it too: every layer and both in a `models:`
+        template; in a `slices:` one, the marker's slice (mergekit's semantics)."""
+        slices = template.get("slices")
+        if not slices:
+            return (0, self.layout.num_layers), True, True
+        if loc[0] != "slices":
+            raise fail("a per-layer marker at the top level of a `slices:` template would be read from its start "
+                       "again in every slice (mergekit evaluates gradients per slice); put it in a slice's "
+                       "`parameters` or sources")
+        index = loc[1]
+        sources = slices[index].get("sources") or [{}]
+        source = sources[loc[3]] if loc[2] == "sources" else sources[0]
+        span = source.get("layer_range")
+        if not (isinstance(span, list) and len(span) == 2 and all(isinstance(v, int) for v in span)
+                and 0 <= span[0] < span[1]):
+            raise fail(f"its slice's layer_range must be [start, end] with 0 <= start < end, got {span!r}")
+        return (span[0], span[1]), index == 0, index == len(slices) - 1
 
     @property
     def dimension(self) -> int:
@@ -188,9 +226,11 @@ class RecipeGenome:
             return float(values[0])
         layout = self.layout
         size = 1 if p.granularity == "layer" else int(p.granularity)
-        per_layer = [float(values[1 + layer // size]) for layer in range(layout.num_layers)]
-        return ([{"filter": name, "value": float(values[0])} for name in layout.pre_names]
-                + [{"filter": name, "value": float(values[-1])} for name in layout.post_names]
+        start, end = p.layers
+        first = 1 if p.embed else 0
+        per_layer = [float(values[first + offset // size]) for offset in range(end - start)]
+        return ([{"filter": name, "value": float(values[0])} for name in layout.pre_names if p.embed]
+                + [{"filter": name, "value": float(values[-1])} for name in layout.post_names if p.head]
                 + [{"value": per_layer}])
 
     def _gene_values(self, p: FreeParameter, setting: Any) -> list[float]:
@@ -200,9 +240,9 @@ class RecipeGenome:
         by_filter = {e.filter: e.value for e in entries}
         layers = entries[-1].value
         size = 1 if p.granularity == "layer" else int(p.granularity)
-        pre = by_filter[self.layout.pre_names[0]] if self.layout.pre_names else layers[0]
-        post = by_filter[self.layout.post_names[0]] if self.layout.post_names else layers[-1]
-        return [pre, *layers[::size], post]
+        pre = [by_filter[self.layout.pre_names[0]] if self.layout.pre_names else layers[0]] if p.embed else []
+        post = [by_filter[self.layout.post_names[0]] if self.layout.post_names else layers[-1]] if p.head else []
+        return [*pre, *layers[::size], *post]
 
     def _substitute(self, settings: Sequence[Any]) -> dict:
         data = copy.deepcopy(self.template)

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
+from merging.checkpoint import write_atomic
 from niches.coefficients import CoefficientGenome
 from niches.genome import DataflowGenome, FreeParameter, RecipeGenome
 
@@ -75,8 +76,9 @@ def plot_ps_heatmap(path: Path, genome: RecipeGenome, best: np.ndarray) -> Path:
         image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=min(p.low for p in rows),
                           vmax=max(p.high for p in rows))
         for (i, j), value in np.ndenumerate(grid):
-            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7, color="w")
-        ax.set_yticks(range(len(rows)), [Path(p.model).name if p.model else "*" for p in rows])
+            if not np.isnan(value):  # a slice's parameter leaves the other slices' layers empty
+                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7, color="w")
+        ax.set_yticks(range(len(rows)), [_row_label(p) for p in rows])
         ax.set_xticks(range(len(columns)), columns, fontsize=7)
         ax.set_title(f"evolved {name}")
         fig.colorbar(image, ax=ax)
@@ -106,13 +108,28 @@ def _heatmap_grids(genome: RecipeGenome, best: np.ndarray) -> dict[str, tuple[li
     return {name: (rows, np.array(grid)) for name, (rows, grid) in panels.items()}
 
 
+def _row_label(parameter: FreeParameter) -> str:
+    name = Path(parameter.model).name if parameter.model else "*"
+    return f"{name} (slice {parameter.loc[1]})" if parameter.loc[0] == "slices" else name
+
+
 def _spread(parameter: FreeParameter, values: np.ndarray, columns: int) -> np.ndarray:
     """A parameter's genes over the columns: a global value fills them; a group of k
-    layers repeats its gene over its k layer columns."""
+    layers repeats its gene over its k layer columns; a slice's parameter fills its own
+    layers (and the embeddings or the head when its slice is first or last), NaN elsewhere."""
     if parameter.granularity == "global":
         return np.full(columns, values[0])
     size = 1 if parameter.granularity == "layer" else int(parameter.granularity)
-    return np.array([values[0], *(values[1 + layer // size] for layer in range(columns - 2)), values[-1]])
+    row = np.full(columns, np.nan)
+    first = 1 if parameter.embed else 0
+    if parameter.embed:
+        row[0] = values[0]
+    if parameter.head:
+        row[-1] = values[-1]
+    start, end = parameter.layers
+    for layer in range(start, min(end, columns - 2)):
+        row[1 + layer] = values[first + (layer - start) // size]
+    return row
 
 
 def plot_dfs_path(path: Path, genome: DataflowGenome, best: np.ndarray) -> Path:
@@ -168,8 +185,7 @@ def plot_coefficients(path: Path, genome: CoefficientGenome, best: np.ndarray) -
 def _save(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
-    temporary = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(temporary, dpi=110)
-    plt.close(fig)
-    temporary.replace(path)
-    return path
+    try:
+        return write_atomic(path, lambda temporary: fig.savefig(temporary, dpi=110, format="png"))
+    finally:
+        plt.close(fig)

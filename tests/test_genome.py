@@ -195,3 +195,70 @@ models:
     layers = genome.decode(best).model_dump(mode="json")["models"][0]["parameters"]["weight"][-1]["value"]
     assert np.allclose(weight[0][1:-1], layers)
     assert [t.get_text() for t in weight_ax.get_xticklabels()] == ["embed", *(f"L{i}" for i in range(8)), "head"]
+
+
+SLICES_TEMPLATE = """\
+merge_method: linear
+slices:
+  - sources:
+      - model: {v1}
+        layer_range: [0, 2]
+        parameters:
+          weight: {{free: [0.0, 1.0], granularity: layer}}
+      - model: {v2}
+        layer_range: [0, 2]
+        parameters: {{weight: 0.5}}
+  - sources:
+      - model: {v1}
+        layer_range: [2, 4]
+        parameters:
+          weight: {{free: [0.0, 1.0], granularity: layer}}
+      - model: {v2}
+        layer_range: [2, 4]
+        parameters: {{weight: 0.5}}
+dtype: float32
+"""
+
+
+def test_a_slices_template_reads_every_gene_on_its_own_layer(llama_family, layout):
+    """mergekit evaluates a gradient over each slice on its own (t = i / (slice length - 1),
+    mergekit/plan.py plan_slice), the embeddings with the first slice's parameters and the
+    final norm and head with the last slice's. Genes 0.1..0.4 for layers 0..3 must give
+    layers 0.1, 0.2, 0.3, 0.4 (a gradient over the whole depth in each slice gave 0.1, 0.4,
+    0.1, 0.4), and no gene is left unread."""
+    text = SLICES_TEMPLATE.format(v1=llama_family["variant_1"], v2=llama_family["variant_2"])
+    genome = RecipeGenome.from_text(text, "slices.yaml", layout)
+    assert [p.labels for p in genome.parameters] == [("embed", "L0", "L1"), ("L2", "L3", "head")]
+    genes = np.array([0.05, 0.1, 0.2, 0.3, 0.4, 0.45])
+    recipe = genome.decode(genes)
+    plan = plan_merge(recipe, open_models(recipe))
+    try:
+        weight = {task.output.name: task.params["weight"][0] for task in plan.tasks}
+    finally:
+        plan.close()
+    for layer, expected in enumerate([0.1, 0.2, 0.3, 0.4]):
+        assert weight[f"model.layers.{layer}.mlp.down_proj.weight"] == pytest.approx(expected)
+    assert weight["model.embed_tokens.weight"] == pytest.approx(0.05)
+    assert weight["model.norm.weight"] == pytest.approx(0.45) and weight["lm_head.weight"] == pytest.approx(0.45)
+    assert np.allclose(genome.encode(recipe), genes)
+    # groups of two layers: one gene per slice, read on both of its layers
+    grouped = RecipeGenome.from_text(text.replace("granularity: layer", "granularity: 2"), "slices.yaml", layout)
+    assert [p.labels for p in grouped.parameters] == [("embed", "L0-1"), ("L2-3", "head")]
+
+
+def test_a_per_layer_marker_at_the_top_of_a_slices_template_is_refused(llama_family, layout):
+    text = SLICES_TEMPLATE.format(v1=llama_family["variant_1"], v2=llama_family["variant_2"])
+    text = text.replace("dtype: float32", "parameters:\n  normalize: {free: [0.0, 1.0], granularity: layer}\n"
+                                          "dtype: float32")
+    with pytest.raises(RecipeError, match=r"line 20: parameters.normalize: a per-layer marker at the top level of a "
+                                          r"`slices:` template would be read from its start again in every slice"):
+        RecipeGenome.from_text(text, "slices.yaml", layout)
+
+
+def test_the_heatmap_shows_a_slice_parameter_on_its_own_layers():
+    from niches.plots import _heatmap_grids
+
+    genome = RecipeGenome.from_text(SLICES_TEMPLATE.format(v1="a", v2="b"), "t.yaml", LayerLayout(4, ("embed",), ("head",)))
+    (_, grid), = _heatmap_grids(genome, np.array([0.05, 0.1, 0.2, 0.3, 0.4, 0.45])).values()
+    np.testing.assert_allclose(grid, [[0.05, 0.1, 0.2, np.nan, np.nan, np.nan],
+                                      [np.nan, np.nan, np.nan, 0.3, 0.4, 0.45]])
