@@ -15,7 +15,9 @@ Why a wrapper and not pycma as it is:
   state around every pycma call: the same seed gives the same genomes, which is what
   `from_state` relies on (it replays the told fitness, see there);
 * restarts (IPOP: a new strategy with the population doubled) exist in pycma only
-  inside `cma.fmin2`, not for an ask/tell loop;
+  inside `cma.fmin2`, not for an ask/tell loop; pycma's own stop criteria trigger them,
+  and a plateau does not end the last strategy (`PLATEAU_IS_NOT_CONVERGENCE`);
+* step size by CSA at every dimension (pycma silently switches to TPA from 300 on);
 * a budget of evaluations that holds across restarts, and the distribution mean
   evaluated once at the end (`evaluate_mean`), outside the budget.
 """
@@ -35,6 +37,19 @@ FULL_COVARIANCE_MAX_DIM = 500
 """`separable="auto"` switches to the diagonal (sep-CMA) variant above this dimension:
 a full covariance costs O(n^2) memory and O(n^3) per eigendecomposition, and sep-CMA
 learns faster on large, nearly separable genomes (pycma's advice starts at ~100)."""
+
+
+PLATEAU_IS_NOT_CONVERGENCE = {"tolfun": 0, "tolfunhist": 0, "tolflatfitness": np.inf, "tolstagnation": 0}
+"""pycma's stop criteria on fitness *values* (a small range of values, a flat generation,
+no improvement of the median), switched off for the last strategy a run may use.
+
+While a restart is left, every pycma criterion applies as pycma documents it, and any of
+them starts the next strategy (IPOP, as `cma.fmin2` restarts). The last strategy stops
+only on the budget or on criteria about the distribution itself (tolx, noeffectaxis,
+conditioncov, tolupsigma, ...): with no restart left, stopping on a plateau would end the
+run, and merged LLMs often score 0 on every candidate of the first generations. A user
+who sets a budget expects it spent while the search can still move; on a flat fitness
+pycma widens sigma, so the search goes on looking instead of ending after one generation."""
 
 
 def default_popsize(dimension: int) -> int:
@@ -105,10 +120,14 @@ class CMAES:
         options = {
             "bounds": list(self.bounds), "popsize": self.initial_popsize * 2 ** self.restart,
             "seed": seed, "verbose": -9, "CMA_diagonal": self.separable,
-            # a budget stops the run, not a plateau: merged LLMs often score 0 on every
-            # candidate of a generation at first, which pycma's tolfun would take for convergence
-            "maxfevals": np.inf, "tolfun": 0, "tolfunhist": 0, "tolflatfitness": 10 ** 6,
+            # pycma picks two-point adaptation (TPA) instead of CSA from 300 dimensions on,
+            # silently; on the digits MLP TPA collapses sigma within a few thousand passes
+            # (docs/m2n2.md, "Results and gaps"). CSA is the step size CMA-ES is documented with.
+            "AdaptSigma": cma.sigma_adaptation.CMAAdaptSigmaCSA,
+            "maxfevals": np.inf,  # the budget is ours: it holds across restarts
         }
+        if self.restart >= self.max_restarts:
+            options.update(PLATEAU_IS_NOT_CONVERGENCE)
         with warnings.catch_warnings(), self._own_random_state():
             warnings.simplefilter("ignore")
             self._es = cma.CMAEvolutionStrategy(self.x0.tolist(), self.sigma0, options)
@@ -184,7 +203,9 @@ class CMAES:
         if len(candidates) == self.popsize:
             with warnings.catch_warnings(), self._own_random_state():
                 warnings.simplefilter("ignore")
-                self._es.tell([list(x) for x in self._asked], [-float(f) for f in fitnesses])
+                # pycma's own arrays: it finds its samples by their bytes (given anything else it
+                # re-derives them by inverting the bound transform)
+                self._es.tell(self._asked, [-float(f) for f in fitnesses])
         if self._strategy_stopped() and self.restart < self.max_restarts and not self._budget_spent():
             self.restart += 1
             self._start_strategy()

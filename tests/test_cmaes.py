@@ -121,12 +121,57 @@ def test_a_flat_fitness_does_not_stop_the_search():
     assert search.evaluations == 60
 
 
-def test_ipop_restarts_double_the_population():
-    # a tiny sigma makes pycma stop at once (tolx), which triggers the restarts
+def test_tell_gives_pycma_its_own_samples_so_the_trajectory_is_pycmas():
+    """Against a plain pycma ask/tell loop with the same options, on a bounded problem
+    whose optimum lies outside the box (so samples are repaired into it): the same
+    genomes, generation after generation, and pycma's record of the solutions it sent is
+    emptied by each tell (it found every one)."""
+    import cma
+
+    fitness = negated_sphere(np.full(4, 1.3))
+    search = CMAES(np.full(4, 0.8), 0.3, popsize=8, seed=4, max_evals=8 * 30)
+    plain = cma.CMAEvolutionStrategy(search.x0.tolist(), search.sigma0, dict(search._es.inopts))
+    while not search.stop():
+        candidates = search.ask()
+        solutions = plain.ask()
+        assert np.array_equal(np.stack([c.genome for c in candidates]), np.stack(solutions))
+        search.tell(candidates, [scores(fitness(c.genome)) for c in candidates])
+        plain.tell(solutions, [-fitness(x) for x in solutions])
+        assert len(search._es.sent_solutions) == 0
+    assert np.array_equal(search.mean, plain.result.xfavorite)
+
+
+def test_step_size_is_csa_even_where_pycma_would_pick_tpa():
+    from cma.sigma_adaptation import CMAAdaptSigmaCSA
+
+    search = CMAES(np.zeros(500), 0.01, bounds=(-np.inf, np.inf), separable=True, max_evals=40)
+    assert type(search._es.adapt_sigma) is CMAAdaptSigmaCSA and not search._es.mean_shift_samples
+    run(search, lambda x: -float(np.sum(x ** 2)))
+    assert type(search._es.adapt_sigma) is CMAAdaptSigmaCSA
+
+
+def test_ipop_restarts_on_pycmas_criteria_double_the_population_and_keep_the_budget():
+    # a flat generation meets pycma's tolfun (a range of values below 1e-11): a restart
+    # while one is left; the last strategy is not stopped by the plateau and spends the budget
+    search = CMAES(np.full(3, 0.5), 0.2, popsize=6, restarts=2, max_evals=100)
+    sizes = [len(g) for g in run(search, lambda x: 0.0)]
+    assert sizes == [6, 12, 24, 24, 24, 10]
+    assert search.restart == 2 and search.popsize == 24 and search.evaluations == 100
+
+
+def test_restarts_stop_when_the_budget_is_spent():
+    search = CMAES(np.full(3, 0.5), 0.2, popsize=6, restarts=5, max_evals=30)
+    sizes = [len(g) for g in run(search, lambda x: 0.0)]
+    assert sizes == [6, 12, 12] and search.restart == 2 and search.evaluations == 30
+
+
+def test_a_converged_last_strategy_ends_the_search():
+    # a tiny sigma makes pycma stop at once (tolx): a criterion on the distribution,
+    # which ends even the last strategy, budget or not
     search = CMAES(np.full(2, 0.5), 1e-13, popsize=6, restarts=2, max_evals=400)
-    run(search, negated_sphere(np.full(2, 0.5)))
-    assert search.restart == 2
-    assert search.popsize == 24
+    sizes = [len(g) for g in run(search, negated_sphere(np.full(2, 0.5)))]
+    assert search.restart == 2 and search.popsize == 24
+    assert sizes == [6, 12, 24] and "tolx" in search.summary()["stop"]
 
 
 def test_separable_auto_switches_on_dimension():
