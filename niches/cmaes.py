@@ -1,24 +1,29 @@
-"""CMA-ES through ask/tell: pycma with bounds, a budget, IPOP restarts and a separable mode.
+"""CMA-ES through the search protocol (niches/search.py): pycma with bounds, a budget,
+IPOP restarts and a separable mode.
 
-    optimizer = CMAES(x0, sigma0=0.2, bounds=(0, 1), seed=0, max_evals=200)
-    while not optimizer.stop():
-        genomes = optimizer.ask()
-        optimizer.tell(genomes, [fitness(g) for g in genomes])   # higher is better
-    optimizer.best_genome, optimizer.best_fitness
+    search = CMAES(x0, sigma0=0.2, bounds=(0, 1), seed=0, max_evals=200, evaluate_mean=True)
+    while not search.stop():
+        candidates = search.ask()
+        search.tell(candidates, [evaluate(c.genome) for c in candidates])  # {task: per-example scores}
+    search.best().genome
 
 Why a wrapper and not pycma as it is:
-* fitness here is *maximised* (accuracy); pycma minimises, so `tell` negates;
+* the protocol's scores are reduced to `niches.search.fitness` and *maximised*; pycma
+  minimises, so `tell` negates;
 * pycma draws from numpy's global random state, so anything else that touches
   `np.random` between two `ask` calls would change the run. The wrapper swaps in its own
   state around every pycma call: the same seed gives the same genomes, which is what
-  lets a killed run resume by replaying its logged generations (niches/run.py) instead
-  of unpickling an optimizer;
+  `from_state` relies on (it replays the told fitness, see there);
 * restarts (IPOP: a new strategy with the population doubled) exist in pycma only
-  inside `cma.fmin2`, not for an ask/tell loop;
-* a budget of evaluations that holds across restarts.
+  inside `cma.fmin2`, not for an ask/tell loop; pycma's own stop criteria trigger them,
+  and a plateau does not end the last strategy (`PLATEAU_IS_NOT_CONVERGENCE`);
+* step size by CSA at every dimension (pycma silently switches to TPA from 300 on);
+* a budget of evaluations that holds across restarts, and the distribution mean
+  evaluated once at the end (`evaluate_mean`), outside the budget.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import warnings
 from contextlib import contextmanager
@@ -26,10 +31,25 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from niches.search import Candidate, Scores, fitness
+
 FULL_COVARIANCE_MAX_DIM = 500
 """`separable="auto"` switches to the diagonal (sep-CMA) variant above this dimension:
 a full covariance costs O(n^2) memory and O(n^3) per eigendecomposition, and sep-CMA
 learns faster on large, nearly separable genomes (pycma's advice starts at ~100)."""
+
+
+PLATEAU_IS_NOT_CONVERGENCE = {"tolfun": 0, "tolfunhist": 0, "tolflatfitness": np.inf, "tolstagnation": 0}
+"""pycma's stop criteria on fitness *values* (a small range of values, a flat generation,
+no improvement of the median), switched off for the last strategy a run may use.
+
+While a restart is left, every pycma criterion applies as pycma documents it, and any of
+them starts the next strategy (IPOP, as `cma.fmin2` restarts). The last strategy stops
+only on the budget or on criteria about the distribution itself (tolx, noeffectaxis,
+conditioncov, tolupsigma, ...): with no restart left, stopping on a plateau would end the
+run, and merged LLMs often score 0 on every candidate of the first generations. A user
+who sets a budget expects it spent while the search can still move; on a flat fitness
+pycma widens sigma, so the search goes on looking instead of ending after one generation."""
 
 
 def default_popsize(dimension: int) -> int:
@@ -37,22 +57,39 @@ def default_popsize(dimension: int) -> int:
     return 4 + int(3 * math.log(dimension))
 
 
+def _digest(genomes: Sequence[np.ndarray]) -> int:
+    """A 63-bit fingerprint of a generation's genomes, to check a replay against."""
+    h = hashlib.blake2b(digest_size=8)
+    for genome in genomes:
+        h.update(np.ascontiguousarray(genome, dtype=np.float64).tobytes())
+    return int.from_bytes(h.digest(), "little") >> 1
+
+
 class CMAES:
-    """A CMA-ES maximiser over a box, speaking ask/tell.
+    """A CMA-ES maximiser over a box, speaking the search protocol.
 
     `separable`: True (sep-CMA, diagonal covariance), False (full covariance) or "auto"
     (separable above `FULL_COVARIANCE_MAX_DIM` dimensions). `restarts`: how many times a
     stopped strategy is replaced by a fresh one with twice the population (IPOP), starting
-    again from `x0` with a new seed. `max_evals`: total evaluations over all restarts
-    (None: until pycma's own criteria stop the last restart).
+    again from `x0` with a new seed. `max_evals`: total sampled evaluations over all
+    restarts (None: until pycma's own criteria stop the last restart). `evaluate_mean`:
+    once the search is over, `ask` returns the distribution mean (kind "mean") for one
+    more evaluation outside the budget, and `stop` waits for it to be told: under noisy
+    fitness the mean is often better than the best single sample.
     """
 
     def __init__(self, x0: Sequence[float], sigma0: float, *, bounds: tuple[float, float] = (0.0, 1.0),
                  popsize: int | None = None, seed: int = 0, separable: bool | str = "auto",
-                 restarts: int = 0, max_evals: int | None = None):
+                 restarts: int = 0, max_evals: int | None = None, evaluate_mean: bool = False):
         self.x0 = np.asarray(x0, dtype=float)
         if self.x0.ndim != 1 or len(self.x0) < 1:
             raise ValueError("x0 must be a non-empty vector")
+        if not sigma0 > 0:
+            raise ValueError(f"sigma0 must be positive, got {sigma0}")
+        if popsize is not None and popsize < 2:
+            raise ValueError(f"popsize must be at least 2, got {popsize}")
+        if restarts < 0 or (max_evals is not None and max_evals < 0):
+            raise ValueError("restarts and max_evals must not be negative")
         self.sigma0 = float(sigma0)
         self.bounds = (float(bounds[0]), float(bounds[1]))
         self.dimension = len(self.x0)
@@ -61,11 +98,18 @@ class CMAES:
         self.seed = seed
         self.max_restarts = restarts
         self.max_evals = max_evals
+        self.evaluate_mean = evaluate_mean
         self.restart = 0
         self.evaluations = 0
         self.generation = 0
-        self.best_genome: np.ndarray | None = None
+        self._best: Candidate | None = None
         self.best_fitness = -math.inf
+        self._pending: list[Candidate] = []
+        self._asked: list[np.ndarray] = []
+        self._mean_fitness: float | None = None
+        self._told_fitness: list[float] = []
+        self._generation_sizes: list[int] = []
+        self._digests: list[int] = []
         self._start_strategy()
 
     def _start_strategy(self) -> None:
@@ -76,10 +120,14 @@ class CMAES:
         options = {
             "bounds": list(self.bounds), "popsize": self.initial_popsize * 2 ** self.restart,
             "seed": seed, "verbose": -9, "CMA_diagonal": self.separable,
-            # a budget stops the run, not a plateau: merged LLMs often score 0 on every
-            # candidate of a generation at first, which pycma's tolfun would take for convergence
-            "maxfevals": np.inf, "tolfun": 0, "tolfunhist": 0, "tolflatfitness": 10 ** 6,
+            # pycma picks two-point adaptation (TPA) instead of CSA from 300 dimensions on,
+            # silently; on the digits MLP TPA collapses sigma within a few thousand passes
+            # (docs/m2n2.md, "Results and gaps"). CSA is the step size CMA-ES is documented with.
+            "AdaptSigma": cma.sigma_adaptation.CMAAdaptSigmaCSA,
+            "maxfevals": np.inf,  # the budget is ours: it holds across restarts
         }
+        if self.restart >= self.max_restarts:
+            options.update(PLATEAU_IS_NOT_CONVERGENCE)
         with warnings.catch_warnings(), self._own_random_state():
             warnings.simplefilter("ignore")
             self._es = cma.CMAEvolutionStrategy(self.x0.tolist(), self.sigma0, options)
@@ -109,32 +157,55 @@ class CMAES:
         fitness a better estimate of the optimum than the best single sample."""
         return np.asarray(self._es.result.xfavorite, dtype=float)
 
-    def ask(self) -> list[np.ndarray]:
-        """The next generation's genomes, inside the bounds. At most the remaining budget."""
+    def ask(self) -> list[Candidate]:
+        """The next generation (kind "sample", inside the bounds, at most the remaining
+        budget); once the search is over and `evaluate_mean` is set, the mean (kind "mean")."""
+        if self._pending:
+            raise RuntimeError("ask called again before the last candidates were told")
+        if self._search_over():
+            if not self.evaluate_mean or self._mean_fitness is not None:
+                raise RuntimeError("the search has stopped: nothing more to ask")
+            self._pending = [Candidate(self.mean, kind="mean")]
+            return list(self._pending)
         with warnings.catch_warnings(), self._own_random_state():
             warnings.simplefilter("ignore")
-            genomes = [np.asarray(x, dtype=float) for x in self._es.ask()]
-        if self.max_evals is not None:
-            genomes = genomes[: max(0, self.max_evals - self.evaluations)]
-        return genomes
+            self._asked = self._es.ask()
+        count = len(self._asked) if self.max_evals is None else min(len(self._asked), self.max_evals - self.evaluations)
+        self._pending = [Candidate(np.array(x, dtype=float)) for x in self._asked[:count]]
+        return list(self._pending)
 
-    def tell(self, genomes: Sequence[np.ndarray], fitnesses: Sequence[float]) -> None:
-        """Report the fitness (higher is better) of the genomes `ask` returned, in order.
-        A generation cut short by the budget updates the record but not the strategy
-        (pycma needs a full population)."""
-        if len(genomes) != len(fitnesses):
-            raise ValueError(f"{len(genomes)} genomes but {len(fitnesses)} fitness values")
-        for genome, fitness in zip(genomes, fitnesses):
-            if not math.isfinite(fitness):
-                raise ValueError(f"fitness must be finite, got {fitness}")
-            if fitness > self.best_fitness:
-                self.best_fitness, self.best_genome = float(fitness), np.array(genome, dtype=float)
-        self.evaluations += len(genomes)
+    def tell(self, candidates: Sequence[Candidate], scores: Sequence[Scores]) -> None:
+        """The scores of the candidates `ask` returned, in ask order; ranked by
+        `niches.search.fitness` (higher is better). A generation cut short by the budget
+        updates the record but not the strategy (pycma needs a full population)."""
+        if len(candidates) != len(scores):
+            raise ValueError(f"{len(candidates)} candidates but {len(scores)} scores")
+        self._tell_fitness(candidates, [fitness(s) for s in scores])
+
+    def _tell_fitness(self, candidates: Sequence[Candidate], fitnesses: Sequence[float]) -> None:
+        if len(candidates) != len(self._pending) or any(c is not p for c, p in zip(candidates, self._pending)):
+            raise ValueError("tell takes exactly the candidates the last ask returned, in order")
+        for value in fitnesses:
+            if not math.isfinite(value):
+                raise ValueError(f"fitness must be finite, got {value}")
+        self._pending = []
+        for candidate, value in zip(candidates, fitnesses):
+            if value > self.best_fitness:
+                self.best_fitness, self._best = float(value), Candidate(candidate.genome.copy(), candidate.kind)
+        if candidates[0].kind == "mean":
+            self._mean_fitness = float(fitnesses[0])
+            return
+        self._told_fitness.extend(float(v) for v in fitnesses)
+        self._generation_sizes.append(len(candidates))
+        self._digests.append(_digest([c.genome for c in candidates]))
+        self.evaluations += len(candidates)
         self.generation += 1
-        if len(genomes) == self.popsize:
+        if len(candidates) == self.popsize:
             with warnings.catch_warnings(), self._own_random_state():
                 warnings.simplefilter("ignore")
-                self._es.tell([list(g) for g in genomes], [-float(f) for f in fitnesses])
+                # pycma's own arrays: it finds its samples by their bytes (given anything else it
+                # re-derives them by inverting the bound transform)
+                self._es.tell(self._asked, [-float(f) for f in fitnesses])
         if self._strategy_stopped() and self.restart < self.max_restarts and not self._budget_spent():
             self.restart += 1
             self._start_strategy()
@@ -145,17 +216,68 @@ class CMAES:
     def _strategy_stopped(self) -> bool:
         return bool(self._es.stop())
 
-    def stop(self) -> bool:
-        """True when the budget is spent, or the last allowed strategy has converged."""
+    def _search_over(self) -> bool:
+        """No more samples: the budget is spent, or the last allowed strategy has stopped."""
         return self._budget_spent() or (self._strategy_stopped() and self.restart >= self.max_restarts)
 
-    def state(self) -> dict:
-        """A JSON-ready summary for the run log (not enough to rebuild the optimizer:
-        runs resume by replaying their generations, see niches/run.py)."""
+    def stop(self) -> bool:
+        """True when no more samples will be asked and, with `evaluate_mean`, the mean was told."""
+        return self._search_over() and (not self.evaluate_mean or self._mean_fitness is not None)
+
+    def best(self) -> Candidate:
+        """The candidate with the highest fitness told so far (samples and the mean alike)."""
+        if self._best is None:
+            raise RuntimeError("nothing has been told yet")
+        return self._best
+
+    def summary(self) -> dict:
+        """A JSON-ready summary of where the search stands, for the run log."""
         return {
             "generation": self.generation, "evaluations": self.evaluations, "restart": self.restart,
             "popsize": self.popsize, "sigma": self.sigma, "mean": self.mean.tolist(),
-            "best_fitness": self.best_fitness if self.best_genome is not None else None,
-            "best_genome": None if self.best_genome is None else self.best_genome.tolist(),
+            "best_fitness": self.best_fitness if self._best is not None else None,
+            "best_genome": None if self._best is None else self._best.genome.tolist(),
             "separable": self.separable, "stop": {k: str(v) for k, v in dict(self._es.stop()).items()},
         }
+
+    def state(self) -> tuple[dict[str, np.ndarray], dict]:
+        """(arrays, meta) that `from_state` rebuilds this search from.
+
+        The state is the settings and every told fitness, not pycma's numeric state:
+        `from_state` replays the run (ask, tell the recorded fitness) under the same seed.
+        pycma's state is dozens of attributes (evolution paths, the sigma adaptation's
+        object, boundary handler, stop-criterion histories, its sent-solution archive), which
+        change between versions and have no documented way back in but pickle; a replay
+        is exact by construction, and the digest kept per generation checks it (a replay
+        that gives other genomes, e.g. under another pycma version, is refused). The cost is
+        pycma's own time per generation once more (about 35 ms at 19,210 dimensions)."""
+        if self._pending:
+            raise RuntimeError("state taken between ask and tell: tell the candidates first")
+        import cma
+
+        arrays = {"x0": self.x0, "fitness": np.array(self._told_fitness, dtype=np.float64),
+                  "generation_sizes": np.array(self._generation_sizes, dtype=np.int64),
+                  "digests": np.array(self._digests, dtype=np.int64)}
+        meta = {"sigma0": self.sigma0, "bounds": list(self.bounds), "popsize": self.initial_popsize,
+                "seed": self.seed, "separable": self.separable, "restarts": self.max_restarts,
+                "max_evals": self.max_evals, "evaluate_mean": self.evaluate_mean,
+                "mean_fitness": self._mean_fitness, "pycma": cma.__version__}
+        return arrays, meta
+
+    @classmethod
+    def from_state(cls, arrays: dict[str, np.ndarray], meta: dict) -> "CMAES":
+        """The search `state` described, rebuilt by replaying its told fitness; raises if a
+        replayed generation's genomes are not the ones that were told."""
+        search = cls(arrays["x0"], meta["sigma0"], bounds=tuple(meta["bounds"]), popsize=meta["popsize"],
+                     seed=meta["seed"], separable=meta["separable"], restarts=meta["restarts"],
+                     max_evals=meta["max_evals"], evaluate_mean=meta["evaluate_mean"])
+        told = iter(arrays["fitness"].tolist())
+        for generation, (size, digest) in enumerate(zip(arrays["generation_sizes"].tolist(), arrays["digests"].tolist())):
+            candidates = search.ask()
+            if len(candidates) != size or _digest([c.genome for c in candidates]) != digest:
+                raise RuntimeError(f"replaying generation {generation} gave other genomes than were told "
+                                   f"(state written under pycma {meta['pycma']}): cannot resume this search")
+            search._tell_fitness(candidates, [next(told) for _ in candidates])
+        if meta["mean_fitness"] is not None:
+            search._tell_fitness(search.ask(), [meta["mean_fitness"]])
+        return search

@@ -182,36 +182,35 @@ class ArchiveRun:
 
 class CMARun:
     """CMA-ES over the flat weights (reference: x0 ~ N(0, 0.01^2), sigma0 0.01, population 20),
-    a whole generation scored in one batched forward pass. Resumes by replaying the logged
-    fitness of every generation (niches/cmaes.py is deterministic under its seed)."""
+    a whole generation scored in one batched forward pass. Resumes through
+    `CMAES.from_state`, which replays the told fitness of every generation."""
 
     def __init__(self, method: Method, problem: Problem, seed: int, state: tuple[dict, dict] | None, budget: int):
         self.problem = problem
         self.x0 = random_params(problem.shape, torch.Generator().manual_seed(seed), INIT_STD)
-        self.es = CMAES(self.x0, INIT_STD, bounds=(-np.inf, np.inf), popsize=POPULATION, seed=seed,
-                        separable="auto", max_evals=budget)
-        self.history: list[np.ndarray] = []
-        for fitness in (state[0]["fitness"] if state else []):
-            self.es.tell(self.es.ask(), list(fitness))
-            self.history.append(fitness)
+        if state is not None:
+            self.es = CMAES.from_state(*state)
+        else:
+            self.es = CMAES(self.x0, INIT_STD, bounds=(-np.inf, np.inf), popsize=POPULATION, seed=seed,
+                            separable="auto", max_evals=budget)
 
     @property
     def evaluations(self) -> int:
         return self.es.evaluations
 
     def step(self) -> None:
-        genomes = self.es.ask()
-        fitness = self.problem.train.accuracy(np.stack(genomes).astype(np.float32)).astype(np.float64)
-        self.es.tell(genomes, list(fitness))
-        self.history.append(fitness)
+        candidates = self.es.ask()
+        accuracy = self.problem.train.accuracy(np.stack([c.genome for c in candidates]).astype(np.float32))
+        # each candidate's training accuracy as its one score: the fitness CMA-ES ranks by
+        self.es.tell(candidates, [{"train": np.array([a], dtype=np.float64)} for a in accuracy])
 
     def best(self) -> tuple[np.ndarray, float]:
-        if self.es.best_genome is None:  # before the first generation: the mean it starts from
+        if self.es.evaluations == 0:  # before the first generation: the mean it starts from
             return self.x0, float(self.problem.train.accuracy(self.x0)[0])
-        return self.es.best_genome.astype(np.float32), self.es.best_fitness
+        return self.es.best().genome.astype(np.float32), self.es.best_fitness
 
     def state(self) -> tuple[dict, dict]:
-        return {"fitness": np.array(self.history, dtype=np.float64).reshape(-1, POPULATION)}, {"separable": self.es.separable}
+        return self.es.state()
 
 
 def peak_rss_mb() -> float:
