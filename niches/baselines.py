@@ -118,6 +118,10 @@ class MapElites:
         """The elite of highest quality (first cell in row-major order on ties)."""
         return Candidate(self.elites[max(sorted(self.elites), key=lambda c: self.quality[c])])
 
+    def summary(self) -> dict:
+        return {"evaluations": self.evaluations, "children": self.children, "occupied": len(self.elites),
+                "best_quality": float(self.quality.max()), "inserted": self.last_inserted}
+
     def state(self) -> tuple[dict[str, np.ndarray], dict]:
         """(arrays, meta) for niches.m2n2.save_state; `from_state` continues the same run."""
         cells = sorted(self.elites)
@@ -179,6 +183,9 @@ class SlerpSweep:
     def best(self) -> Candidate:
         return Candidate(slerp(self.a, self.b, self.best_ratio))
 
+    def summary(self) -> dict:
+        return {"evaluations": len(self.fitness), "best_ratio": self.best_ratio if self.fitness else None}
+
     def state(self) -> tuple[dict[str, np.ndarray], dict]:
         return ({"a": self.a, "b": self.b, "fitness": np.array(self.fitness, dtype=np.float64)},
                 {"steps": len(self.ratios), "batch_size": self.batch_size})
@@ -237,6 +244,11 @@ class RandomSearch:
         if self.best_genome is None:
             raise RuntimeError("nothing evaluated yet")
         return Candidate(self.best_genome)
+
+    def summary(self) -> dict:
+        return {"evaluations": self.evaluations,
+                "best_fitness": self.best_fitness if self.best_genome is not None else None,
+                "best_genome": None if self.best_genome is None else self.best_genome.tolist()}
 
     def state(self) -> tuple[dict[str, np.ndarray], dict]:
         arrays = {} if self.best_genome is None else {"best_genome": self.best_genome}

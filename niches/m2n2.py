@@ -295,8 +295,7 @@ class NaturalNiches:
     def state(self) -> tuple[dict[str, np.ndarray], dict]:
         """(arrays, meta) that `from_state` rebuilds this search from, the random stream
         included: a restored search continues exactly as this one would. Not between an
-        ask and its tell (the child would be lost). `meta` also gives each member's mean
-        score and the last slots, for a reader of the run's optimizer.jsonl."""
+        ask and its tell (the child would be lost)."""
         if self._asked:
             raise RuntimeError("state taken between ask and tell: tell the child first")
         arrays = {"scores": self.scores}
@@ -310,9 +309,15 @@ class NaturalNiches:
                 "crossover": self.crossover, "split_point": self.split_point, "attraction": self.attraction,
                 "mutation_std": self.mutation_std, "n_params": self.n_params, "seed": self.seed,
                 "evaluations": self.evaluations, "children": self.children, "kinds": self.kinds,
-                "rng": self.rng.bit_generator.state, "archive_size": len(self.members),
-                "archive_mean_scores": self.scores.mean(axis=1).tolist(), "last_slots": self.last_slots}
+                "rng": self.rng.bit_generator.state}
         return arrays, meta
+
+    def summary(self) -> dict:
+        """The archive as a run log shows it: its size, each member's kind and mean score,
+        and the slot each candidate of the last `tell` took (None: rejected)."""
+        return {"evaluations": self.evaluations, "children": self.children, "archive_size": len(self.members),
+                "kinds": self.kinds, "archive_mean_scores": self.scores.mean(axis=1).tolist(),
+                "slots": self.last_slots}
 
     @classmethod
     def from_state(cls, arrays: dict[str, np.ndarray], meta: dict,

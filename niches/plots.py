@@ -13,7 +13,10 @@ from niches.coefficients import CoefficientGenome
 from niches.genome import DataflowGenome, FreeParameter, RecipeGenome
 
 if TYPE_CHECKING:
-    from niches.run import Outcome
+    from niches.loop import Outcome
+
+MEAN_MARKERS = ("*", "P", "X", "D")
+"""The marker of each stage's distribution mean, stage after stage (in its stage's colour too)."""
 
 
 def plot_run(out_dir: Path, stages: Sequence[tuple[RecipeGenome | DataflowGenome, "Outcome"]]) -> list[Path]:
@@ -39,21 +42,23 @@ def plot_fitness(path: Path, outcomes: Sequence["Outcome"]) -> Path:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     offset = 0
-    for outcome in outcomes:
+    for number, outcome in enumerate(outcomes):
         samples = [row for row in outcome.history if row["kind"] == "sample"]
         fitness = np.array([row["fitness"] for row in samples])
         x = offset + np.arange(1, len(fitness) + 1)
-        ax.plot(x, np.maximum.accumulate(fitness), label=f"{outcome.name}: best so far")
-        generations = sorted({row["generation"] for row in samples})
-        if len(generations) == len(samples):  # one candidate per step (M2N2): show each
-            ax.plot(x, fitness, ".", markersize=3, alpha=0.5, label=f"{outcome.name}: child")
+        (line,) = ax.plot(x, np.maximum.accumulate(fitness), label=f"{outcome.name}: best so far")
+        rounds = sorted({row["round"] for row in samples})
+        if len(rounds) == len(samples):  # one candidate per step (M2N2): show each
+            ax.plot(x, fitness, ".", color=line.get_color(), markersize=3, alpha=0.5, label=f"{outcome.name}: child")
         else:
-            ends = [offset + max(i + 1 for i, r in enumerate(samples) if r["generation"] == g) for g in generations]
-            medians = [np.median([r["fitness"] for r in samples if r["generation"] == g]) for g in generations]
-            ax.plot(ends, medians, "o--", markersize=3, label=f"{outcome.name}: generation median")
+            ends = [offset + max(i + 1 for i, r in enumerate(samples) if r["round"] == g) for g in rounds]
+            medians = [np.median([r["fitness"] for r in samples if r["round"] == g]) for g in rounds]
+            ax.plot(ends, medians, "o--", color=line.get_color(), markersize=3, alpha=0.6,
+                    label=f"{outcome.name}: generation median")
         means = [row for row in outcome.history if row["kind"] == "mean"]
-        if means:
-            ax.plot([offset + len(fitness)], [means[0]["fitness"]], "k*", markersize=9,
+        if means:  # each stage's mean its own marker and colour: a ps+dfs run has two
+            ax.plot([offset + len(fitness)], [means[-1]["fitness"]], MEAN_MARKERS[number % len(MEAN_MARKERS)],
+                    color=line.get_color(), markeredgecolor="k", markersize=10,
                     label=f"{outcome.name}: distribution mean")
         offset += len(fitness)
     ax.set_xlabel("evaluations")

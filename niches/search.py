@@ -18,7 +18,7 @@ them to `fitness` (the mean over tasks of each task's mean), the number a run lo
 Resume: `state()` gives (arrays, meta), numpy arrays and a JSON-ready dict, which
 `from_state` turns back into a search that continues exactly as this one would (no
 pickle: niches.m2n2.save_state writes them as one safetensors file). Runs of
-`evomerge evolve` resume by replaying their log instead (niches/runfolder.py), which
+`evomerge evolve` resume by replaying their log instead (niches/loop.py), which
 also checks that every replayed candidate is the one that was scored.
 """
 from __future__ import annotations
@@ -69,6 +69,11 @@ class Search(Protocol):
 
     def best(self) -> Candidate:
         """The search's answer: what it would export now."""
+        ...
+
+    def summary(self) -> dict:
+        """JSON-ready: where the search stands (budget spent, best so far, the search's own
+        figures), logged after every ask/tell round in the run's optimizer.jsonl."""
         ...
 
     def state(self) -> tuple[dict[str, np.ndarray], dict]: ...

@@ -1,0 +1,125 @@
+"""The one loop that drives any search of niches/search.py in a run folder:
+
+    ask -> score the whole population in one call -> log a line per candidate -> tell (in
+    ask order) -> log the search's summary -> ... -> the best candidate
+
+It is the only code that reads or writes the candidate log (candidates.jsonl). Scoring is
+one call, `scorer.score(candidates)`, so that an executor scoring on many devices can
+take its place.
+
+Resume. A killed run is rerun with the same command and replays: searches are
+deterministic under their seed, so the search asks again for the candidates it asked for
+before; each one that has a line in the log is checked against it (same genome, same
+round) and its per-example scores come from the harness's score cache (no forward pass).
+The first candidate without a line is scored for real. A logged `mean` (CMA-ES's
+distribution mean, asked once at the end) is matched by genome, since a run extended with
+--max-evals ends at another mean.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Protocol, Sequence
+
+import numpy as np
+
+from merging.errors import EvomergeError
+from niches.runfolder import RunFolder
+from niches.search import Candidate, Search, fitness
+
+
+@dataclass
+class Scored:
+    """A candidate's evaluation: per-example scores per task, and where they came from."""
+
+    scores: dict[str, np.ndarray]
+    key: str
+    """The candidate's identity in the score cache."""
+    twin: Optional[str] = None
+    """The key of a functionally identical candidate whose scores were reused (None: scored)."""
+    seconds: float = 0.0
+
+
+class Scorer(Protocol):
+    def score(self, candidates: Sequence[Candidate]) -> list[Scored]:
+        """Build and score every candidate (in order)."""
+        ...
+
+
+@dataclass
+class Outcome:
+    """What a stage's search found: its answer and every candidate's log line."""
+
+    name: str
+    best_genome: np.ndarray
+    best_fitness: float
+    evaluations: int
+    """Samples evaluated (the budget's count: seeds and the mean are outside it)."""
+    history: list[dict] = field(default_factory=list)
+
+
+def run_search(stage: str, search: Search, scorer: Scorer, folder: RunFolder, *, progress: bool,
+               total: int) -> Outcome:
+    """Drive `search` to its end, logging every candidate of stage `stage`; its best."""
+    from tqdm.auto import tqdm
+
+    logged = {(row["kind"], row["index"]): row for row in folder.rows(folder.candidates_file)
+              if row["stage"] == stage}
+    summarised = {row["round"] for row in folder.rows(folder.optimizer_file) if row["stage"] == stage}
+    # replayed samples cost no time: the bar starts past them, so its rate and time left are the real ones
+    replayed = sum(kind == "sample" for kind, _ in logged)
+    bar = tqdm(total=total, initial=min(replayed, total), desc=f"{stage} evaluations", disable=not progress,
+               unit="cand", dynamic_ncols=True)
+    history: list[dict] = []
+    counts: dict[str, int] = {}
+    round_ = 0
+    try:
+        while not search.stop():
+            candidates = search.ask()
+            numbered = [_numbered(c, round_, logged, counts, stage, folder) for c in candidates]
+            scored = scorer.score(candidates)
+            for candidate, (index, row), evaluation in zip(candidates, numbered, scored):
+                if row is None:
+                    row = _row(stage, candidate, index, round_, evaluation)
+                    folder.append(folder.candidates_file, row)
+                    bar.update(int(candidate.kind == "sample"))
+                history.append(row)
+            search.tell(candidates, [s.scores for s in scored])
+            if round_ not in summarised:
+                folder.append(folder.optimizer_file, {"stage": stage, "round": round_, **search.summary()})
+            bar.set_postfix(best=f"{max(r['fitness'] for r in history):.4f}", refresh=False)
+            round_ += 1
+    finally:
+        bar.close()
+    if not history:
+        raise EvomergeError(f"the {stage} stage's search asked for nothing: no candidate to export")
+    best = search.best().genome
+    row = next(r for r in reversed(history) if np.array_equal(np.asarray(r["genome"]), np.asarray(best).ravel()))
+    return Outcome(stage, np.asarray(row["genome"]), row["fitness"], sum(r["kind"] == "sample" for r in history),
+                   history)
+
+
+def _numbered(candidate: Candidate, round_: int, logged: dict, counts: dict[str, int], stage: str,
+              folder: RunFolder) -> tuple[int, Optional[dict]]:
+    """The candidate's index among its kind, and its line in the log (checked), or None
+    when it has none yet."""
+    genome = np.asarray(candidate.genome).ravel()
+    if candidate.kind == "mean":
+        means = [row for (kind, _), row in logged.items() if kind == "mean"]
+        row = next((r for r in means if np.array_equal(np.asarray(r["genome"]), genome)), None)
+        return (row["index"] if row else len(means)), row
+    index = counts.get(candidate.kind, 0)
+    counts[candidate.kind] = index + 1
+    row = logged.get((candidate.kind, index))
+    if row is not None and (row["round"] != round_ or not np.array_equal(np.asarray(row["genome"]), genome)):
+        raise EvomergeError(
+            f"{folder.candidates_file}: {candidate.kind} {index} of stage {stage} does not replay (the logged "
+            "genome differs from the one the search asks for now); the run was made with other settings or "
+            "another version. Use a new --run-dir")
+    return index, row
+
+
+def _row(stage: str, candidate: Candidate, index: int, round_: int, scored: Scored) -> dict:
+    return {"stage": stage, "kind": candidate.kind, "index": index, "round": round_,
+            "genome": np.asarray(candidate.genome, dtype=np.float64).ravel().tolist(), "candidate": scored.key,
+            "twin": scored.twin, "scores": {task: float(np.mean(s)) for task, s in scored.scores.items()},
+            "fitness": fitness(scored.scores), "seconds": round(scored.seconds, 3)}

@@ -1,0 +1,91 @@
+"""The run folder: the files a run keeps, the rule for rerunning in it, and the record of
+which source checkpoints its logged scores were measured on.
+
+    config.yaml, template.yaml   the config (and PS template) as given
+    candidates.jsonl             a line per evaluated candidate (written by niches/loop.py)
+    optimizer.jsonl              the search's summary after every ask/tell round
+    scores.jsonl                 the harness's per-example score cache
+    sources.json                 per stage, the identity of each source checkpoint
+    sessions.jsonl               the wall seconds of each invocation that finished
+
+A rerun must give the same config: its log is replayed against the search the config
+describes. The exception is a folder where nothing was scored yet (a first attempt that
+failed at its first candidate, say): its config is simply replaced.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from evaluation.harness import checkpoint_hash, read_jsonl
+from merging.checkpoint import Checkpoint, write_atomic
+from merging.errors import EvomergeError
+
+
+class RunFolder:
+    """The files of one run; appends are line-atomic enough for JSONL (see read_jsonl)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path).resolve()
+        self.candidates_file = self.path / "candidates.jsonl"
+        self.optimizer_file = self.path / "optimizer.jsonl"
+        self.scores_file = self.path / "scores.jsonl"
+        self.sessions_file = self.path / "sessions.jsonl"
+        self.sources_file = self.path / "sources.json"
+
+    def start(self, config_text: str, template_text: str | None) -> None:
+        """Record the config (first run, or a folder with nothing scored yet) or check that
+        a rerun gives the same one."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        scored = bool(read_jsonl(self.candidates_file))
+        if not scored:  # nothing to replay: whatever an earlier attempt left says nothing
+            for stale in (self.optimizer_file, self.sources_file, self.path / "template.yaml"):
+                stale.unlink(missing_ok=True)
+        for name, text in (("config.yaml", config_text), ("template.yaml", template_text)):
+            if text is None:
+                continue
+            stored = self.path / name
+            if scored and stored.is_file():
+                if _parsed(stored.read_text()) != _parsed(text):
+                    raise EvomergeError(f"run folder {self.path} was started with a different {name} and has "
+                                        "scored candidates; rerun with the config it was started with, or use a "
+                                        "new --run-dir")
+            else:
+                write_atomic(stored, text)
+
+    def rows(self, file: Path) -> list[dict]:
+        return read_jsonl(file)
+
+    def append(self, file: Path, row: dict) -> None:
+        with file.open("a") as handle:
+            handle.write(json.dumps(row) + "\n")
+
+    def write_json(self, name: str, data: Any) -> Path:
+        return write_atomic(self.path / name, json.dumps(data, indent=2) + "\n")
+
+    def check_sources(self, stage: str, checkpoints: dict[str, Checkpoint], logged: int) -> None:
+        """Record the identity of a stage's source checkpoints, and refuse to replay logged
+        fitness measured on a source that has changed since (a replay checks genomes, which
+        stay the same when a model under them is rewritten)."""
+        recorded = json.loads(self.sources_file.read_text()) if self.sources_file.is_file() else {}
+        now = {ref: checkpoint_hash(checkpoint.path) for ref, checkpoint in checkpoints.items()}
+        before = recorded.get(stage)
+        if before == now:
+            return
+        changed = [ref for ref in now if before is not None and before.get(ref) != now[ref]]
+        if logged and changed:
+            raise EvomergeError(
+                f"{self.path}: the {stage} stage's {logged} logged candidates were scored with "
+                f"{', '.join(changed)} as it was then, and it has been rewritten since (as ps/best is when the PS "
+                "stage of a ps+dfs run, extended with --max-evals, finds a new best), so their fitness cannot be "
+                "replayed. Use a new --run-dir; to keep the new model, copy it out first and name it in the new config")
+        recorded[stage] = now
+        self.write_json(self.sources_file.name, recorded)
+
+
+def _parsed(text: str) -> Any:
+    """A config's content, so that a rerun may reformat or comment it."""
+    return yaml.safe_load(text)

@@ -1,0 +1,192 @@
+"""The stages of a run: for PS, DFS and M2N2, a genome (vector <-> recipe), the search over
+it, the checkpoints its candidates are built from, and the scorer that builds and scores
+them (the harness, one resident model). Each stage is set up completely before it runs,
+so a bad template or setting fails before any candidate is scored.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import closing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from evaluation.harness import Harness, candidate_hash
+from evaluation.tasks import Task
+from merging.checkpoint import Checkpoint, resolve_model_path
+from merging.dataflow import DataflowSpace
+from merging.errors import RecipeError
+from merging.recipe import Recipe, load_yaml
+from niches.baselines import RandomSearch
+from niches.cmaes import CMAES, default_popsize
+from niches.coefficients import CoefficientGenome, SourceGram, slerp_split_members
+from niches.config import PS_MODEL, OptimizerSettings, References, RunConfig
+from niches.genome import DataflowGenome, LayerLayout, RecipeGenome
+from niches.loop import Outcome, Scored, run_search
+from niches.m2n2 import NaturalNiches
+from niches.runfolder import RunFolder
+from niches.search import Candidate, Search
+
+Genome = RecipeGenome | DataflowGenome | CoefficientGenome
+
+
+@dataclass
+class Stage:
+    """One search: a genome over some models and the search over it."""
+
+    name: str
+    genome: Genome
+    search: Search
+    budget: int
+    """Samples the search evaluates (the progress bar's total)."""
+    checkpoints: dict[str, Checkpoint]
+    reference: str
+    """The model the resident harness model starts as (same architecture as candidates)."""
+
+    @property
+    def method(self) -> str:
+        """How the genome was searched, in words (for the card's lineage)."""
+        if isinstance(self.search, RandomSearch):
+            return "uniform random search (the baseline)"
+        return "CMA-ES" if isinstance(self.search, CMAES) else "M2N2"
+
+    def close(self) -> None:
+        for checkpoint in self.checkpoints.values():
+            checkpoint.close()
+
+
+def run_stage(stage: Stage, config: RunConfig, folder: RunFolder, tasks: list[Task], progress: bool) -> Outcome:
+    """The stage's search, driven by the loop in the run folder."""
+    logged = sum(row["stage"] == stage.name for row in folder.rows(folder.candidates_file))
+    folder.check_sources(stage.name, stage.checkpoints, logged)
+    scorer = HarnessScorer(stage, config, folder.scores_file, tasks)
+    try:
+        return run_search(stage.name, stage.search, scorer, folder, progress=progress, total=stage.budget)
+    finally:
+        stage.close()
+
+
+class HarnessScorer:
+    """Builds each candidate's recipe from its genome and scores it per example on the
+    fitness tasks, merged into one model resident on the device (created at the first
+    candidate; candidates in the score cache cost no forward pass)."""
+
+    def __init__(self, stage: Stage, config: RunConfig, cache: Path, tasks: list[Task]):
+        self.stage, self.config, self.cache, self.tasks = stage, config, cache, tasks
+        self._harness: Harness | None = None
+
+    def score(self, candidates: Sequence[Candidate]) -> list[Scored]:
+        if self._harness is None:
+            self._harness = make_harness(self.stage.checkpoints[self.stage.reference].path, self.config, self.cache)
+        return [self._score(candidate, self._harness) for candidate in candidates]
+
+    def _score(self, candidate: Candidate, harness: Harness) -> Scored:
+        start = time.perf_counter()
+        recipe = self.stage.genome.decode(candidate.genome)
+        results = harness.score_recipe(recipe, self.stage.checkpoints, self.tasks, limit=self.config.fitness.limit,
+                                       seed=self.config.seed)
+        key = getattr(harness, "last_candidate", None) or candidate_hash(
+            recipe, {ref: c.path for ref, c in self.stage.checkpoints.items()}, self.config.seed)
+        return Scored({t.name: np.asarray(results[t.name].scores, dtype=np.float64) for t in self.tasks}, key,
+                      getattr(harness, "last_twin", None), time.perf_counter() - start)
+
+
+def make_harness(template: Path, config: RunConfig, cache: Path) -> Harness:
+    import torch
+
+    dtype = getattr(torch, config.dtype) if config.dtype else None
+    return Harness(template, device=config.device, cache=cache, batch_size=config.batch_size, dtype=dtype)
+
+
+def genome_search(genome: RecipeGenome | DataflowGenome, settings: OptimizerSettings, seed: int) -> Search:
+    """CMA-ES from the genome's start (its distribution mean evaluated at the end), or
+    uniform random genomes at the same budget."""
+    if settings.search == "random":
+        return RandomSearch(genome.dimension, max_evals=settings.max_evals,
+                            popsize=settings.popsize or default_popsize(max(genome.dimension, 2)), seed=seed)
+    try:
+        return CMAES(genome.x0, settings.sigma0, bounds=(0.0, 1.0), popsize=settings.popsize, seed=seed,
+                     separable=settings.separable, restarts=settings.restarts, max_evals=settings.max_evals,
+                     evaluate_mean=True)
+    except ValueError as exc:
+        raise RecipeError(f"optimizer: {exc}") from None
+
+
+def budget(settings, max_evals: int | None):
+    """The settings with the budget --max-evals gives, if it gives one."""
+    return settings if max_evals is None else settings.model_copy(update={"max_evals": max_evals})
+
+
+def ps_stage(config: RunConfig, template_path: Path, template_text: str, references: References,
+             max_evals: int | None) -> Stage:
+    genome = _ps_genome(template_path, template_text, references)
+    recipe = genome.decode(genome.x0)
+    checkpoints = {ref: Checkpoint(ref, resolve_model_path(ref)) for ref in recipe.referenced_models()}
+    settings = budget(config.ps.optimizer, max_evals)
+    return Stage("ps", genome, genome_search(genome, settings, config.seed), settings.max_evals, checkpoints,
+                 recipe.base_model or recipe.referenced_models()[0])
+
+
+def _ps_genome(template_path: Path, template_text: str, references: References) -> RecipeGenome:
+    data, root = load_yaml(template_text, str(template_path))
+    if not isinstance(data, dict):
+        raise RecipeError(f"{template_path}: a recipe template is a YAML mapping")
+    references.in_template(data)
+    first = data.get("base_model") or next(iter((data.get("models") or [{}])), {}).get("model")
+    if first is None and data.get("slices"):
+        first = data["slices"][0]["sources"][0]["model"]
+    if not isinstance(first, str):
+        raise RecipeError(f"{template_path}: the template names no model")
+    with closing(Checkpoint(first, resolve_model_path(first))) as checkpoint:
+        layout = LayerLayout.of(checkpoint)
+    return RecipeGenome(data, root, str(template_path), layout)
+
+
+def dfs_pool(config: RunConfig, references: References, ps_model: str | None) -> list[str]:
+    """The DFS stage's models, model 0 first, with `ps` standing for `ps_model` (the PS
+    merge's folder, or a model of its architecture while the merge does not exist yet)."""
+    pool = config.dfs.sources or ([PS_MODEL] if config.method == "ps+dfs" else []) + config.models
+    return [ps_model if m == PS_MODEL else references.resolve(m) for m in pool]
+
+
+def dfs_genome(config: RunConfig, pool: list[str]) -> DataflowGenome:
+    settings = config.dfs
+    space = DataflowSpace(pool, repeats=settings.repeats)
+    return DataflowGenome(space, scales=settings.scales, scale_bounds=settings.scale_bounds, init=settings.init)
+
+
+def dfs_stage(config: RunConfig, pool: list[str], max_evals: int | None) -> Stage:
+    genome = dfs_genome(config, pool)
+    checkpoints = {ref: Checkpoint(ref, resolve_model_path(ref)) for ref in pool}
+    settings = budget(config.dfs.optimizer, max_evals)
+    return Stage("dfs", genome, genome_search(genome, settings, config.seed), settings.max_evals, checkpoints, pool[0])
+
+
+def check_m2n2_tasks(tasks: list[Task]) -> None:
+    negative = [t.name for t in tasks if t.kind == "perplexity"]
+    if negative:
+        raise RecipeError(f"M2N2 shares per-example scores as resources, so they must be >= 0; fitness tasks "
+                          f"{', '.join(negative)} are perplexity tasks, whose scores are negative")
+
+
+def m2n2_stage(config: RunConfig, models: list[str], folder: RunFolder, max_evals: int | None) -> Stage:
+    """M2N2 over coefficient members (niches/coefficients.py): the sources are the seeds
+    (evaluated outside the budget, as in the reference), then one child per evaluation."""
+    checkpoints = {ref: Checkpoint(ref, resolve_model_path(ref)) for ref in models}
+    gram = SourceGram.load_or_compute(folder.path / "m2n2_gram.safetensors", [checkpoints[m] for m in models])
+    settings = budget(config.m2n2, max_evals)
+    crossover: Callable = lambda a, b, w, split: slerp_split_members(a, b, w, split, gram)  # noqa: E731
+    search = NaturalNiches(settings.population_size, seeds=[gram.one_hot(s) for s in range(len(models))],
+                           max_evals=settings.max_evals, alpha=settings.alpha, crossover=settings.crossover,
+                           split_point=settings.split_point, attraction=settings.attraction,
+                           n_params=int(gram.sizes.sum()), allowed_boundaries=gram.boundaries(settings.split_at),
+                           crossover_fn=crossover, seed=config.seed)
+    return Stage("m2n2", CoefficientGenome(gram), search, settings.max_evals, checkpoints, models[0])
+
+
+def decode(stage: Stage, outcome: Outcome) -> Recipe:
+    """The recipe of the stage's answer."""
+    return stage.genome.decode(outcome.best_genome)
+
