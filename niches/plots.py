@@ -41,6 +41,16 @@ def plot_fitness(path: Path, outcomes: Sequence["Outcome"]) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
+    draw_fitness(ax, outcomes)
+    ax.set_xlabel("evaluations")
+    ax.set_ylabel("fitness")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def draw_fitness(ax, outcomes: Sequence["Outcome"]) -> None:
+    """The fitness curves of `plot_fitness` on `ax`."""
     offset = 0
     for number, outcome in enumerate(outcomes):
         samples = [row for row in outcome.history if row["kind"] == "sample"]
@@ -61,11 +71,6 @@ def plot_fitness(path: Path, outcomes: Sequence["Outcome"]) -> Path:
                     color=line.get_color(), markeredgecolor="k", markersize=10,
                     label=f"{outcome.name}: distribution mean")
         offset += len(fitness)
-    ax.set_xlabel("evaluations")
-    ax.set_ylabel("fitness")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    return _save(fig, path)
 
 
 def plot_ps_heatmap(path: Path, genome: RecipeGenome, best: np.ndarray) -> Path:

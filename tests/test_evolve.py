@@ -14,7 +14,9 @@ import torch
 
 from merging.cli import main
 from merging.errors import EvomergeError, RecipeError
-from niches.run import TaskSettings, evolve, load_config, report_table
+from niches.config import TaskSettings, load_config
+from niches.report import report_table
+from niches.run import evolve
 
 TEMPLATE = """\
 merge_method: dare_ties
@@ -33,7 +35,7 @@ models:
 
 def write_config(folder: Path, zoo: Path, method: str = "ps", evals: int = 12, extra: str = "") -> Path:
     (folder / "template.yaml").write_text(TEMPLATE)
-    dfs = f"dfs:\n  sources: [ps, zoo:lang]\n  optimizer: {{max_evals: {evals}, popsize: 6}}\n" if "dfs" in method else ""
+    dfs = f"dfs:\n  sources: [ps, zoo:lang]\n  optimizer: {{max_evals: {evals}, popsize: 3}}\n" if "dfs" in method else ""
     ps = f"ps:\n  template: template.yaml\n  optimizer: {{max_evals: {evals}, popsize: 6}}\n" if "ps" in method else ""
     if method == "m2n2":
         ps = f"m2n2: {{max_evals: {evals}, population_size: 5}}\n"
@@ -68,12 +70,15 @@ def test_ps_run_folder(ps_run):
     assert [r["kind"] for r in rows] == ["sample"] * 12 + ["mean"]
     assert [r["index"] for r in rows[:12]] == list(range(12))
     assert all(len(r["genome"]) == 16 and set(r["scores"]) == {"math_lang"} for r in rows)
-    assert len((run_dir / "optimizer.jsonl").read_text().splitlines()) == 2
+    assert [r["round"] for r in rows] == [0] * 6 + [1] * 6 + [2]
+    summaries = [json.loads(line) for line in (run_dir / "optimizer.jsonl").read_text().splitlines()]
+    assert [(s["round"], s["evaluations"]) for s in summaries] == [(0, 6), (1, 12), (2, 12)]  # after each round
     best = max(rows, key=lambda r: r["fitness"])
     assert results["stages"]["ps"]["best_fitness"] == best["fitness"]
-    assert set(results["report"]["scores"]) == {"evolved"} | {str(Path(p)) for p in results["report"]["scores"]
-                                                             if p != "evolved"}
-    assert len(results["report"]["scores"]) == 4  # evolved, lang, math, base
+    # the report's rows and the recipe name models as the config does, not by the zoo's cache path
+    assert list(results["report"]["scores"]) == ["evolved", "zoo:lang", "zoo:math", "zoo:base"]
+    assert {m["model"] for m in results["stages"]["ps"]["best_recipe"]["models"]} == {"zoo:lang", "zoo:math"}
+    assert "/models/" not in (run_dir / "best" / "README.md").read_text()
     for name in ("fitness.png", "ps_parameters.png"):
         assert (run_dir / "plots" / name).stat().st_size > 1000
 
@@ -87,6 +92,7 @@ def test_best_checkpoint_loads_and_its_card_has_lineage_and_scores(ps_run):
         assert torch.isfinite(model(torch.tensor([[3, 4, 5]])).logits).all()
     card = (run_dir / "best" / "README.md").read_text()
     assert "merge_method: dare_ties" in card and "## Evolution" in card and "16 genes evolved by CMA-ES" in card
+    assert "base_model: zoo:base" in card and "`zoo:lang`, `zoo:math`" in card
     evolved = results["report"]["scores"]["evolved"]
     cells = " | ".join(f"{evolved[t]['mean']:.3f} ± {evolved[t]['stderr']:.3f}" for t in ("math_lang", "math"))
     assert f"| **this merge** | {cells} |" in card
@@ -113,6 +119,7 @@ def test_m2n2_run(m2n2_run):
     run_dir, results = m2n2_run
     rows = read_candidates(run_dir)
     assert [r["kind"] for r in rows] == ["seed"] * 2 + ["sample"] * 12
+    assert [r["round"] for r in rows] == [0, 0, *range(1, 13)]
     assert all(len(r["genome"]) == len(rows[0]["genome"]) for r in rows)
     # the seeds are the sources themselves: one-hot coefficient members
     assert set(rows[0]["genome"]) == {0.0, 1.0}
@@ -120,7 +127,7 @@ def test_m2n2_run(m2n2_run):
     assert recipe["merge_method"] == "linear" and len(recipe["models"]) == 2
     assert (run_dir / "m2n2_gram.safetensors").is_file() and (run_dir / "plots" / "m2n2_coefficients.png").is_file()
     archive = [json.loads(line) for line in (run_dir / "optimizer.jsonl").read_text().splitlines()]
-    assert len(archive) == 12 and max(a["archive_size"] for a in archive) == 5
+    assert len(archive) == 13 and archive[0]["kinds"] == ["seed", "seed"] and max(a["archive_size"] for a in archive) == 5
     AutoModelForCausalLM.from_pretrained(run_dir / "best")
     assert "M2N2: an archive of 5 members" in (run_dir / "best" / "README.md").read_text()
 
@@ -213,7 +220,7 @@ def test_ps_then_dfs(ps_dfs_run, micro_zoo):
     recipe = results["stages"]["dfs"]["best_recipe"]
     assert recipe["merge_method"] == "passthrough"
     models = {s["sources"][0]["model"] for s in recipe["slices"]}
-    assert models <= {str(run_dir / "ps" / "best"), str(micro_zoo[0].resolve() / "models" / "lang")}
+    assert models <= {str(run_dir / "ps" / "best"), "zoo:lang"}
     assert AutoConfig.from_pretrained(run_dir / "best").num_hidden_layers == len(recipe["slices"])
     assert (run_dir / "plots" / "dfs_path.png").is_file()
     assert "DFS: a path of" in (run_dir / "best" / "README.md").read_text()
@@ -233,19 +240,18 @@ def test_the_ps_then_dfs_report_has_the_ps_merge_as_a_row(ps_dfs_run):
 
 def test_the_papers_scores_are_printed_beside_ours(ps_dfs_run, micro_zoo):
     run_dir, results = ps_dfs_run
-    math_model = str(micro_zoo[0].resolve() / "models" / "math")
-    assert results["report"]["paper"] == {"evolved": {"math": 0.556}, "ps": {"math": 0.52}, math_model: {"math": 0.184}}
+    assert results["report"]["paper"] == {"evolved": {"math": 0.556}, "ps": {"math": 0.52}, "zoo:math": {"math": 0.184}}
     assert json.loads((run_dir / "results.json").read_text())["report"]["paper"] == results["report"]["paper"]
     card = (run_dir / "best" / "README.md").read_text()
     assert "| model | math_lang | math | math (paper) |" in card
     evolved = results["report"]["scores"]["evolved"]
     cells = " | ".join(f"{evolved[t]['mean']:.3f} ± {evolved[t]['stderr']:.3f}" for t in ("math_lang", "math"))
     assert f"| **this merge** | {cells} | 0.556 |" in card
-    assert f"| `{micro_zoo[0].resolve() / 'models' / 'lang'}` |" in card and card.count(" |  |") == 2  # lang, base
+    assert "| `zoo:lang` |" in card and card.count(" |  |") == 2  # lang, base
     table = report_table(results).splitlines()  # the same table as plain text
     assert table[0].split() == ["model", "math_lang", "math", "math", "(paper)"]
     assert table[1].startswith("evolved merge") and table[1].endswith("0.556")
-    assert table[3].startswith("lang ") and table[4].startswith("math ") and table[4].endswith("0.184")
+    assert table[3].startswith("zoo:lang ") and table[4].startswith("zoo:math ") and table[4].endswith("0.184")
 
 
 def test_evolve_prints_the_report_beside_the_papers_scores(ps_dfs_run, capsys):
@@ -259,8 +265,8 @@ def test_evolve_prints_the_report_beside_the_papers_scores(ps_dfs_run, capsys):
 def test_resume_after_a_kill_during_the_dfs_stage(ps_dfs_run, micro_zoo, tmp_path):
     config = write_config(tmp_path, micro_zoo[0], method="ps+dfs", evals=6)
     run_dir = tmp_path / "run"
-    before = kill_midway(config, run_dir, 10)  # the PS stage logs 7 lines: killed while DFS runs
-    assert [json.loads(line)["stage"] for line in before if line.endswith("}")][7:9] == ["dfs", "dfs"]
+    before = kill_midway(config, run_dir, 10)  # PS logs 7 lines, DFS 3 per round: killed while DFS runs
+    assert [json.loads(line)["stage"] for line in before if line.endswith("}")][7:10] == ["dfs"] * 3
     assert len(before) < 14 and not (run_dir / "best").exists()
 
     results = evolve(config, run_dir, progress=False)
@@ -273,39 +279,51 @@ def test_resume_after_a_kill_during_the_dfs_stage(ps_dfs_run, micro_zoo, tmp_pat
             assert results["stages"][stage][key] == ps_dfs_run[1]["stages"][stage][key]
 
 
+NO_NUMBER_TASK = '{"prompt": "1+1=", "answer": "no number"}\n'
+"""A fitness task no candidate can score on: the answer is read as the last number generated,
+and this reference has none. Every candidate's fitness is 0, so no candidate ever beats the
+first one: a search's best cannot change, whatever its seed or budget."""
+
+
 def test_extending_ps_then_dfs_keeps_an_unchanged_ps_merge(micro_zoo, tmp_path):
     """A bigger budget whose PS stage finds nothing better leaves ps/best's weights as
-    they are (only its card follows), so the DFS stage goes on from its log."""
+    they are (only its card follows), so the DFS stage goes on from its log. Constructed:
+    with a fitness nobody scores on, the extended PS stage cannot find a better merge."""
     config = write_config(tmp_path, micro_zoo[0], method="ps+dfs", evals=6)
+    (tmp_path / "no_number.jsonl").write_text(NO_NUMBER_TASK)
+    config.write_text(config.read_text().replace("tasks: [math_lang], split: train", "tasks: [no_number.jsonl], split: train"))
     run_dir = tmp_path / "run"
     evolve(config, run_dir, progress=False)
     weights = (run_dir / "ps" / "best" / "model.safetensors").stat().st_mtime_ns
     first = read_candidates(run_dir)
+    assert {r["fitness"] for r in first} == {0.0}
     evolve(config, run_dir, max_evals=12, progress=False)
     assert (run_dir / "ps" / "best" / "model.safetensors").stat().st_mtime_ns == weights
     assert "(12 evaluations)" in (run_dir / "ps" / "best" / "README.md").read_text()
     rows = read_candidates(run_dir)
-    assert [r for r in rows if r["stage"] == "dfs"][:7] == [r for r in first if r["stage"] == "dfs"]
+    assert [r for r in rows if r["stage"] == "dfs"][:6] == [r for r in first if r["stage"] == "dfs"][:6]
     assert sum(r["stage"] == "dfs" and r["kind"] == "sample" for r in rows) == 12
 
 
 def test_dfs_logged_on_an_older_ps_merge_is_not_replayed(micro_zoo, tmp_path):
-    """Extending a ps+dfs run whose PS stage then finds a new best: ps/best is rewritten,
-    and the DFS stage's logged fitness, measured on the old merge, must not be fed back
-    as if it were the new one's (the genomes asked for are the same, so a replay that
-    checks genomes alone would accept it)."""
+    """A ps+dfs run whose ps/best has been rewritten since its DFS stage was logged (as an
+    extended PS stage that finds a new best rewrites it): the DFS stage's logged fitness,
+    measured on the old merge, must not be fed back as if it were the new one's (the
+    genomes asked for are the same, so a replay that checks genomes alone would accept
+    it). Constructed by rewriting ps/best's weights, whatever a search would find."""
+    from safetensors.torch import load_file, save_file
+
     config = write_config(tmp_path, micro_zoo[0], method="ps+dfs", evals=6)
-    # fitness on math, where the PS fitness moves: with this seed the 12-evaluation search
-    # ends at a mean better than every candidate of the 6-evaluation one
-    config.write_text(config.read_text().replace("tasks: [math_lang], split: train", "tasks: [math], split: train"))
     run_dir = tmp_path / "run"
     evolve(config, run_dir, progress=False)
-    weights = (run_dir / "ps" / "best" / "model.safetensors").stat().st_mtime_ns
+    weights = run_dir / "ps" / "best" / "model.safetensors"
+    tensors = load_file(weights)
+    tensors["model.norm.weight"] = tensors["model.norm.weight"] * 1.01
+    save_file(tensors, weights, metadata={"format": "pt"})
     with pytest.raises(EvomergeError, match=r"the dfs stage's 7 logged candidates were scored with .*/ps/best as it "
                                             r"was then, and it has been rewritten since .* cannot be replayed. Use a "
                                             r"new --run-dir"):
-        evolve(config, run_dir, max_evals=12, progress=False)
-    assert (run_dir / "ps" / "best" / "model.safetensors").stat().st_mtime_ns != weights
+        evolve(config, run_dir, progress=False)
     assert sum(r["stage"] == "dfs" for r in read_candidates(run_dir)) == 7  # nothing logged on the new merge
 
 
@@ -323,7 +341,19 @@ PS_CONFIG = "method: ps\nmodels: [a]\nfitness: {tasks: [x], split: train}\nrepor
     (PS_CONFIG.replace("ps: {", "dfs: {sources: [ps]}\nps: {").replace("method: ps", "method: dfs"),
      r"line 5: dfs.sources: names `ps` but method dfs has no PS stage"),
     ("method: ps\nmodels: [a]\nfitness: {tasks: [x], split: train}\nreport: {tasks: [x], split: test}\npopsize: 3\n",
-     "line 5: popsize: unknown key 'popsize'"),
+     r"line 5: popsize: unknown key 'popsize'$"),
+    # a typo is named on its own line with the key it is nearest to, not as the key it misses
+    ("method: ps\nmodels: [a]\nfitnes: {tasks: [x], split: train}\nreport: {tasks: [x], split: test}\n",
+     r"line 3: fitnes: unknown key 'fitnes' \(did you mean 'fitness'\?\)"),
+    (PS_CONFIG.replace("ps: {template: t.yaml}", "ps: {template: t.yaml, optimizer: {popsze: 4}}"),
+     r"line 5: ps.optimizer.popsze: unknown key 'popsze' \(did you mean 'popsize'\?\)"),
+    (PS_CONFIG.replace("ps: {template: t.yaml}", "ps: {template: t.yaml, optimizer: {popsize: -3}}"),
+     r"line 5: ps.optimizer.popsize: Input should be greater than or equal to 2"),
+    (PS_CONFIG.replace("ps: {template: t.yaml}", "ps: {template: t.yaml, optimizer: {search: grid}}"),
+     r"line 5: ps.optimizer.search: Input should be 'cmaes' or 'random'"),
+    (PS_CONFIG + "m2n2: {population_size: 0}\n", r"line 6: m2n2.population_size: Input should be greater than or equal to 1"),
+    (PS_CONFIG.replace("{tasks: [x], split: train}", "{tasks: [x], split: train, limit: 0}"),
+     r"line 3: fitness.limit: Input should be greater than or equal to 1"),
     ("method: dfs\nmodels: [a]\nfitness: {tasks: [x], split: train}\nreport: {tasks: [x], split: test}\n",
      "method dfs needs a `dfs:` section"),
 ])
@@ -342,7 +372,7 @@ def test_unknown_zoo_model_is_named(micro_zoo, tmp_path):
         evolve(config, tmp_path / "run2", progress=False)
 
 
-@pytest.mark.parametrize("name", ["zoo-small-ps", "zoo-small-dfs", "zoo-small-ps-dfs",
+@pytest.mark.parametrize("name", ["zoo-small-ps", "zoo-small-random", "zoo-small-dfs", "zoo-small-ps-dfs",
                                   "evollm-jp-ps", "evollm-jp-dfs", "evollm-jp-ps-dfs"])
 def test_shipped_run_configs_are_valid(name):
     from niches.genome import LayerLayout, RecipeGenome
@@ -408,3 +438,83 @@ def test_a_missing_template_is_named(micro_zoo, tmp_path):
     (tmp_path / "template.yaml").unlink()
     with pytest.raises(EvomergeError, match=r"config.yaml: ps.template .*template.yaml: No such file"):
         evolve(config, tmp_path / "run", progress=False)
+
+
+def test_a_bad_setting_fails_before_the_run_folder_and_a_folder_without_scores_takes_a_new_config(micro_zoo, tmp_path):
+    """`popsize: -3` used to die in pycma after the run folder was made, and the folder then
+    refused the corrected config although nothing had been scored."""
+    config = write_config(tmp_path, micro_zoo[0])
+    good = config.read_text()
+    config.write_text(good.replace("popsize: 6", "popsize: -3"))
+    assert main(["evolve", str(config), "--run-dir", str(tmp_path / "run"), "--no-progress"]) == 2
+    assert not (tmp_path / "run").exists()
+    # a folder an earlier attempt made, with another config and nothing scored: it is taken over
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(good.replace("seed: 0", "").replace("threads: 1", "threads: 2"))
+    (run_dir / "optimizer.jsonl").write_text('{"stage": "ps", "round": 0}\n')
+    config.write_text(good)
+    evolve(config, run_dir, max_evals=6, progress=False)
+    assert (run_dir / "config.yaml").read_text() == good
+    assert len(read_candidates(run_dir)) == 7
+    # once candidates are scored, another config is refused (test_a_rerun_with_another_config_is_refused)
+
+
+def test_max_evals_zero_writes_nothing(micro_zoo, tmp_path, capsys):
+    config = write_config(tmp_path, micro_zoo[0])
+    assert main(["evolve", str(config), "--run-dir", str(tmp_path / "run"), "--max-evals", "0", "--no-progress"]) == 2
+    assert "--max-evals 0: every stage needs at least one evaluation; nothing was run and no best/ was written" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_random_search_baseline_at_the_same_budget(ps_run, micro_zoo, tmp_path):
+    """`optimizer: {search: random}`: the PS stage draws its genomes uniformly in the unit
+    box, at the CMA-ES run's budget and batch size, seeded (a rerun replays them)."""
+    config = write_config(tmp_path, micro_zoo[0])
+    config.write_text(config.read_text().replace("{max_evals: 12, popsize: 6}", "{search: random, max_evals: 12, popsize: 6}"))
+    results = evolve(config, tmp_path / "run", progress=False)
+    rows = read_candidates(tmp_path / "run")
+    assert [(r["kind"], r["round"]) for r in rows] == [("sample", g) for g in (0, 1) for _ in range(6)]  # no mean
+    genomes = [r["genome"] for r in rows]
+    assert all(0 <= g <= 1 for genome in genomes for g in genome) and len({tuple(g) for g in genomes}) == 12
+    assert genomes != [r["genome"] for r in read_candidates(ps_run[0])[:12]]  # not CMA-ES's
+    best = max(rows, key=lambda r: r["fitness"])
+    assert results["stages"]["ps"]["best_genome"] == best["genome"] and results["stages"]["ps"]["evaluations"] == 12
+    assert "16 genes evolved by uniform random search (the baseline) (12 evaluations)" in \
+        (tmp_path / "run" / "best" / "README.md").read_text()
+    again = evolve(config, tmp_path / "run", progress=False)  # replayed, not redrawn
+    assert read_candidates(tmp_path / "run") == rows and again["stages"] == results["stages"]
+
+
+def test_the_shipped_random_baseline_config_matches_the_ps_config():
+    recipes = Path(__file__).parents[1] / "recipes"
+    ps, random = load_config(recipes / "zoo-small-ps.yaml"), load_config(recipes / "zoo-small-random.yaml")
+    assert random.ps.optimizer.search == "random" and ps.ps.optimizer.search == "cmaes"
+    assert random.ps.template == ps.ps.template
+    assert random.ps.optimizer.max_evals == ps.ps.optimizer.max_evals
+    assert random.model_dump(exclude={"ps"}) == ps.model_dump(exclude={"ps"})
+
+
+def test_the_fitness_plot_tells_the_stages_means_apart():
+    """ps+dfs: each stage's distribution mean has its own marker and colour."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from niches.loop import Outcome
+    from niches.plots import draw_fitness
+
+    def outcome(name: str) -> Outcome:
+        rows = [{"kind": "sample", "round": i // 2, "fitness": 0.1 * i} for i in range(4)]
+        return Outcome(name, np.zeros(2), 0.3, 4, rows + [{"kind": "mean", "round": 2, "fitness": 0.35}])
+
+    fig, ax = plt.subplots()
+    draw_fitness(ax, [outcome("ps"), outcome("dfs")])
+    means = [line for line in ax.lines if line.get_label().endswith("distribution mean")]
+    plt.close(fig)
+    assert [line.get_label() for line in means] == ["ps: distribution mean", "dfs: distribution mean"]
+    assert means[0].get_marker() != means[1].get_marker() and means[0].get_color() != means[1].get_color()
+    assert list(means[1].get_xdata()) == [8]  # after the PS stage's 4 samples and its own 4
