@@ -1,6 +1,8 @@
 """Coefficient members (LLM M2N2): SLERP with a split point computed on coefficients and
 Gram matrices equals SLERP on the real flattened parameters (float64 reference), and the
-member's recipe merges into exactly those parameters."""
+member's recipe merges into exactly those parameters. On float32 untied sources and on
+bfloat16 sources with tied embeddings (the head is the embedding matrix, stored once: the
+Gram must count it once, and the member must still set it)."""
 from __future__ import annotations
 
 import numpy as np
@@ -13,9 +15,17 @@ from niches.coefficients import SourceGram, member_recipe, slerp_split_members
 
 
 @pytest.fixture(scope="module")
-def sources(llama_family):
-    checkpoints = [Checkpoint(str(llama_family[name]), llama_family[name])
-                   for name in ("variant_1", "variant_2", "variant_3")]
+def tied_bf16_family(tmp_path_factory):
+    from merging.synthetic import build_family
+
+    return build_family(tmp_path_factory.mktemp("tied"), family="llama", variants=3, seed=2, dtype=torch.bfloat16,
+                        tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="module", params=["float32", "bfloat16-tied"])
+def sources(request, llama_family):
+    family = llama_family if request.param == "float32" else request.getfixturevalue("tied_bf16_family")
+    checkpoints = [Checkpoint(str(family[name]), family[name]) for name in ("variant_1", "variant_2", "variant_3")]
     yield checkpoints
     for checkpoint in checkpoints:
         checkpoint.close()
@@ -95,4 +105,25 @@ def test_member_recipe_merges_into_the_member(gram, sources):
     for k, name in enumerate(gram.tensors):
         stacked = torch.stack([c.read(name).to(torch.float64) for c in sources])
         expected = torch.einsum("s,s...->...", torch.from_numpy(member[k]), stacked)
-        assert torch.allclose(merged[name].to(torch.float64), expected, rtol=1e-5, atol=1e-6), name
+        # computed in float32, written in the sources' dtype: one bfloat16 step (2^-8 relative) is its rounding
+        rtol = 2 ** -8 if merged[name].dtype == torch.bfloat16 else 1e-5
+        assert torch.allclose(merged[name].to(torch.float64), expected, rtol=rtol, atol=1e-6), name
+
+
+def test_tied_embeddings_are_one_tensor_of_the_member(tied_bf16_family, tmp_path):
+    """With tied embeddings the checkpoint stores the matrix once: the Gram has no separate
+    head tensor, and the merged member loads with its head equal to its embeddings."""
+    from transformers import AutoModelForCausalLM
+
+    from merging.engine import merge_to_disk
+
+    checkpoints = [Checkpoint(str(tied_bf16_family[n]), tied_bf16_family[n]) for n in ("variant_1", "variant_2")]
+    gram = SourceGram.compute(checkpoints)
+    assert "lm_head.weight" not in gram.tensors and gram.groups[0] == "embed"
+    member = 0.25 * gram.one_hot(0) + 0.75 * gram.one_hot(1)
+    plan = plan_merge(member_recipe(member, gram, "bfloat16"), {c.reference: c for c in checkpoints})
+    merge_to_disk(plan, tmp_path / "member")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "member")
+    embed = torch.lerp(*(c.read("model.embed_tokens.weight").float() for c in checkpoints), 0.75)
+    assert torch.equal(model.lm_head.weight, model.model.embed_tokens.weight)
+    assert torch.allclose(model.model.embed_tokens.weight.float(), embed, atol=1e-2)

@@ -262,3 +262,26 @@ def test_the_heatmap_shows_a_slice_parameter_on_its_own_layers():
     (_, grid), = _heatmap_grids(genome, np.array([0.05, 0.1, 0.2, 0.3, 0.4, 0.45])).values()
     np.testing.assert_allclose(grid, [[0.05, 0.1, 0.2, np.nan, np.nan, np.nan],
                                       [np.nan, np.nan, np.nan, 0.3, 0.4, 0.45]])
+
+
+def test_tied_bfloat16_models_have_no_separate_head_gene_target(tmp_path):
+    """With tied embeddings the head is the embedding matrix (stored once): the layout has
+    no lm_head, and the embeddings gene sets the one matrix both read."""
+    from merging.synthetic import build_family
+
+    family = build_family(tmp_path, family="llama", variants=2, seed=3, dtype=torch.bfloat16, tie_word_embeddings=True)
+    layout = LayerLayout.of(Checkpoint("base", family["base"]))
+    assert layout.pre_names == ("model.embed_tokens.weight",) and layout.post_names == ("model.norm.weight",)
+    text = TEMPLATE.format(base=family["base"], v1=family["variant_1"], v2=family["variant_2"])
+    genome = RecipeGenome.from_text(text.replace("dtype: float32", "dtype: bfloat16"), "template.yaml", layout)
+    x = np.linspace(0.0, 1.0, genome.dimension)
+    recipe = genome.decode(x)
+    density = genome.values(x)[0]
+    plan = plan_merge(recipe, open_models(recipe))
+    try:
+        by_name = {task.output.name: task.params for task in plan.tasks}
+    finally:
+        plan.close()
+    assert "lm_head.weight" not in by_name
+    assert by_name["model.embed_tokens.weight"]["density"][0] == pytest.approx(density[0])
+    assert by_name["model.norm.weight"]["density"][0] == pytest.approx(density[-1])
