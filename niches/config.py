@@ -187,7 +187,9 @@ def load_config(path: str | Path) -> RunConfig:
         # typo is what the user has to fix
         errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
         error = errors[0]
-        loc = tuple(error["loc"])
+        # without the tag pydantic puts after a list index for TaskEntry's two forms
+        loc = tuple(part for i, part in enumerate(error["loc"])
+                    if not (i and isinstance(error["loc"][i - 1], int) and part in ("name", "spec")))
         if error["type"] == "extra_forbidden":
             near = difflib.get_close_matches(str(loc[-1]), _known_keys(RunConfig, loc), n=1)
             message = f"unknown key {loc[-1]!r}" + (f" (did you mean {near[0]!r}?)" if near else "")
