@@ -64,7 +64,10 @@ def run_search(stage: str, search: Search, scorer: Scorer, folder: RunFolder, *,
 
     logged = {(row["kind"], row["index"]): row for row in folder.rows(folder.candidates_file)
               if row["stage"] == stage}
-    summarised = {row["round"] for row in folder.rows(folder.optimizer_file) if row["stage"] == stage}
+    if any("round" not in row for row in logged.values()):
+        raise EvomergeError(f"{folder.candidates_file} was written by an older evomerge (its lines have no `round`) "
+                            "and cannot be replayed; use a new --run-dir")
+    summarised = {row.get("round") for row in folder.rows(folder.optimizer_file) if row["stage"] == stage}
     # replayed samples cost no time: the bar starts past them, so its rate and time left are the real ones
     replayed = sum(kind == "sample" for kind, _ in logged)
     bar = tqdm(total=total, initial=min(replayed, total), desc=f"{stage} evaluations", disable=not progress,
@@ -77,6 +80,7 @@ def run_search(stage: str, search: Search, scorer: Scorer, folder: RunFolder, *,
             candidates = search.ask()
             numbered = [_numbered(c, round_, logged, counts, stage, folder) for c in candidates]
             scored = scorer.score(candidates)
+            fresh = any(row is None for _, row in numbered)
             for candidate, (index, row), evaluation in zip(candidates, numbered, scored):
                 if row is None:
                     row = _row(stage, candidate, index, round_, evaluation)
@@ -84,7 +88,7 @@ def run_search(stage: str, search: Search, scorer: Scorer, folder: RunFolder, *,
                     bar.update(int(candidate.kind == "sample"))
                 history.append(row)
             search.tell(candidates, [s.scores for s in scored])
-            if round_ not in summarised:
+            if fresh or round_ not in summarised:  # (an extended run's rounds after its old end are new)
                 folder.append(folder.optimizer_file, {"stage": stage, "round": round_, **search.summary()})
             bar.set_postfix(best=f"{max(r['fitness'] for r in history):.4f}", refresh=False)
             round_ += 1

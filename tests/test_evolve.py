@@ -193,6 +193,9 @@ def test_a_bigger_budget_extends_a_finished_run(micro_zoo, tmp_path, capsys):
     rows = read_candidates(tmp_path / "run")
     samples = [r for r in rows if r["kind"] == "sample"]
     assert rows[:7] == first and len(samples) == 12 and [r["index"] for r in samples] == list(range(12))
+    summaries = [json.loads(line) for line in (tmp_path / "run" / "optimizer.jsonl").read_text().splitlines()]
+    # a summary per round that scored something new: the old end (the mean) stays, then the extension's rounds
+    assert [(s["round"], s["evaluations"]) for s in summaries] == [(0, 6), (1, 6), (1, 12), (2, 12)]
     # the progress bar starts past the 6 replayed candidates (they take no time, so counting
     # them as evaluations would make the time left an underestimate)
     bar = capsys.readouterr().err
