@@ -183,7 +183,8 @@ class CMAES:
         self._tell_fitness(candidates, [fitness(s) for s in scores])
 
     def _tell_fitness(self, candidates: Sequence[Candidate], fitnesses: Sequence[float]) -> None:
-        if len(candidates) != len(self._pending) or any(c is not p for c, p in zip(candidates, self._pending)):
+        if not self._pending or len(candidates) != len(self._pending) or any(
+                c is not p for c, p in zip(candidates, self._pending)):
             raise ValueError("tell takes exactly the candidates the last ask returned, in order")
         for value in fitnesses:
             if not math.isfinite(value):

@@ -364,7 +364,7 @@ def report(config: dict, rows: list[dict], command: str, invocation_s: float, pn
     separable = {r.get("separable") for row in rows for r in row["runs"] if row["method"].kind == "cma_es"}
     lines += ["", f"Total time: {total / 60:.1f} min, the wall time of all runs summed (resumed runs count their "
               f"earlier part too; this invocation took {invocation_s / 60:.1f} min, skipping finished runs). "
-              f"CMA-ES: pycma {cma.__version__}, covariance {'separable (diagonal)' if separable == {True} else 'full'}, population "
+              f"CMA-ES: pycma {cma.__version__}, covariance {'separable (diagonal)' if separable == {True} else 'full'}, step size CSA, population "
               f"{POPULATION}, sigma0 {INIT_STD}. Peak RSS: the high-water mark of the forked process that ran the "
               f"method (Python, torch and the data included). The paper's figures (digits only) are those issue 5 "
               f"quotes. Discussion: [m2n2.md, results and gaps](m2n2.md#results-and-gaps).",

@@ -181,6 +181,8 @@ def test_separable_auto_switches_on_dimension():
 
 def test_tell_rejects_other_candidates_and_non_finite_fitness():
     search = CMAES(np.full(3, 0.5), 0.1)
+    with pytest.raises(ValueError, match="exactly the candidates"):
+        search.tell([], [])
     candidates = search.ask()
     with pytest.raises(ValueError, match="candidates but"):
         search.tell(candidates, [scores(0.0)])
