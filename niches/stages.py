@@ -18,7 +18,7 @@ from evaluation.tasks import Task
 from merging.checkpoint import Checkpoint, resolve_model_path
 from merging.dataflow import DataflowSpace
 from merging.errors import RecipeError
-from merging.recipe import Recipe, load_yaml
+from merging.recipe import load_yaml
 from niches.baselines import RandomSearch
 from niches.cmaes import CMAES, default_popsize
 from niches.coefficients import CoefficientGenome, SourceGram, slerp_split_members
@@ -184,9 +184,4 @@ def m2n2_stage(config: RunConfig, models: list[str], folder: RunFolder, max_eval
                            n_params=int(gram.sizes.sum()), allowed_boundaries=gram.boundaries(settings.split_at),
                            crossover_fn=crossover, seed=config.seed)
     return Stage("m2n2", CoefficientGenome(gram), search, settings.max_evals, checkpoints, models[0])
-
-
-def decode(stage: Stage, outcome: Outcome) -> Recipe:
-    """The recipe of the stage's answer."""
-    return stage.genome.decode(outcome.best_genome)
 
