@@ -72,9 +72,13 @@ def plan_key(plan: MergePlan, seed: int) -> str:
 
 
 def task_key(task, limit: int | None, settings: dict[str, Any]) -> str:
-    """Everything that changes a task's scores: its settings (prompt, scorer, decoding,
-    BOS), a content hash of its data (`task.fingerprint()`), the example limit, and the
-    harness `settings` that change scores (dtype, batch size)."""
+    """Everything that changes a task's scores: its settings (prompt, scorer, decoding),
+    a content hash of its data (`task.fingerprint()`), the example limit, and the
+    harness `settings` that change scores (dtype, batch size, and whether generation
+    prompts start with BOS: the resolved choice, not the task's `bos` field, so that
+    "the tokenizer's default" and the same choice written out share a key)."""
     from dataclasses import asdict
 
-    return _digest({"task": asdict(task), "data": task.fingerprint(), "limit": limit, "harness": settings}, 16)
+    fields = asdict(task)
+    fields.pop("bos", None)
+    return _digest({"task": fields, "data": task.fingerprint(), "limit": limit, "harness": settings}, 16)

@@ -362,3 +362,168 @@ def test_an_untied_head_the_merge_does_not_write_is_an_error(llama_family, tmp_p
     harness = Harness(tied["base"], device="cpu")
     harness.load_candidate(plan)
     assert harness.model.lm_head.weight.data_ptr() == harness.model.model.embed_tokens.weight.data_ptr()
+
+
+def arithmetic_recipe(sources, weight: float, other: float):
+    """task_arithmetic over variant_1 and `twin_of_base`, a copy of the base: its task vector
+    is zero, so its weight (`other`) cannot change a tensor."""
+    return parse_recipe(f"""
+merge_method: task_arithmetic
+base_model: {sources['base']}
+models:
+  - {{model: {sources['variant_1']}, parameters: {{weight: {weight}}}}}
+  - {{model: {sources['twin_of_base']}, parameters: {{weight: {other}}}}}
+""")
+
+
+@pytest.fixture
+def twin_sources(family, tmp_path):
+    import shutil
+
+    return {**family, "twin_of_base": shutil.copytree(family["base"], tmp_path / "twin_of_base")}
+
+
+def score(harness, recipe, tasks):
+    return harness.score_recipe(recipe, open_models(recipe), tasks)
+
+
+def test_a_functional_twin_reuses_the_scores(twin_sources, tasks, tmp_path):
+    cache = tmp_path / "scores.jsonl"
+    harness = Harness(twin_sources["base"], device="cpu", cache=cache)
+    first = score(harness, arithmetic_recipe(twin_sources, 1.0, 0.3), tasks)
+    original = harness.last_candidate
+    assert harness.last_twin is None and set(harness.last_timings.evaluate) == {"gen", "mc", "ppl"}
+    twin = score(harness, arithmetic_recipe(twin_sources, 1.0, 0.7), tasks)
+    assert harness.last_candidate != original and harness.last_twin == original
+    assert harness.last_timings.evaluate == {} and harness.last_timings.twin == ["gen", "mc", "ppl"]
+    assert {k: r.scores for k, r in twin.items()} == {k: r.scores for k, r in first.items()}
+    # recorded as such: the cache line names the twin, and a resumed run finds twins too
+    lines = [json.loads(line) for line in cache.read_text().splitlines()]
+    assert [line.get("twin") for line in lines] == [None] * 3 + [original] * 3
+    resumed = Harness(twin_sources["base"], device="cpu", cache=cache)
+    score(resumed, arithmetic_recipe(twin_sources, 1.0, 0.9), tasks)
+    assert resumed.last_twin == original and resumed.last_timings.evaluate == {}
+    score(resumed, arithmetic_recipe(twin_sources, 1.0, 0.7), tasks)  # cached, still reported as a twin
+    assert resumed.last_timings.cached == ["gen", "mc", "ppl"] and resumed.last_twin == original
+
+
+def test_a_near_twin_is_scored(twin_sources, tasks):
+    harness = Harness(twin_sources["base"], device="cpu")
+    score(harness, arithmetic_recipe(twin_sources, 1.0, 0.3), tasks[2:])
+    score(harness, arithmetic_recipe(twin_sources, 1.001, 0.3), tasks[2:])
+    assert harness.last_twin is None and set(harness.last_timings.evaluate) == {"ppl"}
+
+
+def test_a_hash_collision_never_reuses_scores(twin_sources, tasks, monkeypatch):
+    """Every probe output hashes alike here: only the comparison of the outputs themselves
+    tells the twin (reused) from the near-twin (scored)."""
+    import evaluation.functional
+
+    monkeypatch.setattr(evaluation.functional, "functional_hash", lambda output: "collision")
+    harness = Harness(twin_sources["base"], device="cpu")
+    score(harness, arithmetic_recipe(twin_sources, 1.0, 0.3), tasks[2:])
+    original = harness.last_candidate
+    score(harness, arithmetic_recipe(twin_sources, 1.001, 0.3), tasks[2:])
+    assert harness.last_twin is None and set(harness.last_timings.evaluate) == {"ppl"}
+    score(harness, arithmetic_recipe(twin_sources, 1.0, 0.5), tasks[2:])
+    assert harness.last_twin == original and harness.last_timings.evaluate == {}
+
+
+def test_functional_hashing_can_be_turned_off(twin_sources, tasks):
+    harness = Harness(twin_sources["base"], device="cpu", functional=False)
+    score(harness, arithmetic_recipe(twin_sources, 1.0, 0.3), tasks[2:])
+    score(harness, arithmetic_recipe(twin_sources, 1.0, 0.7), tasks[2:])
+    assert harness.last_twin is None and harness.last_timings.probe == 0 and "ppl" in harness.last_timings.evaluate
+
+
+def test_rounding_keeps_the_significant_bits():
+    from evaluation.functional import round_significant
+
+    values = torch.tensor([1.0, -1.0, 1.0 + 2**-20, 1.0 + 2**-10, 3.0e-30, -7.25])
+    rounded = round_significant(values)
+    assert rounded.tolist() == [1.0, -1.0, 1.0, 1.0 + 2**-10, pytest.approx(3.0e-30, rel=2**-15), -7.25]
+
+
+def test_the_probe_reads_every_embedding_row_of_a_small_vocabulary():
+    from evaluation.functional import PROBE_LENGTH, PROBE_ROWS, probe_ids
+
+    ids = probe_ids(75)
+    assert ids.shape == (PROBE_ROWS, PROBE_LENGTH) and set(ids.flatten().tolist()) == set(range(75))
+    assert torch.equal(ids, probe_ids(75))
+
+
+def test_rewritten_task_data_is_scored_afresh(llama_family, tmp_path):
+    data = tmp_path / "test.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": p}) for p in PROMPTS))
+    task = Task("ppl", "perplexity", str(tmp_path / "{split}.jsonl"))
+    harness = Harness(llama_family["base"], device="cpu", cache=tmp_path / "scores.jsonl")
+    before = harness.score_resident([task])["ppl"].scores
+    passes = harness.forward_passes
+    assert harness.score_resident([task])["ppl"].scores == before and harness.forward_passes == passes
+    data.write_text("\n".join(json.dumps({"prompt": p + " again"}) for p in PROMPTS))
+    after = harness.score_resident([task])["ppl"].scores
+    assert harness.forward_passes > passes and after != before
+
+
+def test_the_task_key_holds_every_setting_that_changes_scores(llama_family, tasks):
+    from dataclasses import replace
+
+    harness = Harness(llama_family["base"], device="cpu")
+    gen = tasks[0]
+    key = harness.task_key(gen, None)
+    assert key == harness.task_key(replace(gen), None)
+    changed = [harness.task_key(gen, 3), harness.task_key(replace(gen, max_new_tokens=7), None),
+               harness.task_key(replace(gen, bos=True), None), harness.task_key(replace(gen, template="Q: {prompt}"), None)]
+    assert key not in changed
+    assert harness.task_key(replace(gen, bos=False), None) == key  # this tokenizer adds no BOS by default
+    for other in (Harness(llama_family["base"], device="cpu", batch_size=4),
+                  Harness(llama_family["base"], device="cpu", dtype=torch.bfloat16)):
+        assert other.task_key(gen, None) != key
+
+
+@pytest.fixture(scope="module")
+def bos_tokenizer(llama_family, tmp_path_factory):
+    """The synthetic tokenizer made to start every text with BOS by default, as Llama's does."""
+    from tokenizers import processors
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(llama_family["base"])
+    bos = tokenizer.bos_token
+    tokenizer._tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", special_tokens=[(bos, tokenizer.bos_token_id)])
+    folder = tmp_path_factory.mktemp("bos")
+    tokenizer.save_pretrained(folder)
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def first_inputs(model, run) -> torch.Tensor:
+    seen = []
+    hook = model.register_forward_pre_hook(lambda _, args, kwargs: seen.append(kwargs["input_ids"]), with_kwargs=True)
+    try:
+        run()
+    finally:
+        hook.remove()
+    return seen[0]
+
+
+def test_generation_prompts_start_with_bos_where_the_tokenizer_adds_it(lm, bos_tokenizer, tmp_path):
+    from dataclasses import replace
+
+    from evaluation.scoring import adds_bos, evaluate, wants_bos
+    from merging.errors import EvomergeError
+
+    model, plain = lm
+    assert adds_bos(bos_tokenizer) and not adds_bos(plain)
+    data = tmp_path / "test.jsonl"
+    data.write_text(json.dumps({"prompt": "The quick brown", "answer": "1"}) + "\n")
+    task = Task("gen", "generate", str(tmp_path / "{split}.jsonl"), max_new_tokens=2)
+    ids = plain("The quick brown", add_special_tokens=False)["input_ids"]
+    bos = bos_tokenizer.bos_token_id
+    assert first_inputs(model, lambda: evaluate(model, bos_tokenizer, task))[0].tolist() == [bos] + ids
+    assert first_inputs(model, lambda: evaluate(model, plain, task))[0].tolist() == ids
+    assert first_inputs(model, lambda: evaluate(model, bos_tokenizer, replace(task, bos=False)))[0].tolist() == ids
+    assert first_inputs(model, lambda: evaluate(model, plain, replace(task, bos=True)))[0].tolist() == [bos] + ids
+    plain_no_bos = type(plain).from_pretrained(plain.name_or_path)
+    plain_no_bos.bos_token = None
+    with pytest.raises(EvomergeError, match="task 'gen' asks for a BOS token"):
+        wants_bos(replace(task, bos=True), plain_no_bos)
