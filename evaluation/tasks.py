@@ -173,14 +173,19 @@ def _file_digest(path: str | Path) -> str:
     return _DIGESTS[key]
 
 
-_HF_FINGERPRINTS: dict[tuple[str, str], str] = {}
+_HF_FINGERPRINTS: dict[tuple, str] = {}
 
 
 def _hf_fingerprint(task: str, spec: str, split: str) -> str:
-    """The `datasets` fingerprint of the split (derived from its cached files), once per process."""
-    if (spec, split) not in _HF_FINGERPRINTS:
-        _HF_FINGERPRINTS[spec, split] = _load_hf(task, spec, split)._fingerprint
-    return _HF_FINGERPRINTS[spec, split]
+    """The `datasets` fingerprint of the split (derived from its data files), computed once
+    per process, or once per change of the files of a local dataset folder."""
+    folder = Path(spec.partition(":")[0])
+    files = tuple(sorted((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file())
+                  ) if folder.is_dir() else ()
+    key = (spec, split, files)
+    if key not in _HF_FINGERPRINTS:
+        _HF_FINGERPRINTS[key] = _load_hf(task, spec, split)._fingerprint
+    return _HF_FINGERPRINTS[key]
 
 
 def _load_hf(task: str, spec: str, split: str):

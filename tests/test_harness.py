@@ -527,3 +527,14 @@ def test_generation_prompts_start_with_bos_where_the_tokenizer_adds_it(lm, bos_t
     plain_no_bos.bos_token = None
     with pytest.raises(EvomergeError, match="task 'gen' asks for a BOS token"):
         wants_bos(replace(task, bos=True), plain_no_bos)
+
+
+def test_the_harness_shows_no_progress_bars_of_transformers(llama_family, tasks, capfd):
+    from transformers.utils import logging
+
+    harness = Harness(llama_family["base"], device="cpu")
+    recipe = passthrough_recipe(llama_family)
+    harness.score_recipe(recipe, open_models(recipe), tasks[2:])
+    assert harness.rebuilds == 1
+    captured = capfd.readouterr()
+    assert "Loading weights" not in captured.err + captured.out and logging.is_progress_bar_enabled()

@@ -77,10 +77,13 @@ def build_zoo(out_dir: str | Path, *, size: str = "micro", seed: int = 0, progre
               overwrite: bool = False) -> dict:
     """Train and score the zoo of `size` from `seed`; return (and write) its manifest.
     `size="real"` fine-tunes a pretrained model instead (evaluation/zoo/real.py)."""
+    from evaluation.harness import quiet_transformers  # the build logs its own progress
+
     if size == "real":
         from evaluation.zoo.real import build_real_zoo
 
-        return build_real_zoo(out_dir, seed=seed, progress=progress, overwrite=overwrite)
+        with quiet_transformers():
+            return build_real_zoo(out_dir, seed=seed, progress=progress, overwrite=overwrite)
     if size not in SIZES:
         raise ValueError(f"unknown zoo size {size!r}; known: {sorted(SIZES) + ['real']}")
     settings = SIZES[size]
@@ -89,7 +92,8 @@ def build_zoo(out_dir: str | Path, *, size: str = "micro", seed: int = 0, progre
     threads = torch.get_num_threads()
     torch.set_num_threads(THREADS)
     try:
-        return _build(Path(out_dir), size, settings, seed, log, overwrite, start)
+        with quiet_transformers():
+            return _build(Path(out_dir), size, settings, seed, log, overwrite, start)
     finally:
         torch.set_num_threads(threads)
 

@@ -1,0 +1,96 @@
+#!/usr/bin/env python3
+"""How many evaluations functional hashing saves, and what its probe costs.
+
+Runs each evolve config in a temporary run folder and prints, per config: the candidates
+logged, those probed (not found in the score cache by their plan key), the functional
+twins among them (candidates whose scores were reused: evaluations saved), the probe's
+seconds per probed candidate against the evaluation's seconds per evaluated candidate.
+
+    python3 scripts/bench_functional_hash.py [CONFIG ...] [--max-evals N]
+
+Default configs: the small zoo's PS, DFS and M2N2 runs (build the zoo first:
+`evomerge zoo build --size small`). Twins are read from the run folder's score cache
+(lines that name a `twin`); times come from wrapping the harness's probe and evaluation.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import evaluation.harness as harness  # noqa: E402
+from evaluation.cache import read_jsonl  # noqa: E402
+
+DEFAULT_CONFIGS = [ROOT / "recipes" / name for name in ("zoo-small-ps.yaml", "zoo-small-dfs.yaml",
+                                                        "zoo-small-m2n2.yaml")]
+
+
+class Clock:
+    """Seconds and calls of one wrapped function."""
+
+    def __init__(self, function):
+        self.function, self.seconds, self.calls = function, 0.0, 0
+
+    def __call__(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return self.function(*args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - start
+            self.calls += 1
+
+
+def bench(config: Path, max_evals: int | None) -> dict:
+    from niches.run import evolve
+
+    probe, evaluate = Clock(harness.probe_output), Clock(harness.evaluate)
+    harness.probe_output, harness.evaluate = probe, evaluate
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            run_dir = Path(folder) / "run"
+            start = time.perf_counter()
+            evolve(config, run_dir, max_evals=max_evals, progress=False)
+            wall = time.perf_counter() - start
+            logged = len(read_jsonl(run_dir / "candidates.jsonl"))
+            twins = {row["candidate"] for row in read_jsonl(run_dir / "scores.jsonl") if row.get("twin")}
+            evaluated = {row["candidate"] for row in read_jsonl(run_dir / "scores.jsonl") if not row.get("twin")}
+    finally:
+        harness.probe_output, harness.evaluate = probe.function, evaluate.function
+    return {"config": config.name, "logged": logged, "probed": probe.calls, "twins": len(twins),
+            "evaluated": len(evaluated), "probe_s": probe.seconds / max(probe.calls, 1),
+            "evaluation_s": evaluate.seconds / max(len(evaluated), 1), "wall_s": wall}
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| config | candidates logged | probed | twins (evaluations saved) | probe s / candidate "
+             "| evaluation s / candidate | probe / evaluation | wall s |", "|---" * 8 + "|"]
+    for r in rows:
+        share = r["probe_s"] / r["evaluation_s"] if r["evaluation_s"] else float("nan")
+        lines.append(f"| {r['config']} | {r['logged']} | {r['probed']} | {r['twins']} | {r['probe_s']:.3f} "
+                     f"| {r['evaluation_s']:.3f} | {share:.1%} | {r['wall_s']:.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("configs", nargs="*", type=Path, default=DEFAULT_CONFIGS)
+    parser.add_argument("--max-evals", type=int, default=None, help="budget per stage (default: the config's)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    args = parser.parse_args(argv)
+    rows = []
+    for config in args.configs:
+        rows.append(bench(config, args.max_evals))
+        print(json.dumps(rows[-1]), flush=True)
+    print(table(rows))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
