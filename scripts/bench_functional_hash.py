@@ -2,9 +2,10 @@
 """How many evaluations functional hashing saves, and what its probe costs.
 
 Runs each evolve config in a temporary run folder and prints, per config: the candidates
-logged, those probed (not found in the score cache by their plan key), the functional
-twins among them (candidates whose scores were reused: evaluations saved), the probe's
-seconds per probed candidate against the evaluation's seconds per evaluated candidate.
+logged, those probed (not found in the score cache by their plan key; the report's
+scoring of the best merge is one more), the functional twins among them (candidates
+whose scores were reused: evaluations saved), and the probe's seconds per probed
+candidate against the seconds one candidate's evaluation on the fitness tasks takes.
 
     python3 scripts/bench_functional_hash.py [CONFIG ...] [--max-evals N]
 
@@ -32,24 +33,32 @@ DEFAULT_CONFIGS = [ROOT / "recipes" / name for name in ("zoo-small-ps.yaml", "zo
 
 
 class Clock:
-    """Seconds and calls of one wrapped function."""
+    """Seconds and calls of one wrapped function, per `key(*args)`."""
 
-    def __init__(self, function):
-        self.function, self.seconds, self.calls = function, 0.0, 0
+    def __init__(self, function, key=lambda *args: None):
+        self.function, self.key = function, key
+        self.seconds: dict = {}
+        self.calls: dict = {}
 
     def __call__(self, *args, **kwargs):
         start = time.perf_counter()
         try:
             return self.function(*args, **kwargs)
         finally:
-            self.seconds += time.perf_counter() - start
-            self.calls += 1
+            key = self.key(*args)
+            self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - start
+            self.calls[key] = self.calls.get(key, 0) + 1
 
 
 def bench(config: Path, max_evals: int | None) -> dict:
+    """One run of `config` in a temporary folder, timed."""
+    import yaml
+
     from niches.run import evolve
 
-    probe, evaluate = Clock(harness.probe_output), Clock(harness.evaluate)
+    fitness = yaml.safe_load(config.read_text())["fitness"]
+    probe = Clock(harness.probe_output)
+    evaluate = Clock(harness.evaluate, key=lambda model, tokenizer, task, *rest: task.split == fitness["split"])
     harness.probe_output, harness.evaluate = probe, evaluate
     try:
         with tempfile.TemporaryDirectory() as folder:
@@ -59,12 +68,13 @@ def bench(config: Path, max_evals: int | None) -> dict:
             wall = time.perf_counter() - start
             logged = len(read_jsonl(run_dir / "candidates.jsonl"))
             twins = {row["candidate"] for row in read_jsonl(run_dir / "scores.jsonl") if row.get("twin")}
-            evaluated = {row["candidate"] for row in read_jsonl(run_dir / "scores.jsonl") if not row.get("twin")}
     finally:
         harness.probe_output, harness.evaluate = probe.function, evaluate.function
-    return {"config": config.name, "logged": logged, "probed": probe.calls, "twins": len(twins),
-            "evaluated": len(evaluated), "probe_s": probe.seconds / max(probe.calls, 1),
-            "evaluation_s": evaluate.seconds / max(len(evaluated), 1), "wall_s": wall}
+    probes = probe.calls.get(None, 0)
+    evaluated = evaluate.calls.get(True, 0) / len(fitness["tasks"])  # candidates scored on the fitness tasks
+    return {"config": config.name, "logged": logged, "probed": probes, "twins": len(twins),
+            "probe_s": probe.seconds.get(None, 0.0) / max(probes, 1),
+            "evaluation_s": evaluate.seconds.get(True, 0.0) / max(evaluated, 1), "wall_s": wall}
 
 
 def table(rows: list[dict]) -> str:

@@ -397,6 +397,7 @@ def test_a_functional_twin_reuses_the_scores(twin_sources, tasks, tmp_path):
     assert harness.last_candidate != original and harness.last_twin == original
     assert harness.last_timings.evaluate == {} and harness.last_timings.twin == ["gen", "mc", "ppl"]
     assert {k: r.scores for k, r in twin.items()} == {k: r.scores for k, r in first.items()}
+    assert harness.rebuilds == 0  # generating leaves the resident config as the candidates' config
     # recorded as such: the cache line names the twin, and a resumed run finds twins too
     lines = [json.loads(line) for line in cache.read_text().splitlines()]
     assert [line.get("twin") for line in lines] == [None] * 3 + [original] * 3
