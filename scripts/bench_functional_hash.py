@@ -7,7 +7,7 @@ scoring of the best merge is one more), the functional twins among them (candida
 whose scores were reused: evaluations saved), and the probe's seconds per probed
 candidate against the seconds one candidate's evaluation on the fitness tasks takes.
 
-    python3 scripts/bench_functional_hash.py [CONFIG ...] [--max-evals N]
+    python3 scripts/bench_functional_hash.py [CONFIG ...] [--max-evals N] [--zoo SIZE_OR_FOLDER]
 
 Default configs: the small zoo's PS, DFS and M2N2 runs (build the zoo first:
 `evomerge zoo build --size small`). Twins are read from the run folder's score cache
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -48,6 +49,18 @@ class Clock:
             key = self.key(*args)
             self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - start
             self.calls[key] = self.calls.get(key, 0) + 1
+
+
+def with_zoo(config: Path, zoo: str, folder: Path) -> Path:
+    """A copy of `config` (and the YAML files beside it, which it may name) using `zoo`."""
+    import yaml
+
+    for path in config.parent.glob("*.yaml"):
+        shutil.copy2(path, folder / path.name)
+    settings = yaml.safe_load(config.read_text())
+    settings["zoo"] = zoo
+    (folder / config.name).write_text(yaml.safe_dump(settings, sort_keys=False))
+    return folder / config.name
 
 
 def bench(config: Path, max_evals: int | None) -> dict:
@@ -91,12 +104,18 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("configs", nargs="*", type=Path, default=DEFAULT_CONFIGS)
     parser.add_argument("--max-evals", type=int, default=None, help="budget per stage (default: the config's)")
+    parser.add_argument("--zoo", default=None, help="run the configs on this zoo (a size or folder) instead")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = parser.parse_args(argv)
     rows = []
-    for config in args.configs:
-        rows.append(bench(config, args.max_evals))
-        print(json.dumps(rows[-1]), flush=True)
+    with tempfile.TemporaryDirectory() as copies:
+        for config in args.configs:
+            if args.zoo:
+                folder = Path(copies) / config.stem
+                folder.mkdir()
+                config = with_zoo(config, args.zoo, folder)
+            rows.append(bench(config, args.max_evals))
+            print(json.dumps(rows[-1]), flush=True)
     print(table(rows))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
