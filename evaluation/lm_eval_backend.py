@@ -32,6 +32,23 @@ class LmEvalTask:
     split: str = TASK_SPLIT
     """lm-eval scores the split its YAML names; another one asked for is an error, not ignored."""
 
+    def fingerprint(self) -> str:
+        """What identifies the task's data cheaply: lm-eval's version (its task catalogue
+        and the datasets it points to) and the content of the custom task YAMLs, if any."""
+        import hashlib
+        from importlib.metadata import PackageNotFoundError, version
+
+        digest = hashlib.sha256()
+        try:
+            digest.update(version("lm_eval").encode())
+        except PackageNotFoundError:
+            pass
+        if self.include_path:
+            for path in sorted(Path(self.include_path).rglob("*")):
+                if path.is_file():
+                    digest.update(str(path.relative_to(self.include_path)).encode() + path.read_bytes())
+        return digest.hexdigest()[:20]
+
     def run(self, model, tokenizer, *, limit: int | None, batch_size: int) -> TaskResult:
         try:
             from lm_eval import simple_evaluate

@@ -1,7 +1,8 @@
 """Run a causal LM over a task's examples and return per-example scores.
 
-Generation is batched with left padding (so every prompt ends where generation starts)
-and greedy, and a batch stops as soon as every sequence has produced a stop string or
+Generation is batched with left padding (so every prompt ends where generation starts),
+starts with the BOS token where the tokenizer adds one by default (a task's `bos`), and
+is greedy, and a batch stops as soon as every sequence has produced a stop string or
 EOS: merged candidates are scored thousands of times, so wasted decoding steps matter.
 """
 from __future__ import annotations
@@ -29,27 +30,46 @@ class _StopWhenAllDone:
         return torch.tensor(done, device=input_ids.device)
 
 
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer starts a text with its BOS token by default (what HF
+    pipelines and vLLM send the model): Llama and Gemma tokenizers do, GPT-2's does not."""
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a")["input_ids"][:1] == [bos] != tokenizer(
+        "a", add_special_tokens=False)["input_ids"][:1]
+
+
+def wants_bos(task: Task, tokenizer) -> bool:
+    """A task's `bos` setting resolved for `tokenizer` (None: the tokenizer's default)."""
+    if task.bos is None:
+        return adds_bos(tokenizer)
+    if task.bos and tokenizer.bos_token_id is None:
+        raise EvomergeError(f"task {task.name!r} asks for a BOS token (bos: true) and the tokenizer has none")
+    return task.bos
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int,
-             stop: Sequence[str] = (), batch_size: int = 32, stats: dict | None = None) -> list[str]:
-    """Greedy continuations of `prompts` (decoded, cut at the first stop string).
+             stop: Sequence[str] = (), batch_size: int = 32, bos: bool = False,
+             stats: dict | None = None) -> list[str]:
+    """Greedy continuations of `prompts` (decoded, cut at the first stop string); with
+    `bos`, each prompt starts with the tokenizer's BOS token.
 
     With `stats`, adds to stats["new_tokens"] the tokens generated (padding of finished
     rows excluded) for throughput measurements."""
     from transformers import StoppingCriteriaList
 
     device = next(model.parameters()).device
-    tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    prefix = [tokenizer.bos_token_id] if bos else []
     outputs: list[str] = []
     for start in range(0, len(prompts), batch_size):
-        batch = list(prompts[start:start + batch_size])
-        encoded = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-        length = encoded["input_ids"].shape[1]
+        ids = [prefix + tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts[start:start + batch_size]]
+        input_ids, attention = _left_padded(ids, tokenizer.pad_token_id, device)
+        length = input_ids.shape[1]
         generated = model.generate(
-            **encoded, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens, do_sample=False,
+            num_beams=1, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
             stopping_criteria=StoppingCriteriaList([_StopWhenAllDone(tokenizer, length, stop)]),
         )
         if stats is not None:
@@ -58,6 +78,15 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int,
         texts = tokenizer.batch_decode(generated[:, length:], skip_special_tokens=True)
         outputs.extend(cut_at_stop(text, stop) for text in texts)
     return outputs
+
+
+def _left_padded(ids: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists as one left-padded batch and its attention mask: every prompt ends
+    where generation starts."""
+    width = max(len(x) for x in ids)
+    input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=device)
+    attention = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)
+    return input_ids, attention
 
 
 def _right_padded(ids: list[list[int]], pad: int | None, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,7 +164,7 @@ def evaluate(model, tokenizer, task: Task, *, limit: int | None = None, batch_si
     if task.kind == "generate":
         texts = generate(model, tokenizer, [task.prompt(e) for e in examples],
                          max_new_tokens=task.max_new_tokens, stop=task.stop, batch_size=batch_size,
-                         stats=stats)
+                         bos=wants_bos(task, tokenizer), stats=stats)
         scores = [task.score_generation(e, t) for e, t in zip(examples, texts)]
     elif task.kind == "multiple_choice":
         contexts, continuations, owners = [], [], []

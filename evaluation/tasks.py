@@ -18,6 +18,7 @@ plain TSV files fetched through the Hugging Face Hub cache.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import re
@@ -106,21 +107,43 @@ class Task:
     choices_field: str = "choices"
     fewshot: list[dict] = field(default_factory=list)
     """Worked examples prepended to each prompt (already formatted with `template`)."""
+    bos: bool | None = None
+    """Generation prompts start with the tokenizer's BOS token: None (default) where the
+    tokenizer adds it by default (as HF pipelines and vLLM do, and as Llama and Gemma
+    models were scored in their papers), True always, False never."""
 
     def load(self, limit: int | None = None) -> list[dict]:
         """The examples of `split`, the first `limit` of them."""
         if self.data.startswith("hf:"):
-            rows = _load_hf(self.name, self.data[3:], self.split)
+            rows = [dict(row) for row in _load_hf(self.name, self.data[3:], self.split)]
         elif self.data.startswith("mgsm:"):
-            rows = _load_mgsm(self.name, self.data[5:], self.split)
+            rows = parse_mgsm_tsv(_mgsm_file(self.name, self.data[5:], self.split))
         elif self.data == "sklearn:digits":
             rows = _load_digits(self.split)
         else:
-            path = Path(self.data.format(split=self.split))
-            if not path.is_file():
-                raise EvomergeError(f"task {self.name!r}: data file {path} not found")
-            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            rows = [json.loads(line) for line in self._local_file().read_text().splitlines() if line.strip()]
         return rows[:limit] if limit is not None else rows
+
+    def fingerprint(self) -> str:
+        """A content hash of the split's data, so that rewritten data is never served the
+        scores of the old (the score cache keys on it): the bytes of a local file, the
+        `datasets` fingerprint of a Hub dataset, the TSV of MGSM, scikit-learn's version
+        for its bundled digits."""
+        if self.data.startswith("hf:"):
+            return _hf_fingerprint(self.name, self.data[3:], self.split)
+        if self.data.startswith("mgsm:"):
+            return _file_digest(_mgsm_file(self.name, self.data[5:], self.split))
+        if self.data == "sklearn:digits":
+            import sklearn
+
+            return f"sklearn-{sklearn.__version__}"
+        return _file_digest(self._local_file())
+
+    def _local_file(self) -> Path:
+        path = Path(self.data.format(split=self.split))
+        if not path.is_file():
+            raise EvomergeError(f"task {self.name!r}: data file {path} not found")
+        return path
 
     def prompt(self, example: dict) -> str:
         shots = "".join(self.template.format(**shot) + str(shot[self.answer_field]) + "\n\n"
@@ -137,8 +160,36 @@ class Task:
         return float(predicted is not None and predicted == reference)
 
 
-def _load_hf(task: str, spec: str, split: str) -> list[dict]:
-    """The rows of a `datasets` id (a Hub id, read from the local cache when offline, or a
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+"""(resolved path, size, mtime) -> content hash: a task's file is hashed once per change."""
+
+
+def _file_digest(path: str | Path) -> str:
+    path = Path(path).resolve()
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _DIGESTS:
+        _DIGESTS[key] = hashlib.sha256(path.read_bytes()).hexdigest()[:20]
+    return _DIGESTS[key]
+
+
+_HF_FINGERPRINTS: dict[tuple, str] = {}
+
+
+def _hf_fingerprint(task: str, spec: str, split: str) -> str:
+    """The `datasets` fingerprint of the split (derived from its data files), computed once
+    per process, or once per change of the files of a local dataset folder."""
+    folder = Path(spec.partition(":")[0])
+    files = tuple(sorted((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file())
+                  ) if folder.is_dir() else ()
+    key = (spec, split, files)
+    if key not in _HF_FINGERPRINTS:
+        _HF_FINGERPRINTS[key] = _load_hf(task, spec, split)._fingerprint
+    return _HF_FINGERPRINTS[key]
+
+
+def _load_hf(task: str, spec: str, split: str):
+    """The split of a `datasets` id (a Hub id, read from the local cache when offline, or a
     local folder of data files); `spec` is `ID[:CONFIG]`."""
     name, _, config = spec.partition(":")
     try:
@@ -152,16 +203,16 @@ def _load_hf(task: str, spec: str, split: str) -> list[dict]:
         # split; a script-based dataset that datasets >= 4 refuses
         raise EvomergeError(f"task {task!r}: cannot load dataset {name!r} (config {config or None!r}, split "
                             f"{split!r}) from the Hub or its local cache: {exc}") from exc
-    return [dict(row) for row in rows]
+    return rows
 
 
 MGSM_REPO = "juletxara/mgsm"
 
 
-def _load_mgsm(task: str, lang: str, split: str) -> list[dict]:
-    """MGSM's test split in `lang`, from the plain `mgsm_{lang}.tsv` of the dataset repo
-    (its loading script is refused by `datasets` >= 4). The file goes through the Hub
-    cache, so it is read offline once cached."""
+def _mgsm_file(task: str, lang: str, split: str) -> str:
+    """The path of MGSM's test split in `lang`: the plain `mgsm_{lang}.tsv` of the dataset
+    repo (its loading script is refused by `datasets` >= 4), through the Hub cache, so it
+    is read offline once cached."""
     from huggingface_hub import hf_hub_download
 
     filename = f"mgsm_{lang}.tsv"
@@ -172,7 +223,7 @@ def _load_mgsm(task: str, lang: str, split: str) -> list[dict]:
     except OSError as exc:  # offline and not cached, no network, no such file
         raise EvomergeError(f"task {task!r}: cannot fetch {filename} of the dataset {MGSM_REPO} from the Hub "
                             f"or its local cache: {exc}") from exc
-    return parse_mgsm_tsv(path)
+    return path
 
 
 def parse_mgsm_tsv(path: str | Path) -> list[dict]:
@@ -190,9 +241,22 @@ def parse_mgsm_tsv(path: str | Path) -> list[dict]:
     return records
 
 
-def _load_digits(split: str) -> list[dict]:
-    from evaluation.zoo.digits import load_digits_split
+def load_digits_split(train_fraction: float = 0.8):
+    """M2N2's image-classifier data, scikit-learn's bundled 8x8 digits (offline), as
+    (x_train, y_train, x_test, y_test): float32 features (N, 64) scaled to [0, 1] (pixels
+    are 0..16), int64 labels 0..9. Split without shuffling (first 80% train, last 20%
+    test) so that every run and every machine sees the same examples."""
+    import torch
+    from sklearn.datasets import load_digits
 
+    digits = load_digits()
+    x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
+    y = torch.tensor(digits.target, dtype=torch.int64)
+    cut = int(len(x) * train_fraction)
+    return x[:cut], y[:cut], x[cut:], y[cut:]
+
+
+def _load_digits(split: str) -> list[dict]:
     if split not in ("train", "test"):
         raise EvomergeError(f"sklearn:digits has splits train and test, not {split!r}")
     x_train, y_train, x_test, y_test = load_digits_split()
@@ -269,6 +333,21 @@ EvoLLM-JP scores used (without its extra fastText check that the answer is in Ja
 `digits` (offline) is M2N2's image classification data."""
 
 
+def task_from_spec(name: str, spec: dict, root: str | Path) -> Task:
+    """A zoo manifest's task spec (zoo.json's `tasks`) as a Task over the zoo folder
+    `root`'s `data/NAME/{split}.jsonl`; specs without a kind (micro, small) are
+    generate tasks."""
+    return Task(name, spec.get("kind", "generate"), str(Path(root) / "data" / name / "{split}.jsonl"),
+                split="test", template=spec.get("template", "{prompt}"), extract=spec.get("extract", "last_number"),
+                stop=["\n"], max_new_tokens=spec.get("max_new_tokens", 32))
+
+
+def zoo_tasks(zoo_dir: str | Path) -> dict[str, Task]:
+    """A zoo's tasks by name (test split; `dataclasses.replace(task, split="dev")` for others)."""
+    manifest = json.loads(Path(zoo_dir, "zoo.json").read_text())
+    return {name: task_from_spec(name, spec, zoo_dir) for name, spec in manifest["tasks"].items()}
+
+
 def resolve_task(name: str, *, zoo_dir: str | Path | None = None, split: str | None = None,
                  lm_eval_include: str | Path | None = None) -> Task:
     """A task by name: `lm_eval:TASK` (lm-evaluation-harness), a zoo task, a built-in
@@ -282,8 +361,6 @@ def resolve_task(name: str, *, zoo_dir: str | Path | None = None, split: str | N
         return lm_eval_task(name, lm_eval_include, split)
     task: Task | None = None
     if zoo_dir is not None and Path(zoo_dir, "zoo.json").is_file():
-        from evaluation.zoo import zoo_tasks
-
         task = zoo_tasks(zoo_dir).get(name)
     if task is None:
         task = BUILTIN_TASKS.get(name)
@@ -292,14 +369,7 @@ def resolve_task(name: str, *, zoo_dir: str | Path | None = None, split: str | N
             raise EvomergeError(f"task file {name} not found")
         task = Task(Path(name).stem, "generate", name)
     if task is None:
-        known = sorted(BUILTIN_TASKS) + (sorted(_zoo_names(zoo_dir)) if zoo_dir else [])
+        zoo_names = zoo_tasks(zoo_dir) if zoo_dir is not None and Path(zoo_dir, "zoo.json").is_file() else {}
+        known = sorted(BUILTIN_TASKS) + sorted(zoo_names)
         raise EvomergeError(f"unknown task {name!r}; known: {', '.join(known)}, or a path to a .jsonl file")
     return replace(task, split=split) if split else task
-
-
-def _zoo_names(zoo_dir: str | Path) -> list[str]:
-    if not Path(zoo_dir, "zoo.json").is_file():
-        return []
-    from evaluation.zoo import zoo_tasks
-
-    return list(zoo_tasks(zoo_dir))

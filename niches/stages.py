@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from evaluation.harness import Harness, candidate_hash
+from evaluation.harness import Harness
 from evaluation.tasks import Task
 from merging.checkpoint import Checkpoint, resolve_model_path
 from merging.dataflow import DataflowSpace
@@ -87,10 +87,8 @@ class HarnessScorer:
         recipe = self.stage.genome.decode(candidate.genome)
         results = harness.score_recipe(recipe, self.stage.checkpoints, self.tasks, limit=self.config.fitness.limit,
                                        seed=self.config.seed)
-        key = getattr(harness, "last_candidate", None) or candidate_hash(
-            recipe, {ref: c.path for ref, c in self.stage.checkpoints.items()}, self.config.seed)
-        return Scored({t.name: np.asarray(results[t.name].scores, dtype=np.float64) for t in self.tasks}, key,
-                      getattr(harness, "last_twin", None), time.perf_counter() - start)
+        return Scored({t.name: np.asarray(results[t.name].scores, dtype=np.float64) for t in self.tasks},
+                      harness.last_candidate, harness.last_twin, time.perf_counter() - start)
 
 
 def make_harness(template: Path, config: RunConfig, cache: Path) -> Harness:

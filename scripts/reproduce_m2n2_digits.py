@@ -102,7 +102,7 @@ METHODS = {
 
 def load_data(name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     if name == "digits":
-        from evaluation.zoo.digits import load_digits_split
+        from evaluation.tasks import load_digits_split
 
         x, y, xt, yt = load_digits_split()
         return x * 16.0, y, xt * 16.0, yt  # the reference feeds raw pixel counts

@@ -184,7 +184,7 @@ def test_archive_update_rule():
 
 @pytest.fixture(scope="module")
 def digits():
-    from evaluation.zoo.digits import load_digits_split
+    from evaluation.tasks import load_digits_split
 
     torch.set_num_threads(1)
     x, y, _, _ = load_digits_split()

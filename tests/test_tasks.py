@@ -190,6 +190,7 @@ def test_mgsm_tasks_read_the_tsv_from_the_hub_cache(hub_cache):
     assert task.score_generation(rows[1], " 1000と234で1,234です。\n\n\n問題：次") == 1.0
     assert task.score_generation(rows[1], " 答えは1234\n問題: 次は99") == 1.0  # half-width stop too
     assert len(BUILTIN_TASKS["mgsm_ja_evollm"].load()) == 3
+    assert task.fingerprint() == BUILTIN_TASKS["mgsm_ja_evollm"].fingerprint()  # the same file
 
 
 def test_mgsm_without_the_file_cached_names_task_and_file(hub_cache):
@@ -217,6 +218,10 @@ def test_hf_tasks_load_a_local_dataset_folder(tmp_path, monkeypatch):
     rows = task.load()
     assert rows == [{"question": f"{i}+1?", "answer": f"#### {i + 1}"} for i in range(3)]
     assert task.score_generation(rows[2], "3") == 1.0
+    before = task.fingerprint()
+    assert task.fingerprint() == before
+    (folder / "test.jsonl").write_text(json.dumps({"question": "9+1?", "answer": "#### 10"}))
+    assert task.fingerprint() != before
     with pytest.raises(EvomergeError, match="task 'sums': cannot load dataset .*split 'train'"):
         _load_hf("sums", str(folder), "train")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
@@ -234,3 +239,40 @@ def test_hf_tasks_without_datasets_say_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets -> ImportError
     with pytest.raises(EvomergeError, match=r"task 'gsm8k' reads the dataset 'openai/gsm8k'.*evomerge\[datasets\]"):
         _load_hf("gsm8k", "openai/gsm8k:main", "test")
+
+
+def test_the_fingerprint_follows_the_content_of_the_data(tmp_path):
+    data = tmp_path / "test.jsonl"
+    data.write_text(json.dumps({"prompt": "1+1=", "answer": "2"}) + "\n")
+    task = Task("t", "generate", str(tmp_path / "{split}.jsonl"))
+    before = task.fingerprint()
+    data.write_text(json.dumps({"prompt": "1+1=", "answer": "2"}) + "\n")  # rewritten, same bytes
+    assert task.fingerprint() == before
+    data.write_text(json.dumps({"prompt": "1+2=", "answer": "3"}) + "\n")
+    assert task.fingerprint() != before
+    from merging.errors import EvomergeError
+
+    with pytest.raises(EvomergeError, match="task 't': data file .*dev.jsonl not found"):
+        dataclasses.replace(task, split="dev").fingerprint()
+
+
+def test_tasks_do_not_import_the_zoo():
+    """Layers inside evaluation: the zoo uses tasks, tasks never import the zoo (digits included)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, evaluation.tasks as tasks; tasks.resolve_task('digits').load(3); "
+            "print(sorted(m for m in sys.modules if m.startswith('evaluation.zoo')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+
+
+def test_zoo_task_specs_are_tasks(tmp_path):
+    from evaluation.tasks import task_from_spec, zoo_tasks
+
+    (tmp_path / "zoo.json").write_text(json.dumps({"tasks": {"math": {"extract": "last_number", "max_new_tokens": 4},
+                                                             "ppl": {"kind": "perplexity"}}}))
+    tasks = zoo_tasks(tmp_path)
+    assert tasks["math"] == task_from_spec("math", {"extract": "last_number", "max_new_tokens": 4}, tmp_path)
+    assert tasks["math"].data == str(tmp_path / "data" / "math" / "{split}.jsonl") and tasks["math"].max_new_tokens == 4
+    assert tasks["ppl"].kind == "perplexity"

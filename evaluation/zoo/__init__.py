@@ -10,8 +10,8 @@ from pathlib import Path
 ZOO_HOME = Path(os.environ.get("EVOMERGE_ZOO", Path.home() / ".cache" / "evomerge" / "zoo"))
 """Where `evomerge zoo build --size SIZE` writes (ZOO_HOME/SIZE) unless told otherwise."""
 
-from evaluation.zoo.build import SIZES, build_tokenizer, build_zoo, format_matrix, zoo_tasks
-from evaluation.zoo.digits import load_digits_split
+from evaluation.tasks import load_digits_split, zoo_tasks
+from evaluation.zoo.build import SIZES, build_tokenizer, build_zoo, format_matrix
 from evaluation.zoo.real import build_real_zoo
 
 __all__ = ["ZOO_HOME", "SIZES", "build_tokenizer", "build_zoo", "build_real_zoo", "format_matrix", "zoo_tasks",

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import torch
 
-from evaluation.tasks import Task
+from evaluation.tasks import task_from_spec
 from evaluation.zoo import data
 from evaluation.zoo.train import train
 
@@ -73,27 +73,17 @@ def build_tokenizer():
                                    unk_token="<unk>", bos_token="<eos>")
 
 
-def zoo_tasks(zoo_dir: str | Path) -> dict[str, Task]:
-    """The zoo's tasks by name (test split; `dataclasses.replace(task, split="dev")` for others)."""
-    manifest = json.loads(Path(zoo_dir, "zoo.json").read_text())
-    return {name: _task(Path(zoo_dir), name, spec) for name, spec in manifest["tasks"].items()}
-
-
-def _task(root: Path, name: str, spec: dict) -> Task:
-    """A manifest's task spec as a Task; specs without a kind (micro, small) are generate tasks."""
-    return Task(name, spec.get("kind", "generate"), str(root / "data" / name / "{split}.jsonl"), split="test",
-                template=spec.get("template", "{prompt}"), extract=spec.get("extract", "last_number"), stop=["\n"],
-                max_new_tokens=spec.get("max_new_tokens", 32))
-
-
 def build_zoo(out_dir: str | Path, *, size: str = "micro", seed: int = 0, progress: bool = True,
               overwrite: bool = False) -> dict:
     """Train and score the zoo of `size` from `seed`; return (and write) its manifest.
     `size="real"` fine-tunes a pretrained model instead (evaluation/zoo/real.py)."""
+    from evaluation.harness import quiet_transformers  # the build logs its own progress
+
     if size == "real":
         from evaluation.zoo.real import build_real_zoo
 
-        return build_real_zoo(out_dir, seed=seed, progress=progress, overwrite=overwrite)
+        with quiet_transformers():
+            return build_real_zoo(out_dir, seed=seed, progress=progress, overwrite=overwrite)
     if size not in SIZES:
         raise ValueError(f"unknown zoo size {size!r}; known: {sorted(SIZES) + ['real']}")
     settings = SIZES[size]
@@ -102,7 +92,8 @@ def build_zoo(out_dir: str | Path, *, size: str = "micro", seed: int = 0, progre
     threads = torch.get_num_threads()
     torch.set_num_threads(THREADS)
     try:
-        return _build(Path(out_dir), size, settings, seed, log, overwrite, start)
+        with quiet_transformers():
+            return _build(Path(out_dir), size, settings, seed, log, overwrite, start)
     finally:
         torch.set_num_threads(threads)
 
@@ -128,7 +119,7 @@ def _build(out_dir: Path, size: str, settings: dict, seed: int, log: Callable[[s
                 path = root / "data" / name / f"{split}.jsonl"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        tasks = {name: _task(root, name, spec) for name, spec in TASK_SPECS.items()}
+        tasks = {name: task_from_spec(name, spec, root) for name, spec in TASK_SPECS.items()}
 
         def save(model, name: str) -> None:
             model.save_pretrained(root / "models" / name)

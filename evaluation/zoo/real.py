@@ -108,7 +108,7 @@ def build_real_zoo(out_dir: str | Path, *, seed: int = 0, progress: bool = True,
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     from evaluation.scoring import evaluate
-    from evaluation.zoo.build import _task
+    from evaluation.tasks import task_from_spec
     from merging.checkpoint import atomic_output_dir
 
     log: Callable[[str], None] = (lambda msg: print(f"[zoo real] {msg}", flush=True)) if progress else (lambda _: None)
@@ -142,7 +142,7 @@ def build_real_zoo(out_dir: str | Path, *, seed: int = 0, progress: bool = True,
                 tokenizer.save_pretrained(root / "models" / name)
 
             log("scoring the specialization matrix")
-            tasks = {name: _task(root, name, spec) for name, spec in TASK_SPECS.items()}
+            tasks = {name: task_from_spec(name, spec, root) for name, spec in TASK_SPECS.items()}
             matrix: dict[str, dict[str, dict]] = {}
             for name in ["base", *FINETUNED_ON]:
                 model = AutoModelForCausalLM.from_pretrained(root / "models" / name).eval()

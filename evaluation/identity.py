@@ -1,0 +1,84 @@
+"""What makes two candidates, or two task settings, the same: the keys of the score cache.
+
+A cached score may only be served for the very model and the very measurement it was
+made on, and a search should never pay twice for one model. So keys are computed from
+what determines the numbers, not from how they were asked for:
+
+* a candidate is its resolved merge plan (`plan_key`): per output tensor the operator,
+  its resolved parameters (numbers as floats: `weight: 1` is `weight: 1.0`) and the
+  identity of every source tensor (its checkpoint's identity and its name), the output
+  config, and the seed only when the method draws random numbers. Two recipes that
+  resolve to the same plan (a relative and an absolute path to one folder, an unused
+  seed) share a key; anything that changes a tensor changes it.
+* a checkpoint on disk is its resolved path plus its weight and JSON files' sizes and
+  modification times (`checkpoint_hash`): hashing the bytes of a 7B model would take
+  minutes, and a model rebuilt in place must not inherit the old model's scores.
+* a task measurement is the task's settings, a content hash of its data, the example
+  limit and the harness settings that change scores (`task_key`).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from merging.engine import MergePlan, output_config
+
+
+def _digest(payload: Any, length: int = 20) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:length]
+
+
+def checkpoint_hash(path: str | Path) -> str:
+    """Identity of a checkpoint folder on disk: its resolved path and its weight files'
+    sizes and modification times."""
+    path = Path(path).resolve()
+    files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns)
+                   for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".json"))
+    return _digest([str(path), files])
+
+
+def normalise(value: Any) -> Any:
+    """A resolved parameter as the key sees it: every number a float (so 1 and 1.0, and
+    0.0 and -0.0, are one value), lists and maps normalised inside; booleans and strings
+    as they are."""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)):
+        number = float(value)
+        return repr(number + 0.0) if math.isfinite(number) else repr(number)
+    if isinstance(value, (list, tuple)):
+        return [normalise(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): normalise(v) for k, v in value.items()}
+    return repr(value)
+
+
+def plan_key(plan: MergePlan, seed: int) -> str:
+    """The candidate key of a resolved plan (see the module docstring)."""
+    sources = {ref: checkpoint_hash(checkpoint.path) for ref, checkpoint in plan.checkpoints.items()}
+    tensors = []
+    for task in plan.tasks:
+        tensors.append([
+            task.output.name, list(task.output.shape), str(task.output.dtype),
+            [sources[task.base.model], task.base.name] if task.base else None,
+            [[sources[ref.model], ref.name] for ref in task.inputs],
+            {name: normalise(value) for name, value in task.params.items()},
+        ])
+    return _digest({"method": plan.method.name, "tensors": tensors, "config": output_config(plan),
+                    "seed": seed if plan.method.random else None})
+
+
+def task_key(task, limit: int | None, settings: dict[str, Any]) -> str:
+    """Everything that changes a task's scores: its settings (prompt, scorer, decoding),
+    a content hash of its data (`task.fingerprint()`), the example limit, and the
+    harness `settings` that change scores (dtype, batch size, and whether generation
+    prompts start with BOS: the resolved choice, not the task's `bos` field, so that
+    "the tokenizer's default" and the same choice written out share a key)."""
+    from dataclasses import asdict
+
+    fields = asdict(task)
+    fields.pop("bos", None)
+    return _digest({"task": fields, "data": task.fingerprint(), "limit": limit, "harness": settings}, 16)
