@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
+import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -23,7 +24,9 @@ from merging.operators.base import REQUIRED, MergeMethod
 Scalar = Union[bool, int, float, str]
 ScalarOrGradient = Union[Scalar, list[Scalar]]
 
-DTYPES = ("float32", "float16", "bfloat16", "float64")
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16,
+                                  "bfloat16": torch.bfloat16, "float64": torch.float64}
+"""The dtype names a recipe's `dtype` / `out_dtype` may give: the one table of the project."""
 UNSUPPORTED_KEYS = {
     "modules": "multi-module merges (`modules:`) are not supported; use `models:` or `slices:`",
     "tokenizer": "vocabulary merging (`tokenizer:`) is not supported; use `tokenizer_source: base` or a model",
