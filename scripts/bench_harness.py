@@ -31,8 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchdocs import update_section  # noqa: E402
 from evaluation.harness import Harness  # noqa: E402
-from evaluation.zoo import build_zoo, zoo_tasks  # noqa: E402
-from merging.cli import DEFAULT_ZOO  # noqa: E402
+from evaluation.zoo import ZOO_HOME as DEFAULT_ZOO, build_zoo, zoo_tasks  # noqa: E402
 from merging.engine import open_models  # noqa: E402
 from merging.recipe import parse_recipe  # noqa: E402
 
