@@ -317,3 +317,55 @@ def test_ctrl_c_during_evolve_says_what_was_kept_and_how_to_resume(micro_zoo, tm
     assert f"{logged} scored candidate(s) are kept in {log}" in stderr
     assert f"evomerge evolve {config} --run-dir {run_dir} --no-progress" in stderr
     assert all(json.loads(line) for line in log.read_text().splitlines())
+
+
+# --- set-up scripts -------------------------------------------------------------------------
+
+FAKE_PYTHON = """\
+#!/usr/bin/env bash
+echo "$*" >> "$CALLS"
+case "$*" in
+  *sys.executable*) echo /fake/python ;;
+  *"import evomerge"*) echo "$INSTALLED_AT" ;;
+  *"import torch"*) exit "${NO_TORCH:-0}" ;;
+esac
+"""
+
+
+def test_setup_installs_what_is_asked_and_skips_what_is_current(tmp_path):
+    """setup.sh against a stand-in python that records its calls: the demo's core install,
+    the tests' dev install, nothing when current, again when pyproject.toml changes or
+    evomerge imports from elsewhere, and torch only when none is present."""
+    repo = tmp_path / "repo"
+    (repo / "scripts").mkdir(parents=True)
+    shutil.copy(ROOT / "scripts" / "setup.sh", repo / "scripts")
+    shutil.copy(ROOT / "pyproject.toml", repo)
+    python = tmp_path / "python"
+    python.write_text(FAKE_PYTHON)
+    python.chmod(0o755)
+    calls = tmp_path / "calls"
+
+    def pip_calls(*args: str, **env: str) -> list[str]:
+        calls.write_text("")
+        result = subprocess.run(["bash", str(repo / "scripts" / "setup.sh"), *args], capture_output=True, text=True,
+                                env={**os.environ, "PYTHON": str(python), "CALLS": str(calls),
+                                     "INSTALLED_AT": str(repo), **env})
+        assert result.returncode == 0, result.stderr
+        return [line for line in calls.read_text().splitlines() if line.startswith("-m pip")]
+
+    assert pip_calls() == ["-m pip install --quiet -e ."]
+    assert pip_calls() == []
+    assert pip_calls("dev") == ["-m pip install --quiet -e .[dev]"]
+    assert pip_calls("dev") == [] and pip_calls() == []  # dev holds the core
+    with open(repo / "pyproject.toml", "a") as file:
+        file.write("\n# changed\n")
+    assert pip_calls("dev") == ["-m pip install --quiet -e .[dev]"]
+    assert pip_calls("dev", INSTALLED_AT="/elsewhere") == ["-m pip install --quiet -e .[dev]"]
+    (repo / ".cache").rename(tmp_path / "stamps")
+    assert pip_calls(NO_TORCH="1") == ["-m pip install --quiet torch==2.13.0", "-m pip install --quiet -e ."]
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    assert "```bash\nbash scripts/test.sh\n```" in readme
+    assert (ROOT / ".ci" / "run").read_text().strip().endswith("\nbash scripts/test.sh")
