@@ -41,7 +41,7 @@ def add_eval_parser(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of random merge methods (recipes)")
     parser.add_argument("--allow-pickle", action="store_true", help="allow pickled .bin weights (recipes)")
     parser.add_argument("--output", type=Path, default=None, help="write results with per-example scores here")
-    parser.set_defaults(run=run_eval)
+    parser.set_defaults(run=run_eval, interrupted=interrupted_eval)
 
 
 def run_eval(args: argparse.Namespace) -> None:
@@ -80,6 +80,11 @@ def run_eval(args: argparse.Namespace) -> None:
             "model": args.model, "device": device, "limit": args.limit,
             "tasks": {name: result.to_dict() for name, result in results.items()},
         }, indent=2))
+
+
+def interrupted_eval(args: argparse.Namespace) -> str:
+    kept = f"; the scores computed so far are kept in {args.cache}" if args.cache else ""
+    return f"no results were written{kept}"
 
 
 def add_zoo_parser(subparsers) -> None:

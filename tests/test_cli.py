@@ -369,3 +369,19 @@ def test_ci_runs_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
     assert "```bash\nbash scripts/test.sh\n```" in readme
     assert (ROOT / ".ci" / "run").read_text().strip().endswith("\nbash scripts/test.sh")
+
+
+def test_the_small_zoo_reproduction_prints_measured_facts_only():
+    """Its table carries the machine's measured core count and load, no run path of the
+    machine that made it, and the command anyone can run."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from reproduce_evollm_small import METHODS, table
+
+    score = {"mean": 0.1, "stderr": 0.01, "n": 300}
+    report = {"scores": {m: {t: score for t in ("math_lang", "math", "lang")}
+                         for m in ("evolved", "zoo:lang", "/somewhere/models/math")}}
+    stage = {"evaluations": 200, "best_fitness": 0.125}
+    results = {name: {"report": report, "stages": {"ps": stage}} for name in METHODS}
+    text = table(results, {name: 100.0 for name in METHODS}, 0.5, "2 cores, load average 1.0")
+    assert "2 cores, load average 1.0" in text and "busy" not in text and "/somewhere" not in text
+    assert "| math |" in text and "--runs runs --write-docs" in text
