@@ -1,7 +1,8 @@
 """The parser and runner of `evomerge merge` (the dispatcher is evomerge/cli.py).
 
-Building the parser imports no torch, so `evomerge merge --help` answers at once; the
-list of methods in the help is read from the operator registry only when help is asked for.
+Building the parser imports no torch, so that `evomerge --help` and the other commands'
+help answer at once. `evomerge merge --help` lists the merge methods from the operator
+registry (which imports torch), read only when that help is asked for.
 """
 from __future__ import annotations
 
