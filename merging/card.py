@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 
 import yaml
 
+from merging.checkpoint import ZOO_PREFIX
+
 if TYPE_CHECKING:
     from merging.engine import MergePlan
 
@@ -30,7 +32,9 @@ def model_card(plan: "MergePlan", tokenizer_model: str, tokenizer_files: list[st
         f"- `{ref}`{' (base)' if ref == recipe.base_model else ''}: {ck.path}"
         for ref, ck in plan.checkpoints.items()
     )
-    rerun = "evomerge merge recipe.yaml OUT_DIR" + (f" --seed {seed}" if plan.method.random else "")
+    zoo = any(ref.startswith(ZOO_PREFIX) for ref in plan.checkpoints)
+    rerun = ("evomerge merge recipe.yaml OUT_DIR" + (" --zoo ZOO" if zoo else "")
+             + (f" --seed {seed}" if plan.method.random else ""))
     return f"""---
 {yaml.safe_dump(front, sort_keys=False).strip()}
 ---
@@ -46,7 +50,7 @@ Tokenizer from `{tokenizer_model}` ({', '.join(tokenizer_files) or 'no tokenizer
 
 ## Recipe
 
-Rerun with `{rerun}`:
+Rerun with `{rerun}` (recipe.yaml is this recipe, beside the weights):
 
 ```yaml
 {recipe.to_yaml().strip()}

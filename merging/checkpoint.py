@@ -59,14 +59,21 @@ class TensorInfo:
     file: str
 
 
-def resolve_model_path(reference: str, *, allow_pickle: bool = False) -> Path:
+ZOO_PREFIX = "zoo:"
+"""`zoo:NAME` names model NAME of a zoo (`evomerge zoo build`), wherever that zoo was built."""
+
+
+def resolve_model_path(reference: str, *, allow_pickle: bool = False, zoo_dir: Path | None = None) -> Path:
     """A recipe's model reference -> a local folder.
 
-    A folder that exists is used as it is. Anything else is taken as a Hugging Face Hub
+    `zoo:NAME` is ZOO_DIR/models/NAME (the caller finds the zoo's folder). A folder that
+    exists is used as it is. Anything else is taken as a Hugging Face Hub
     id, optionally `org/name@revision`, and fetched into the HF cache (or found there
     when offline). Only safetensors, configs and tokenizer files are fetched; pickled
     weights only with `allow_pickle`, and only when no safetensors exist.
     """
+    if reference.startswith(ZOO_PREFIX):
+        return _zoo_model(reference, zoo_dir)
     local = Path(reference).expanduser()
     if local.is_dir():
         return local
@@ -87,6 +94,19 @@ def resolve_model_path(reference: str, *, allow_pickle: bool = False) -> Path:
             f"model {reference!r}: not a local folder, and fetching it from the Hugging Face Hub failed "
             f"({type(exc).__name__}: {exc})"
         ) from exc
+    return path
+
+
+def _zoo_model(reference: str, zoo_dir: Path | None) -> Path:
+    if zoo_dir is None:
+        raise CheckpointError(f"model {reference!r} is a zoo model: say which zoo with --zoo "
+                              "(micro, small, real or a zoo folder)")
+    name = reference.removeprefix(ZOO_PREFIX)
+    path = Path(zoo_dir) / "models" / name
+    if not path.is_dir():
+        known = sorted(p.name for p in (Path(zoo_dir) / "models").glob("*") if p.is_dir())
+        raise CheckpointError(f"model {reference!r}: the zoo at {zoo_dir} has no model {name!r}; "
+                              f"it has {', '.join(known) or 'none'}")
     return path
 
 

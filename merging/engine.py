@@ -28,10 +28,11 @@ from merging.checkpoint import (
 )
 from merging.errors import CheckpointError, EvomergeError, RecipeError
 from merging.operators.base import MergeMethod
-from merging.recipe import OutputSlice, Recipe, output_slices, parameter_scopes, resolve_parameter
+from merging.recipe import DTYPES, OutputSlice, Recipe, output_slices, parameter_scopes, resolve_parameter
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-          "float64": torch.float64}
+
+RECIPE_FILE = "recipe.yaml"
+"""The recipe a merged checkpoint was made from, written beside its weights."""
 
 
 @dataclass(frozen=True)
@@ -70,16 +71,18 @@ class MergePlan:
             checkpoint.close()
 
 
-def open_models(recipe: Recipe, *, allow_pickle: bool = False,
-                recipe_dir: Path | None = None) -> dict[str, Checkpoint]:
+def open_models(recipe: Recipe, *, allow_pickle: bool = False, recipe_dir: Path | None = None,
+                zoo_dir: Path | None = None) -> dict[str, Checkpoint]:
     """Open every model a recipe names. A relative path is looked up in the current
-    directory first (as mergekit does), then beside the recipe file."""
+    directory first (as mergekit does), then beside the recipe file; `zoo:NAME` in
+    `zoo_dir`. Each keeps the name the recipe gives it (the card shows that name)."""
     checkpoints = {}
     for reference in recipe.referenced_models():
         local = Path(reference).expanduser()
         if not local.is_dir() and recipe_dir is not None and (recipe_dir / reference).is_dir():
             local = recipe_dir / reference
-        path = local if local.is_dir() else resolve_model_path(reference, allow_pickle=allow_pickle)
+        path = local if local.is_dir() else resolve_model_path(reference, allow_pickle=allow_pickle,
+                                                                 zoo_dir=zoo_dir)
         checkpoints[reference] = Checkpoint(reference, path, allow_pickle=allow_pickle)
     return checkpoints
 
@@ -307,8 +310,10 @@ def merge_to_disk(plan: MergePlan, out_dir: str | Path, *, device: str | torch.d
                   seed: int = 0, overwrite: bool = False, max_shard_bytes: int = 5 * 10**9,
                   progress: bool = False, card_notes: str = "") -> Path:
     """Write the merged checkpoint folder: weights, config, generation config, tokenizer
-    files of the tokenizer source, and a model card (with `card_notes`, markdown, at its
-    end: an evolution run adds lineage and scores). Atomic: all or nothing."""
+    files of the tokenizer source, the recipe (recipe.yaml, as mergekit writes its config,
+    so `evomerge merge recipe.yaml` remakes the folder) and a model card (with
+    `card_notes`, markdown, at its end: an evolution run adds lineage and scores).
+    Atomic: all or nothing."""
     from merging.card import model_card
 
     out_dir = Path(out_dir)
@@ -330,6 +335,7 @@ def merge_to_disk(plan: MergePlan, out_dir: str | Path, *, device: str | torch.d
             shutil.copy2(generation, staging / "generation_config.json")
         else:
             _write_generation_config(staging)
+        (staging / RECIPE_FILE).write_text(plan.recipe.to_yaml())
         (staging / "README.md").write_text(model_card(plan, tokenizer_model, copied, card_notes, seed=seed))
     return out_dir
 

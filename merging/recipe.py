@@ -9,10 +9,13 @@ slice's, the top-level `parameters`.
 """
 from __future__ import annotations
 
+import difflib
+import types
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Iterable, Optional, Union, get_args, get_origin
 
+import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -23,7 +26,9 @@ from merging.operators.base import REQUIRED, MergeMethod
 Scalar = Union[bool, int, float, str]
 ScalarOrGradient = Union[Scalar, list[Scalar]]
 
-DTYPES = ("float32", "float16", "bfloat16", "float64")
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16,
+                                  "bfloat16": torch.bfloat16, "float64": torch.float64}
+"""The dtype names a recipe's `dtype` / `out_dtype` may give: the one table of the project."""
 UNSUPPORTED_KEYS = {
     "modules": "multi-module merges (`modules:`) are not supported; use `models:` or `slices:`",
     "tokenizer": "vocabulary merging (`tokenizer:`) is not supported; use `tokenizer_source: base` or a model",
@@ -252,11 +257,51 @@ def validate_recipe(data: Any, root: yaml.Node, source: str) -> Recipe:
         loc = tuple(p for p in error["loc"] if not isinstance(p, str) or p in _all_keys(data))
         message = error["msg"]
         if error["type"] == "extra_forbidden":
-            message = f"unknown key {error['loc'][-1]!r}"
+            message = unknown_key_message(Recipe, error["loc"])
         raise fail(loc, message) from None
     for loc, message in _semantic_errors(recipe):
         raise fail(loc, message)
     return recipe
+
+
+def did_you_mean(word: str, known: Iterable[str]) -> str:
+    """"; did you mean 'X'?" for the known word nearest a misspelt one, else "". A typo
+    is the usual unknown key, and the fix is quicker to read than the list of keys."""
+    match = difflib.get_close_matches(word, sorted(known), n=1, cutoff=0.6)
+    return f"; did you mean {match[0]!r}?" if match else ""
+
+
+def unknown_key_message(schema: type[BaseModel], loc: tuple) -> str:
+    """The message for pydantic's `extra_forbidden` error at `loc` (the unknown key last):
+    the key, and the nearest key the schema allows at that place. Shared with the run
+    configs of niches/, whose schema is as strict."""
+    key = str(loc[-1])
+    return f"unknown key {key!r}{did_you_mean(key, schema_keys_at(schema, loc[:-1]))}"
+
+
+def schema_keys_at(schema: type[BaseModel], loc: tuple) -> set[str]:
+    """The keys a pydantic schema allows in the mapping at `loc` (a pydantic error
+    location: field names, list indexes, dict keys, and union branch tags, skipped)."""
+    current: list[Any] = [schema]
+    for part in loc:
+        following = []
+        for member in (m for annotation in current for m in _union_members(annotation)):
+            if isinstance(member, type) and issubclass(member, BaseModel):
+                if part in member.model_fields:
+                    following.append(member.model_fields[part].annotation)
+            elif get_origin(member) is list and isinstance(part, int):
+                following.append(get_args(member)[0])
+            elif get_origin(member) is dict and isinstance(part, str):
+                following.append(get_args(member)[1])
+        current = following or current  # a union branch tag ('list[FilteredValue]') leads nowhere
+    return {name for annotation in current for member in _union_members(annotation)
+            if isinstance(member, type) and issubclass(member, BaseModel) for name in member.model_fields}
+
+
+def _union_members(annotation: Any) -> list[Any]:
+    if get_origin(annotation) in (Union, types.UnionType):
+        return [m for arg in get_args(annotation) for m in _union_members(arg)]
+    return [annotation]
 
 
 def _semantic_errors(recipe: Recipe):
@@ -291,8 +336,8 @@ def _semantic_errors(recipe: Recipe):
     for loc, params, allowed in scopes:
         for name in params or {}:
             if name not in allowed:
-                hint = (f"; {recipe.merge_method} takes {', '.join(sorted(allowed))}" if allowed
-                        else f"; {recipe.merge_method} takes no parameters here")
+                hint = (f"{did_you_mean(name, allowed)}; {recipe.merge_method} takes {', '.join(sorted(allowed))}"
+                        if allowed else f"; {recipe.merge_method} takes no parameters here")
                 yield loc + (name,), f"unknown parameter {name!r}{hint}"
     for i, slice_ in enumerate(output_slices(recipe)):
         loc = ("models",) if recipe.models else ("slices", i)

@@ -7,7 +7,7 @@ disk round trip), and evaluating it on the zoo's tasks (batched greedy generatio
 with the tokens generated per second. The target is that building the candidate (plan
 + merge) costs under 5% of evaluating it.
 
-It uses the small zoo (built first if missing: ~7 minutes on 2 cores) and scores a few
+It uses the small zoo (built first if missing; build times: docs/zoo.md) and scores a few
 distinct candidates (dare_ties, ties and task_arithmetic merges of math and lang over
 the base); the first candidate also pays for warm-up, so the table shows each one.
 Results go to docs/benchmarks.md, one section per device kind.
@@ -31,8 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchdocs import update_section  # noqa: E402
 from evaluation.harness import Harness  # noqa: E402
-from evaluation.zoo import build_zoo, zoo_tasks  # noqa: E402
-from merging.cli import DEFAULT_ZOO  # noqa: E402
+from evaluation.zoo import ZOO_HOME as DEFAULT_ZOO, build_zoo, zoo_tasks  # noqa: E402
 from merging.engine import open_models  # noqa: E402
 from merging.recipe import parse_recipe  # noqa: E402
 

@@ -270,7 +270,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
     tools: list[tuple[str, list[str]]] = []
     if not args.skip_evomerge:
-        tools.append(("evomerge", [sys.executable, "-m", "merging.cli", "merge", "recipe.yaml", "out-evomerge",
+        tools.append(("evomerge", [sys.executable, "-m", "evomerge", "merge", "recipe.yaml", "out-evomerge",
                                    "--overwrite", "--no-progress"]))
     if not args.skip_mergekit:
         if not Path(args.mergekit_bin).exists():

@@ -284,7 +284,7 @@ def compare_recipe(recipe_path: Path, paths: dict[str, Path], work: Path, args: 
     jobs = [
         ("mergekit", mk_out, [args.mergekit_bin, "recipe.yaml", str(mk_out), "--random-seed",
                               str(args.seed), "--quiet"]),
-        ("evomerge", ev_out, [sys.executable, "-m", "merging.cli", "merge", "recipe.yaml",
+        ("evomerge", ev_out, [sys.executable, "-m", "evomerge", "merge", "recipe.yaml",
                               str(ev_out), "--overwrite", "--seed", str(args.seed), "--no-progress"]),
     ]
     if mode == "approx":

@@ -4,15 +4,18 @@ base, on `math_lang` (test split), with standard errors; the paper's MGSM-JA num
 and M2N2 on the same models, fitness data and budget as PS.
 
     evomerge zoo build --size small
-    python3 scripts/reproduce_evollm_small.py --runs runs/        # resumable, ~10 min on 1 core
+    python3 scripts/reproduce_evollm_small.py --runs runs        # resumable
+    python3 scripts/reproduce_evollm_small.py --runs runs --write-docs
 
 Runs `evomerge evolve` on recipes/zoo-small-{ps,dfs,ps-dfs,m2n2}.yaml (each resumes if its
-run folder exists) and writes the table into docs/results.md.
+run folder exists) and prints the table. With --write-docs it also replaces the section of
+docs/results.md (the wall times measured there are the reference for how long this takes).
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import resource
 import sys
 from pathlib import Path
@@ -32,19 +35,26 @@ PAPER = [("Shisa Gamma 7B v1 (Japanese)", "9.6"), ("WizardMath 7B v1.1", "18.4")
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=Path, default=ROOT / "runs", help="folder of the three run folders")
+    parser.add_argument("--runs", type=Path, default=ROOT / "runs", help="folder of the four run folders")
+    parser.add_argument("--write-docs", action="store_true",
+                        help="also write the table into docs/results.md (for the project's own results)")
     parser.add_argument("--docs", type=Path, default=ROOT / "docs" / "results.md")
     args = parser.parse_args()
+    load_before = os.getloadavg()[0]
     results = {name: evolve(ROOT / "recipes" / f"zoo-small-{name}.yaml", args.runs / f"zoo-small-{name}",
                             progress=True) for name in METHODS}
-    seconds = {name: result["wall_seconds"] for name, result in results.items()}
+    machine = (f"{os.cpu_count()} cores, one torch thread, no GPU; load average {load_before:.1f} at the start "
+               f"and {os.getloadavg()[0]:.1f} at the end")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    update_section("evollm_small", "Evolutionary merging on the small zoo (miniature of Akiba et al., Table 1)",
-                   table(results, seconds, peak, args.runs), docs=args.docs)
-    print(f"wrote {args.docs}")
+    body = table(results, {name: result["wall_seconds"] for name, result in results.items()}, peak, machine)
+    print(body)
+    if args.write_docs:
+        update_section("evollm_small", "Evolutionary merging on the small zoo (miniature of Akiba et al., Table 1)",
+                       body, docs=args.docs)
+        print(f"wrote {args.docs}")
 
 
-def table(results: dict, seconds: dict, peak_gib: float, runs: Path) -> str:
+def table(results: dict, seconds: dict, peak_gib: float, machine: str) -> str:
     tasks = ["math_lang", "math", "lang"]
     first = results["ps"]["report"]["scores"]
     sources = [m for m in first if m != "evolved"]
@@ -71,10 +81,10 @@ The sources' rows are the same models scored by the same harness.
 |---|---|---|---|---|---|
 {chr(10).join(rows)}
 
-Wall time (one torch thread, no GPU; the other core busy with another job), {
-    datetime.date.today().isoformat()}: PS {seconds['ps']:.0f} s, DFS {seconds['dfs']:.0f} s, PS+DFS {
-    seconds['ps-dfs']:.0f} s, M2N2 {seconds['m2n2']:.0f} s, each including the report; peak RSS {peak_gib:.2f} GiB.
-Run folders (candidates, plots, best/ checkpoints): `{runs}/zoo-small-*`.
+Wall time ({machine}), {datetime.date.today().isoformat()}: PS {seconds['ps']:.0f} s, DFS {
+    seconds['dfs']:.0f} s, PS+DFS {seconds['ps-dfs']:.0f} s, M2N2 {seconds['m2n2']:.0f} s, each including the
+report; peak RSS {peak_gib:.2f} GiB. Each run folder (candidates, plots, best/ checkpoint) is
+`RUNS/zoo-small-METHOD`.
 
 The paper's numbers (MGSM-JA accuracy, %, from the reference repository's README), for the
 setting this miniature stands in for (Japanese = lang, math models = math, MGSM-JA = math_lang):
@@ -87,7 +97,7 @@ Produced by:
 
 ```
 evomerge zoo build --size small
-python3 scripts/reproduce_evollm_small.py --runs {runs}
+python3 scripts/reproduce_evollm_small.py --runs runs --write-docs
 ```"""
 
 

@@ -83,7 +83,7 @@ CASES = ["shape mismatch", "missing tensor", "different architectures", "nan", "
 def test_bad_input_is_one_clear_message_and_no_output(name, llama_family, tmp_path):
     text, pattern = _case(name, llama_family, tmp_path)
     recipe = write_recipe(tmp_path, text)
-    result = subprocess.run([sys.executable, "-m", "merging.cli", "merge", str(recipe), str(tmp_path / "out"),
+    result = subprocess.run([sys.executable, "-m", "evomerge", "merge", str(recipe), str(tmp_path / "out"),
                              "--no-progress"], capture_output=True, text=True)
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
@@ -96,7 +96,7 @@ def test_bad_input_is_one_clear_message_and_no_output(name, llama_family, tmp_pa
 
 
 def test_pickle_loads_with_the_flag(llama_family, tmp_path, capsys):
-    from merging.cli import main
+    from evomerge.cli import main
 
     pickled = _pickled(llama_family["variant_2"], tmp_path / "pickled")
     recipe = write_recipe(tmp_path, LINEAR.format(a=llama_family["variant_1"], b=pickled))
@@ -122,7 +122,7 @@ def test_auto_picks_the_gpu_when_there_is_one(monkeypatch):
 
 
 def test_a_dry_run_needs_no_gpu(llama_family, tmp_path, capsys):
-    from merging.cli import main
+    from evomerge.cli import main
 
     recipe = write_recipe(tmp_path, LINEAR.format(a=llama_family["variant_1"], b=llama_family["variant_2"]))
     assert main(["merge", str(recipe), str(tmp_path / "out"), "--dry-run", "--device", "cuda:0"]) == 0
@@ -130,7 +130,7 @@ def test_a_dry_run_needs_no_gpu(llama_family, tmp_path, capsys):
 
 
 def test_overwrite_never_replaces_the_current_folder_or_a_checkout(llama_family, tmp_path, monkeypatch, capsys):
-    from merging.cli import main
+    from evomerge.cli import main
 
     recipe = write_recipe(tmp_path, LINEAR.format(a=llama_family["variant_1"], b=llama_family["variant_2"]))
     monkeypatch.chdir(tmp_path)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from merging.cli import main
+from evomerge.cli import main
 from merging.errors import EvomergeError, RecipeError
 from niches.config import TaskSettings, load_config
 from niches.report import report_table
@@ -135,7 +135,7 @@ def test_m2n2_run(m2n2_run):
 def kill_midway(config: Path, run_dir: Path, lines: int) -> list[str]:
     """Start `evomerge evolve` in a subprocess, SIGKILL it once the candidate log has
     `lines` lines, and return the log as the kill left it."""
-    command = [sys.executable, "-m", "merging.cli", "evolve", str(config), "--run-dir", str(run_dir), "--no-progress"]
+    command = [sys.executable, "-m", "evomerge", "evolve", str(config), "--run-dir", str(run_dir), "--no-progress"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
     log = run_dir / "candidates.jsonl"

@@ -1,11 +1,13 @@
 """Recipe parsing: mergekit's schema, parameter evaluation, and errors that name the line."""
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from merging.errors import RecipeError
 from merging.recipe import (
-    evaluate_setting, output_slices, parameter_scopes, parse_recipe, resolve_parameter,
+    did_you_mean, evaluate_setting, output_slices, parameter_scopes, parse_recipe, resolve_parameter,
 )
 from merging.operators.base import REQUIRED
 
@@ -170,6 +172,33 @@ def test_a_typo_inside_a_filter_entry_is_named_on_its_line():
             "      weight:\n        - filter: mlp\n          valu: 0.3\n        - value: 0.7\n")
     with pytest.raises(RecipeError, match=r"line 9: models\[0\]\.parameters\.weight\[0\]\.valu: unknown key 'valu'"):
         parse_recipe(text)
+
+
+@pytest.mark.parametrize("text, line, message", [
+    ("merge_methd: ties\nbase_model: a\nmodels:\n  - model: b\n", 1,
+     "merge_methd: unknown key 'merge_methd'; did you mean 'merge_method'?"),
+    ("merge_method: ties\nbase_model: a\nmodels:\n  - model: b\n    paramters: {}\n", 5,
+     "unknown key 'paramters'; did you mean 'parameters'?"),
+    ("merge_method: passthrough\nslices:\n  - sources:\n      - model: a\n        layer_rang: [0, 2]\n", 5,
+     "unknown key 'layer_rang'; did you mean 'layer_range'?"),
+    ("merge_method: ties\nbase_model: a\nmodels:\n  - model: b\n    parameters:\n      weight:\n"
+     "        - filtre: mlp\n          value: 0.3\n", 7, "unknown key 'filtre'; did you mean 'filter'?"),
+    ("merge_method: ties\nbase_model: a\nmodels:\n  - model: b\n    parameters:\n      densty: 0.5\n", 6,
+     "unknown parameter 'densty'; did you mean 'density'?"),
+    ("merge_method: ties\nbase_model: a\nmodels:\n  - model: b\nzebra: 1\n", 5, "unknown key 'zebra'$"),
+])
+def test_an_unknown_key_is_named_on_its_line_with_the_near_one(text, line, message):
+    """A typo of a required key (merge_methd) is reported as the typo, on its own line,
+    not as the required key missing; the suggestion is a key allowed at that place."""
+    with pytest.raises(RecipeError) as error:
+        parse_recipe(text, source="r.yaml")
+    assert str(error.value).startswith(f"r.yaml, line {line}: ")
+    assert re.search(re.escape(message.rstrip("$")) + ("$" if message.endswith("$") else ""), str(error.value))
+
+
+def test_did_you_mean():
+    assert did_you_mean("fitnes", ["fitness", "report", "models"]) == "; did you mean 'fitness'?"
+    assert did_you_mean("zebra", ["fitness", "report"]) == ""
 
 
 def test_a_key_given_twice_is_refused():

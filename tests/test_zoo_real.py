@@ -10,7 +10,7 @@ import pytest
 
 from evaluation.zoo import format_matrix, real_data, zoo_tasks
 from evaluation.zoo.real_data import ADD_DE, ADD_EN, ITEMS_DE, ITEMS_EN, NAMES_DE, NAMES_EN, SUB_DE, SUB_EN
-from merging.cli import build_parser
+from evomerge.cli import build_parser
 from merging.errors import EvomergeError
 
 COUNTS = {"train": 300, "dev": 40, "test": 40}

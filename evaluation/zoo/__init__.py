@@ -14,5 +14,21 @@ from evaluation.tasks import load_digits_split, zoo_tasks
 from evaluation.zoo.build import SIZES, build_tokenizer, build_zoo, format_matrix
 from evaluation.zoo.real import build_real_zoo
 
-__all__ = ["ZOO_HOME", "SIZES", "build_tokenizer", "build_zoo", "build_real_zoo", "format_matrix", "zoo_tasks",
+
+def find_zoo(zoo: str | Path, base_dir: Path = Path(".")) -> Path:
+    """A zoo size name (micro, small, real: ZOO_HOME/SIZE) or a zoo folder (relative to
+    `base_dir`) -> the folder, which must hold a built zoo (zoo.json)."""
+    from merging.errors import EvomergeError
+
+    if str(zoo) in (*SIZES, "real"):
+        path, hint = ZOO_HOME / str(zoo), f"build it with `evomerge zoo build --size {zoo}`"
+    else:
+        path = Path(zoo).expanduser()
+        path, hint = (path if path.is_absolute() else base_dir / path), "build one with `evomerge zoo build --out FOLDER`"
+    if not (path / "zoo.json").is_file():
+        raise EvomergeError(f"zoo {str(zoo)!r}: no zoo at {path}; {hint}")
+    return path
+
+
+__all__ = ["ZOO_HOME", "SIZES", "find_zoo", "build_tokenizer", "build_zoo", "build_real_zoo", "format_matrix", "zoo_tasks",
            "load_digits_split"]
