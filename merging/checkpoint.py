@@ -73,7 +73,7 @@ def resolve_model_path(reference: str, *, allow_pickle: bool = False, zoo_dir: P
     weights only with `allow_pickle`, and only when no safetensors exist.
     """
     if reference.startswith(ZOO_PREFIX):
-        return _zoo_model(reference, zoo_dir)
+        return zoo_model_path(reference, zoo_dir)
     local = Path(reference).expanduser()
     if local.is_dir():
         return local
@@ -97,7 +97,8 @@ def resolve_model_path(reference: str, *, allow_pickle: bool = False, zoo_dir: P
     return path
 
 
-def _zoo_model(reference: str, zoo_dir: Path | None) -> Path:
+def zoo_model_path(reference: str, zoo_dir: Path | None) -> Path:
+    """`zoo:NAME` -> ZOO_DIR/models/NAME, which must exist (the error lists the zoo's models)."""
     if zoo_dir is None:
         raise CheckpointError(f"model {reference!r} is a zoo model: say which zoo with --zoo "
                               "(micro, small, real or a zoo folder)")

@@ -13,7 +13,7 @@ import difflib
 import types
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Optional, Union, get_args, get_origin
+from typing import Annotated, Any, Iterable, Optional, Union, get_args, get_origin
 
 import torch
 import yaml
@@ -299,6 +299,8 @@ def schema_keys_at(schema: type[BaseModel], loc: tuple) -> set[str]:
 
 
 def _union_members(annotation: Any) -> list[Any]:
+    if get_origin(annotation) is Annotated:  # e.g. a discriminated union's tagged members
+        return _union_members(get_args(annotation)[0])
     if get_origin(annotation) in (Union, types.UnionType):
         return [m for arg in get_args(annotation) for m in _union_members(arg)]
     return [annotation]

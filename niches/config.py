@@ -8,8 +8,6 @@ for what a run writes (cards, results.json), back into the names the config used
 """
 from __future__ import annotations
 
-import difflib
-import typing
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
@@ -17,8 +15,10 @@ from typing import Annotated, Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
 from evaluation.tasks import Task, resolve_task
+from evaluation.zoo import find_zoo
+from merging.checkpoint import ZOO_PREFIX, zoo_model_path
 from merging.errors import EvomergeError, RecipeError
-from merging.recipe import load_yaml, located
+from merging.recipe import load_yaml, located, unknown_key_message
 
 PS_MODEL = "ps"
 """In a ps+dfs config's `dfs.sources`, the PS stage's best merge."""
@@ -191,8 +191,7 @@ def load_config(path: str | Path) -> RunConfig:
         loc = tuple(part for i, part in enumerate(error["loc"])
                     if not (i and isinstance(error["loc"][i - 1], int) and part in ("name", "spec")))
         if error["type"] == "extra_forbidden":
-            near = difflib.get_close_matches(str(loc[-1]), _known_keys(RunConfig, loc), n=1)
-            message = f"unknown key {loc[-1]!r}" + (f" (did you mean {near[0]!r}?)" if near else "")
+            message = unknown_key_message(RunConfig, loc)
         else:
             message = error["msg"]
         raise RecipeError(f"{located(root, loc, str(path))}: {message}") from None
@@ -215,30 +214,6 @@ def load_config(path: str | Path) -> RunConfig:
     return config
 
 
-def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
-    """The keys the mapping at `loc[:-1]` may have (for suggesting the near one)."""
-    for part in loc[:-1]:
-        field = model.model_fields.get(part) if isinstance(part, str) else None
-        if field is None:
-            continue  # a list index or a union's tag: the same model goes on
-        inner = _model_in(field.annotation)
-        if inner is None:
-            return []
-        model = inner
-    return list(model.model_fields)
-
-
-def _model_in(annotation: Any) -> type[BaseModel] | None:
-    """The pydantic model inside an annotation such as Optional[list[TaskSpec]]."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for argument in typing.get_args(annotation):
-        found = _model_in(argument)
-        if found is not None:
-            return found
-    return None
-
-
 # --- model references ---------------------------------------------------------------
 
 class References:
@@ -249,19 +224,14 @@ class References:
 
     def __init__(self, zoo: str | None, base_dir: Path):
         self.base_dir = base_dir
-        self.zoo_dir = _zoo_dir(zoo, base_dir)
+        self.zoo_dir = None if zoo is None else find_zoo(zoo, base_dir)
         self._written: dict[str, str] = {}
 
     def resolve(self, reference: str) -> str:
-        if reference.startswith("zoo:"):
+        if reference.startswith(ZOO_PREFIX):
             if self.zoo_dir is None:
                 raise EvomergeError(f"model {reference!r}: the config sets no `zoo:`")
-            name = reference[4:]
-            path = self.zoo_dir / "models" / name
-            if not path.is_dir():
-                known = sorted(p.name for p in (self.zoo_dir / "models").iterdir())
-                raise EvomergeError(f"model {reference!r}: the zoo at {self.zoo_dir} has no model {name!r}; "
-                                    f"it has {', '.join(known)}")
+            path = zoo_model_path(reference, self.zoo_dir)
             resolved = str(path.resolve())
             self._written[resolved] = reference
             return resolved
@@ -297,20 +267,3 @@ class References:
                         source["model"] = self.resolve(source["model"])
         if data.get("tokenizer_source") not in (None, "base", "union"):
             data["tokenizer_source"] = self.resolve(data["tokenizer_source"])
-
-
-def _zoo_dir(zoo: str | None, base_dir: Path) -> Path | None:
-    if zoo is None:
-        return None
-    from evaluation.zoo import SIZES, ZOO_HOME
-
-    if zoo in SIZES or zoo == "real":
-        path = ZOO_HOME / zoo
-        hint = f"build it with `evomerge zoo build --size {zoo}`"
-    else:
-        path = Path(zoo).expanduser()
-        path = path if path.is_absolute() else base_dir / path
-        hint = "build one with `evomerge zoo build --out FOLDER`"
-    if not (path / "zoo.json").is_file():
-        raise EvomergeError(f"zoo {zoo!r}: no zoo at {path}; {hint}")
-    return path
