@@ -238,7 +238,7 @@ def test_a_truncated_checkpoint_is_a_clear_error(llama_family, tmp_path):
         Harness(folder, device="cpu")
     data = tmp_path / "t.jsonl"
     data.write_text(json.dumps({"prompt": "a", "answer": "1"}) + "\n")
-    done = subprocess.run([sys.executable, "-m", "merging.cli", "eval", str(folder), "--task", str(data),
+    done = subprocess.run([sys.executable, "-m", "evomerge", "eval", str(folder), "--task", str(data),
                            "--device", "cpu"], capture_output=True, text=True)
     assert done.returncode == 2 and "model.safetensors" in done.stderr and "Traceback" not in done.stderr
 

@@ -113,7 +113,7 @@ def test_evomerge_eval_on_the_export_prints_the_logged_fitness(zoos, tmp_path):
     """The same through the command a user types."""
     run_dir, logged = run("dfs", zoos["bfloat16"], tmp_path)
     out = tmp_path / "eval.json"
-    done = subprocess.run([sys.executable, "-m", "merging.cli", "eval", str(run_dir / "best"), "--task", PPL,
+    done = subprocess.run([sys.executable, "-m", "evomerge", "eval", str(run_dir / "best"), "--task", PPL,
                            "--split", SPLIT, "--limit", str(LIMIT), "--zoo", str(zoos["bfloat16"]), "--device", "cpu",
                            "--output", str(out)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
