@@ -323,8 +323,9 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for ax, start in zip(axes, ("scratch", "pretrained")):
+    starts = [s for s in ("scratch", "pretrained") if any(r["method"].start == s for r in rows)]
+    fig, axes = plt.subplots(1, len(starts), figsize=(6 * len(starts), 4.5), squeeze=False)
+    for ax, start in zip(axes[0], starts):
         for row in (r for r in rows if r["method"].start == start):
             curves = [np.array(r["curve"]) for r in row["runs"]]
             length = min(len(c) for c in curves)
