@@ -62,8 +62,7 @@ def run_search(stage: str, search: Search, scorer: Scorer, folder: RunFolder, *,
     """Drive `search` to its end, logging every candidate of stage `stage`; its best."""
     from tqdm.auto import tqdm
 
-    logged = {(row["kind"], row["index"]): row for row in folder.rows(folder.candidates_file)
-              if row["stage"] == stage}
+    logged = {(row["kind"], row["index"]): row for row in logged_candidates(folder, stage)}
     if any("round" not in row for row in logged.values()):
         raise EvomergeError(f"{folder.candidates_file} was written by an older evomerge (its lines have no `round`) "
                             "and cannot be replayed; use a new --run-dir")
@@ -100,6 +99,11 @@ def run_search(stage: str, search: Search, scorer: Scorer, folder: RunFolder, *,
     row = next(r for r in reversed(history) if np.array_equal(np.asarray(r["genome"]), np.asarray(best).ravel()))
     return Outcome(stage, np.asarray(row["genome"]), row["fitness"], sum(r["kind"] == "sample" for r in history),
                    history)
+
+
+def logged_candidates(folder: RunFolder, stage: str | None = None) -> list[dict]:
+    """The candidate log's lines (of one stage, or all)."""
+    return [row for row in folder.rows(folder.candidates_file) if stage in (None, row["stage"])]
 
 
 def _numbered(candidate: Candidate, round_: int, logged: dict, counts: dict[str, int], stage: str,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from merging.errors import EvomergeError
 from niches.config import RunConfig, TaskSettings, References, load_config  # noqa: F401  (the public entry points)
-from niches.loop import Outcome
+from niches.loop import Outcome, logged_candidates
 from niches.report import card_notes, export, lineage, report_table, results_of, score_report  # noqa: F401
 from niches.runfolder import RunFolder
 from niches.stages import (Stage, check_m2n2_tasks, dfs_genome, dfs_pool, dfs_stage, genome_search, m2n2_stage,
@@ -64,7 +64,7 @@ def _evolve(config: RunConfig, config_path: Path, run_dir: Path, max_evals: int 
     if config.method == "m2n2":
         check_m2n2_tasks(fitness_tasks)
     folder = RunFolder(run_dir)
-    folder.start(config_path.read_text(), template_text)
+    folder.start(config_path.read_text(), template_text, scored=bool(logged_candidates(folder)))
 
     done: list[tuple[Stage, Outcome]] = []
     others: dict[str, str] = {}  # report rows besides the evolved merge: row key -> model folder or Hub id

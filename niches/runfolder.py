@@ -2,7 +2,7 @@
 which source checkpoints its logged scores were measured on.
 
     config.yaml, template.yaml   the config (and PS template) as given
-    candidates.jsonl             a line per evaluated candidate (written by niches/loop.py)
+    candidates.jsonl             a line per evaluated candidate (niches/loop.py reads and writes it)
     optimizer.jsonl              the search's summary after every ask/tell round
     scores.jsonl                 the harness's per-example score cache
     sources.json                 per stage, the identity of each source checkpoint
@@ -36,11 +36,10 @@ class RunFolder:
         self.sessions_file = self.path / "sessions.jsonl"
         self.sources_file = self.path / "sources.json"
 
-    def start(self, config_text: str, template_text: str | None) -> None:
-        """Record the config (first run, or a folder with nothing scored yet) or check that
-        a rerun gives the same one."""
+    def start(self, config_text: str, template_text: str | None, *, scored: bool) -> None:
+        """Record the config (first run, or a folder with nothing `scored` yet) or check
+        that a rerun gives the same one."""
         self.path.mkdir(parents=True, exist_ok=True)
-        scored = bool(read_jsonl(self.candidates_file))
         if not scored:  # nothing to replay: whatever an earlier attempt left says nothing
             for stale in (self.optimizer_file, self.sources_file, self.path / "template.yaml"):
                 stale.unlink(missing_ok=True)

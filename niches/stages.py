@@ -24,7 +24,7 @@ from niches.cmaes import CMAES, default_popsize
 from niches.coefficients import CoefficientGenome, SourceGram, slerp_split_members
 from niches.config import PS_MODEL, OptimizerSettings, References, RunConfig
 from niches.genome import DataflowGenome, LayerLayout, RecipeGenome
-from niches.loop import Outcome, Scored, run_search
+from niches.loop import Outcome, Scored, logged_candidates, run_search
 from niches.m2n2 import NaturalNiches
 from niches.runfolder import RunFolder
 from niches.search import Candidate, Search
@@ -59,8 +59,7 @@ class Stage:
 
 def run_stage(stage: Stage, config: RunConfig, folder: RunFolder, tasks: list[Task], progress: bool) -> Outcome:
     """The stage's search, driven by the loop in the run folder."""
-    logged = sum(row["stage"] == stage.name for row in folder.rows(folder.candidates_file))
-    folder.check_sources(stage.name, stage.checkpoints, logged)
+    folder.check_sources(stage.name, stage.checkpoints, len(logged_candidates(folder, stage.name)))
     scorer = HarnessScorer(stage, config, folder.scores_file, tasks)
     try:
         return run_search(stage.name, stage.search, scorer, folder, progress=progress, total=stage.budget)

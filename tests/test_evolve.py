@@ -523,3 +523,55 @@ def test_the_fitness_plot_tells_the_stages_means_apart():
     assert [line.get_label() for line in means] == ["ps: distribution mean", "dfs: distribution mean"]
     assert means[0].get_marker() != means[1].get_marker() and means[0].get_color() != means[1].get_color()
     assert list(means[1].get_xdata()) == [8]  # after the PS stage's 4 samples and its own 4
+
+
+class SumScorer:
+    """Scores a genome by its genes (one task, one example per gene), counting its calls:
+    the loop's `scorer.score(candidates)` without models."""
+
+    def __init__(self):
+        self.calls: list[int] = []
+
+    def score(self, candidates):
+        import numpy as np
+
+        from niches.loop import Scored
+
+        self.calls.append(len(candidates))
+        return [Scored({"genes": np.clip(np.asarray(c.genome, dtype=float).ravel(), 0, None)}, f"key{i}")
+                for i, c in enumerate(candidates)]
+
+
+def test_the_loop_drives_any_search_in_one_scoring_call_per_round_and_replays_its_log(tmp_path):
+    import numpy as np
+
+    from niches.baselines import RandomSearch
+    from niches.loop import run_search
+    from niches.m2n2 import NaturalNiches
+    from niches.runfolder import RunFolder
+
+    folder = RunFolder(tmp_path)
+    folder.start("x: 1\n", None, scored=False)
+    scorer = SumScorer()
+    outcome = run_search("random", RandomSearch(3, max_evals=7, popsize=3, seed=1), scorer, folder, progress=False,
+                         total=7)
+    assert scorer.calls == [3, 3, 1] and outcome.evaluations == 7
+    rows = [json.loads(line) for line in (tmp_path / "candidates.jsonl").read_text().splitlines()]
+    assert [(r["round"], r["index"]) for r in rows] == [(0, 0), (0, 1), (0, 2), (1, 3), (1, 4), (1, 5), (2, 6)]
+    assert outcome.best_fitness == max(r["fitness"] for r in rows) == pytest.approx(max(np.mean(r["genome"])
+                                                                                          for r in rows))
+    # a rerun replays: same lines, nothing appended, the same answer
+    again = run_search("random", RandomSearch(3, max_evals=7, popsize=3, seed=1), SumScorer(), folder,
+                       progress=False, total=7)
+    assert (tmp_path / "candidates.jsonl").read_text().count("\n") == 7
+    assert again.best_genome.tolist() == outcome.best_genome.tolist()
+    # a search that asks for other genomes than the log holds is refused, not fed the logged scores
+    with pytest.raises(EvomergeError, match="sample 0 of stage random does not replay"):
+        run_search("random", RandomSearch(3, max_evals=7, popsize=3, seed=2), SumScorer(), folder, progress=False,
+                   total=7)
+    # M2N2 through the same loop: the seeds first (outside the budget), then a child per round
+    seeds = [np.array([1.0, 0.0]), np.array([0.0, 1.0])]
+    m2n2 = run_search("m2n2", NaturalNiches(4, seeds=seeds, max_evals=5, seed=0), SumScorer(), folder,
+                      progress=False, total=5)
+    kinds = [r["kind"] for r in m2n2.history]
+    assert kinds == ["seed", "seed"] + ["sample"] * 5 and m2n2.evaluations == 5
