@@ -539,3 +539,27 @@ def test_the_harness_shows_no_progress_bars_of_transformers(llama_family, tasks,
     assert harness.rebuilds == 1
     captured = capfd.readouterr()
     assert "Loading weights" not in captured.err + captured.out and logging.is_progress_bar_enabled()
+
+
+def test_a_rebuild_frees_the_old_model_before_building_the_new(llama_family, tasks, monkeypatch):
+    """Two models of a large merge need not fit on the device at once."""
+    import weakref
+
+    from transformers import AutoModelForCausalLM
+
+    harness = Harness(llama_family["base"], device="cpu")
+    old = weakref.ref(harness.model)
+    freed = []
+    build = AutoModelForCausalLM.from_config
+
+    def spy(*args, **kwargs):
+        import sys
+
+        if sys._getframe(1).f_globals["__name__"] == "evaluation.harness":  # not the engine's meta models
+            freed.append(old() is None)
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_config", spy)
+    recipe = passthrough_recipe(llama_family)
+    harness.score_recipe(recipe, open_models(recipe), tasks[2:])
+    assert freed == [True]
