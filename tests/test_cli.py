@@ -382,6 +382,6 @@ def test_the_small_zoo_reproduction_prints_measured_facts_only():
                          for m in ("evolved", "zoo:lang", "/somewhere/models/math")}}
     stage = {"evaluations": 200, "best_fitness": 0.125}
     results = {name: {"report": report, "stages": {"ps": stage}} for name in METHODS}
-    text = table(results, {name: 100.0 for name in METHODS}, 0.5, "2 cores, load average 1.0")
+    text = table(results, {name: 100.0 for name in METHODS}, 0.5, "2 cores, load average 1.0", {name: 0 for name in METHODS})
     assert "2 cores, load average 1.0" in text and "busy" not in text and "/somewhere" not in text
     assert "| math |" in text and "--runs runs --write-docs" in text
