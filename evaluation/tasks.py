@@ -336,10 +336,10 @@ EvoLLM-JP scores used (without its extra fastText check that the answer is in Ja
 def task_from_spec(name: str, spec: dict, root: str | Path) -> Task:
     """A zoo manifest's task spec (zoo.json's `tasks`) as a Task over the zoo folder
     `root`'s `data/NAME/{split}.jsonl`; specs without a kind (micro, small) are
-    generate tasks."""
+    generate tasks, and without `bos` they follow the tokenizer's default."""
     return Task(name, spec.get("kind", "generate"), str(Path(root) / "data" / name / "{split}.jsonl"),
                 split="test", template=spec.get("template", "{prompt}"), extract=spec.get("extract", "last_number"),
-                stop=["\n"], max_new_tokens=spec.get("max_new_tokens", 32))
+                stop=["\n"], max_new_tokens=spec.get("max_new_tokens", 32), bos=spec.get("bos"))
 
 
 def zoo_tasks(zoo_dir: str | Path) -> dict[str, Task]:

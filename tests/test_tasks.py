@@ -271,8 +271,8 @@ def test_zoo_task_specs_are_tasks(tmp_path):
     from evaluation.tasks import task_from_spec, zoo_tasks
 
     (tmp_path / "zoo.json").write_text(json.dumps({"tasks": {"math": {"extract": "last_number", "max_new_tokens": 4},
-                                                             "ppl": {"kind": "perplexity"}}}))
+                                                             "ppl": {"kind": "perplexity", "bos": True}}}))
     tasks = zoo_tasks(tmp_path)
     assert tasks["math"] == task_from_spec("math", {"extract": "last_number", "max_new_tokens": 4}, tmp_path)
     assert tasks["math"].data == str(tmp_path / "data" / "math" / "{split}.jsonl") and tasks["math"].max_new_tokens == 4
-    assert tasks["ppl"].kind == "perplexity"
+    assert tasks["ppl"].kind == "perplexity" and tasks["ppl"].bos and tasks["math"].bos is None
