@@ -120,9 +120,10 @@ class CMAES:
         options = {
             "bounds": list(self.bounds), "popsize": self.initial_popsize * 2 ** self.restart,
             "seed": seed, "verbose": -9, "CMA_diagonal": self.separable,
-            # pycma picks two-point adaptation (TPA) instead of CSA from 300 dimensions on,
-            # silently; on the digits MLP TPA collapses sigma within a few thousand passes
-            # (docs/m2n2.md, "Results and gaps"). CSA is the step size CMA-ES is documented with.
+            # left to itself pycma picks two-point adaptation (TPA) instead of CSA from 300
+            # dimensions on (4.5: always; 4.0: when separable), silently; on the digits MLP TPA
+            # collapses sigma within a few thousand passes (docs/m2n2.md, "Results and gaps").
+            # CSA is the step size CMA-ES is documented with.
             "AdaptSigma": cma.sigma_adaptation.CMAAdaptSigmaCSA,
             "maxfevals": np.inf,  # the budget is ours: it holds across restarts
         }

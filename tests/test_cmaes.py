@@ -192,3 +192,11 @@ def test_tell_rejects_other_candidates_and_non_finite_fitness():
         search.tell(candidates, [scores(float("nan"))] * len(candidates))
     with pytest.raises(RuntimeError, match="before the last candidates were told"):
         search.ask()
+
+
+@pytest.mark.parametrize("settings, message", [({"sigma0": 0.0}, "sigma0"), ({"popsize": -3}, "popsize"),
+                                               ({"restarts": -1}, "negative"), ({"max_evals": -5}, "negative")])
+def test_bad_settings_are_refused_before_pycma_sees_them(settings, message):
+    arguments = {"x0": np.full(3, 0.5), "sigma0": 0.1, **settings}
+    with pytest.raises(ValueError, match=message):
+        CMAES(**arguments)
