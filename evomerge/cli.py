@@ -42,7 +42,6 @@ def main(argv: list[str] | None = None) -> int:
     from merging.errors import EvomergeError
 
     try:
-        _silence_transformers_bars()
         if getattr(args, "zoo", None) is not None:
             from evaluation.zoo import find_zoo
 
@@ -69,19 +68,6 @@ def _stdout_closed() -> int:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, sys.stdout.fileno())
     return EXIT_STDOUT_CLOSED
-
-
-def _silence_transformers_bars() -> None:
-    """transformers draws a bar for every model load ("Loading weights") and save ("Writing
-    model shards"); under evomerge's own progress they are noise. Hub download bars stay
-    as the user has them (transformers' switch turns those off too)."""
-    from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
-    from transformers.utils import logging
-
-    hub_bars = not are_progress_bars_disabled()
-    logging.disable_progress_bar()
-    if hub_bars:
-        enable_progress_bars()
 
 
 if __name__ == "__main__":
