@@ -2,10 +2,11 @@
 """How many evaluations functional hashing saves, and what its probe costs.
 
 Runs each evolve config in a temporary run folder and prints, per config: the candidates
-logged, those probed (not found in the score cache by their plan key; the report's
-scoring of the best merge is one more), the functional twins among them (candidates
-whose scores were reused: evaluations saved), and the probe's seconds per probed
-candidate against the seconds one candidate's evaluation on the fitness tasks takes.
+logged, those with the same plan (candidate key) as an earlier one (served from the
+score cache: no probe, no evaluation), those probed (the rest; the report's scoring of
+the best merge is one more), the functional twins among them (scores reused:
+evaluations saved), and the probe's seconds per probed candidate against the seconds
+one candidate's evaluation on the fitness tasks takes.
 
     python3 scripts/bench_functional_hash.py [CONFIG ...] [--max-evals N] [--zoo SIZE_OR_FOLDER]
 
@@ -79,23 +80,26 @@ def bench(config: Path, max_evals: int | None) -> dict:
             start = time.perf_counter()
             evolve(config, run_dir, max_evals=max_evals, progress=False)
             wall = time.perf_counter() - start
-            logged = len(read_jsonl(run_dir / "candidates.jsonl"))
+            rows = read_jsonl(run_dir / "candidates.jsonl")
+            keys = [row.get("candidate") or row.get("recipe_hash") for row in rows]  # the key the loop logs
             twins = {row["candidate"] for row in read_jsonl(run_dir / "scores.jsonl") if row.get("twin")}
     finally:
         harness.probe_output, harness.evaluate = probe.function, evaluate.function
     probes = probe.calls.get(None, 0)
     evaluated = evaluate.calls.get(True, 0) / len(fitness["tasks"])  # candidates scored on the fitness tasks
-    return {"config": config.name, "logged": logged, "probed": probes, "twins": len(twins),
+    return {"config": config.name, "logged": len(rows), "same_plan": len(keys) - len(set(keys)), "probed": probes,
+            "twins": len(twins),
             "probe_s": probe.seconds.get(None, 0.0) / max(probes, 1),
             "evaluation_s": evaluate.seconds.get(True, 0.0) / max(evaluated, 1), "wall_s": wall}
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| config | candidates logged | probed | twins (evaluations saved) | probe s / candidate "
-             "| evaluation s / candidate | probe / evaluation | wall s |", "|---" * 8 + "|"]
+    lines = ["| config | candidates logged | same plan as an earlier one | probed | functional twins "
+             "| probe s / candidate | evaluation s / candidate | probe / evaluation | wall s |", "|---" * 9 + "|"]
     for r in rows:
         share = r["probe_s"] / r["evaluation_s"] if r["evaluation_s"] else float("nan")
-        lines.append(f"| {r['config']} | {r['logged']} | {r['probed']} | {r['twins']} | {r['probe_s']:.3f} "
+        lines.append(f"| {r['config']} | {r['logged']} | {r['same_plan']} | {r['probed']} | {r['twins']} "
+                     f"| {r['probe_s']:.3f} "
                      f"| {r['evaluation_s']:.3f} | {share:.1%} | {r['wall_s']:.0f} |")
     return "\n".join(lines)
 
