@@ -20,6 +20,7 @@ import torch
 from evaluation.harness import Harness
 from evaluation.tasks import resolve_task
 from niches.run import evolve
+from tests.test_evolve import TEMPLATE
 
 SPLIT, LIMIT = "train", 8
 PPL = "math_lang_ppl"
@@ -27,20 +28,6 @@ PPL = "math_lang_ppl"
 the logits shows (exact-match scores of a few examples would hide a small one)."""
 TASKS = {"ps": PPL, "dfs": PPL, "ps+dfs": PPL, "m2n2": "math"}
 """M2N2 shares per-example scores as resources, which must be >= 0: an accuracy task."""
-
-TEMPLATE = """\
-merge_method: dare_ties
-base_model: zoo:base
-models:
-  - model: zoo:lang
-    parameters:
-      density: {free: [0.1, 1.0], init: 0.6, granularity: layer}
-      weight: {free: [0.0, 1.2], init: 0.6, granularity: layer}
-  - model: zoo:math
-    parameters:
-      density: {free: [0.1, 1.0], init: 0.6, granularity: layer}
-      weight: {free: [0.0, 1.2], init: 0.6, granularity: layer}
-"""
 
 SEARCHES = {
     "ps": "ps: {template: template.yaml, optimizer: {max_evals: 4, popsize: 4}}\n",
