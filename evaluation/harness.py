@@ -32,20 +32,8 @@ from merging.engine import DTYPES, MergePlan, iter_merged, output_config, plan_m
 from merging.errors import CheckpointError, EvomergeError
 from merging.recipe import Recipe
 
-__all__ = ["Harness", "Timings", "ScoreCache", "read_jsonl", "checkpoint_hash", "candidate_hash", "plan_key",
+__all__ = ["Harness", "Timings", "ScoreCache", "read_jsonl", "checkpoint_hash", "plan_key",
            "quiet_transformers"]
-
-
-def candidate_hash(recipe: Recipe, model_paths: dict[str, Path], seed: int) -> str:
-    """The candidate key of `recipe` over the checkpoints at `model_paths` (reference ->
-    folder): `plan_key` of its plan. For callers without a plan at hand; the harness
-    exposes the key of each candidate it scores as `Harness.last_candidate`."""
-    checkpoints = {ref: Checkpoint(ref, Path(path)) for ref, path in model_paths.items()}
-    try:
-        return plan_key(plan_merge(recipe, checkpoints), seed)
-    finally:
-        for checkpoint in checkpoints.values():
-            checkpoint.close()
 
 
 @contextmanager

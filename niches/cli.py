@@ -33,7 +33,8 @@ def add_evolve_parser(subparsers) -> None:
 
 
 def run_evolve(args: argparse.Namespace) -> None:
-    from niches.run import evolve, report_table
+    from niches.report import report_table
+    from niches.run import evolve
 
     results = evolve(args.config, args.run_dir, max_evals=args.max_evals, progress=not args.no_progress)
     print(f"\nreport ({results['report']['split']} split): mean ± standard error")

@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 
 from merging.errors import EvomergeError
-from niches.config import RunConfig, TaskSettings, References, load_config  # noqa: F401  (the public entry points)
+from niches.config import RunConfig, References, load_config
 from niches.loop import Outcome, logged_candidates
-from niches.report import card_notes, export, lineage, report_table, results_of, score_report  # noqa: F401
+from niches.report import card_notes, export, lineage, results_of, score_report
 from niches.runfolder import RunFolder
 from niches.stages import (Stage, check_m2n2_tasks, dfs_genome, dfs_pool, dfs_stage, genome_search, m2n2_stage,
                            ps_stage, run_stage)
