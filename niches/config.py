@@ -93,6 +93,9 @@ class TaskSpec(_Strict):
     """The built-in task whose prompt template, answer field, stop strings and token budget it uses."""
     split: Optional[str] = None
     """The data set's split (default: the section's `split`)."""
+    bos: Optional[bool] = None
+    """Whether generation prompts start with the BOS token (default: `like`'s setting, which
+    without one is where the tokenizer adds it by default, as HF pipelines and vLLM do)."""
 
 
 TaskEntry = Annotated[Union[Annotated[str, Tag("name")], Annotated[TaskSpec, Tag("spec")]],
@@ -124,6 +127,8 @@ class TaskSettings(_Strict):
                 local = not spec.data.startswith("hf:") and not Path(spec.data).is_absolute()
                 task = replace(_builtin(spec.like), name=spec.name, data=str(base_dir / spec.data) if local
                                else spec.data, split=spec.split or self.split)
+                if spec.bos is not None:
+                    task = replace(task, bos=spec.bos)
             elif spec.endswith(".jsonl"):
                 path = Path(spec) if Path(spec).is_absolute() else base_dir / spec
                 task = resolve_task(str(path), split=self.split)

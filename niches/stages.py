@@ -18,7 +18,7 @@ from evaluation.tasks import Task
 from merging.checkpoint import Checkpoint, resolve_model_path
 from merging.dataflow import DataflowSpace
 from merging.errors import RecipeError
-from merging.recipe import load_yaml
+from merging.recipe import DTYPES, load_yaml
 from niches.baselines import RandomSearch
 from niches.cmaes import CMAES, default_popsize
 from niches.coefficients import CoefficientGenome, SourceGram, slerp_split_members
@@ -91,9 +91,7 @@ class HarnessScorer:
 
 
 def make_harness(template: Path, config: RunConfig, cache: Path) -> Harness:
-    import torch
-
-    dtype = getattr(torch, config.dtype) if config.dtype else None
+    dtype = DTYPES[config.dtype] if config.dtype else None
     return Harness(template, device=config.device, cache=cache, batch_size=config.batch_size, dtype=dtype)
 
 

@@ -402,8 +402,10 @@ def test_tasks_defined_in_the_config(tmp_path):
     (tmp_path / "ja.jsonl").write_text('{"question": "3たす4は？", "answer_number": 7}\n')
     settings = TaskSettings.model_validate({"split": "train", "tasks": [
         {"name": "ja_fitness", "data": "ja.jsonl", "like": "mgsm_ja_evollm"},
-        {"name": "hub", "data": "hf:SakanaAI/gsm8k-ja-test_250-1319", "like": "mgsm_ja_evollm", "split": "test"}]})
+        {"name": "hub", "data": "hf:SakanaAI/gsm8k-ja-test_250-1319", "like": "mgsm_ja_evollm", "split": "test",
+         "bos": False}]})
     local, hub = settings.resolve(None, tmp_path)
+    assert (local.bos, hub.bos) == (None, False)  # the tokenizer's default, unless the config says
     assert settings.names == ["ja_fitness", "hub"]
     assert (local.name, local.data, local.split) == ("ja_fitness", str(tmp_path / "ja.jsonl"), "train")
     (example,) = local.load()
