@@ -13,6 +13,8 @@ niches/plots.py. The run folder's files: docs/evolve.md.
 """
 from __future__ import annotations
 
+import os
+import resource
 import time
 from pathlib import Path
 
@@ -45,7 +47,7 @@ def evolve(config_path: str | Path, run_dir: str | Path, *, max_evals: int | Non
 
 
 def _evolve(config: RunConfig, config_path: Path, run_dir: Path, max_evals: int | None, progress: bool) -> dict:
-    started = time.perf_counter()
+    started, load_at_start = time.perf_counter(), os.getloadavg()[0]
     base_dir = config_path.parent
     references = References(config.zoo, base_dir)
     template_text = _read_template(base_dir / config.ps.template, config_path) if config.ps else None
@@ -64,7 +66,8 @@ def _evolve(config: RunConfig, config_path: Path, run_dir: Path, max_evals: int 
     if config.method == "m2n2":
         check_m2n2_tasks(fitness_tasks)
     folder = RunFolder(run_dir)
-    folder.start(config_path.read_text(), template_text, scored=bool(logged_candidates(folder)))
+    logged_before = len(logged_candidates(folder))
+    folder.start(config_path.read_text(), template_text, scored=bool(logged_before))
 
     done: list[tuple[Stage, Outcome]] = []
     others: dict[str, str] = {}  # report rows besides the evolved merge: row key -> model folder or Hub id
@@ -91,9 +94,19 @@ def _evolve(config: RunConfig, config_path: Path, run_dir: Path, max_evals: int 
     from niches.plots import plot_run
 
     plot_run(folder.path / "plots", [(s.genome, o) for s, o in done])
-    folder.append(folder.sessions_file, {"seconds": round(time.perf_counter() - started, 1)})
-    # wall time of the invocations that finished (a killed one's time is not recorded)
-    results["wall_seconds"] = sum(row["seconds"] for row in folder.rows(folder.sessions_file))
+    folder.append(folder.sessions_file, {"seconds": round(time.perf_counter() - started, 1),
+                                         "scored": len(logged_candidates(folder)) - logged_before,
+                                         "load_average": [load_at_start, os.getloadavg()[0]],
+                                         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20})
+    # what the invocations that finished measured (a killed one's time is not recorded); the
+    # machine's load and memory are those of the invocations that scored something, so the
+    # report of a finished run replayed later describes the run, not the replay
+    sessions = folder.rows(folder.sessions_file)
+    results["wall_seconds"] = sum(row["seconds"] for row in sessions)
+    working = [row for row in sessions if row.get("scored")] or sessions[-1:]
+    loads = [load for row in working for load in row.get("load_average", [])]
+    results["load_average"] = [min(loads), max(loads)] if loads else None
+    results["peak_rss_gib"] = max(row.get("peak_rss_gib", 0.0) for row in working)
     folder.write_json("results.json", results)
     return results
 

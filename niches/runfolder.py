@@ -6,7 +6,7 @@ which source checkpoints its logged scores were measured on.
     optimizer.jsonl              the search's summary after every ask/tell round
     scores.jsonl                 the harness's per-example score cache
     sources.json                 per stage, the identity of each source checkpoint
-    sessions.jsonl               the wall seconds of each invocation that finished
+    sessions.jsonl               per finished invocation: seconds, candidates scored, load, peak RSS
 
 A rerun must give the same config: its log is replayed against the search the config
 describes. The exception is a folder where nothing was scored yet (a first attempt that

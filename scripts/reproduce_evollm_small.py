@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import resource
 import sys
 from pathlib import Path
 
@@ -37,17 +36,18 @@ PAPER = [("Shisa Gamma 7B v1 (Japanese)", "9.6"), ("WizardMath 7B v1.1", "18.4")
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=Path, default=ROOT / "runs", help="folder of the four run folders")
+    parser.add_argument("--runs", type=Path, default=ROOT / "runs", help="folder of the run folders")
     parser.add_argument("--write-docs", action="store_true",
                         help="also write the table into docs/results.md (for the project's own results)")
     parser.add_argument("--docs", type=Path, default=ROOT / "docs" / "results.md")
     args = parser.parse_args()
-    load_before = os.getloadavg()[0]
     results = {name: evolve(ROOT / "recipes" / f"zoo-small-{name}.yaml", args.runs / f"zoo-small-{name}",
                             progress=True) for name in METHODS}
-    machine = (f"{os.cpu_count()} cores, one torch thread, no GPU; load average {load_before:.1f} at the start "
-               f"and {os.getloadavg()[0]:.1f} at the end")
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    # measured while the runs worked (results.json), not by a later invocation that only replays them
+    loads = [load for result in results.values() for load in (result.get("load_average") or [])]
+    machine = (f"{os.cpu_count()} cores, one torch thread, no GPU; load average "
+               + (f"{min(loads):.1f} to {max(loads):.1f} at the runs' starts and ends" if loads else "not recorded"))
+    peak = max(result.get("peak_rss_gib", 0.0) for result in results.values())
     twins = {name: sum(row.get("twin") is not None for row in read_jsonl(args.runs / f"zoo-small-{name}" / "candidates.jsonl"))
              for name in METHODS}
     body = table(results, {name: result["wall_seconds"] for name, result in results.items()}, peak, machine, twins)

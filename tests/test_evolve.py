@@ -202,6 +202,22 @@ def test_a_bigger_budget_extends_a_finished_run(micro_zoo, tmp_path, capsys):
     assert "ps evaluations:  50%" in bar and "6/12" in bar and " 0/12" not in bar and "12/12" in bar
 
 
+def test_a_replay_reports_the_load_and_memory_of_the_invocations_that_scored(micro_zoo, tmp_path):
+    """results.json describes the machine while the run worked: rerunning a finished run
+    (to rewrite its report, say) adds its wall time but not its load or memory."""
+    config = write_config(tmp_path, micro_zoo[0], evals=6)
+    evolve(config, tmp_path / "run", progress=False)
+    sessions = tmp_path / "run" / "sessions.jsonl"
+    (first,) = [json.loads(line) for line in sessions.read_text().splitlines()]
+    assert first["scored"] == 7 and len(first["load_average"]) == 2 and first["peak_rss_gib"] > 0
+    sessions.write_text(json.dumps({**first, "load_average": [42.0, 43.0], "peak_rss_gib": 99.0}) + "\n")
+    results = evolve(config, tmp_path / "run", progress=False)
+    replay = json.loads(sessions.read_text().splitlines()[-1])
+    assert replay["scored"] == 0
+    assert results["load_average"] == [42.0, 43.0] and results["peak_rss_gib"] == 99.0
+    assert results["wall_seconds"] == first["seconds"] + replay["seconds"]
+
+
 PAPER = "paper_scores:\n  math: {evolved: 0.556, ps: 0.52, 'zoo:math': 0.184}\n"
 """Published scores to print beside the report's math column (made-up values)."""
 
