@@ -117,8 +117,10 @@ def export(recipe: Recipe, out_dir: Path, config: RunConfig, references: Referen
     recipe (a resumed or extended run whose best did not change), only its card is brought
     up to date: rewriting the weights would change the checkpoint's identity, and a DFS
     stage over it would refuse its own log."""
-    from merging.engine import merge_to_disk, open_models, plan_merge
+    from merging.engine import merge_to_disk, open_models, plan_merge, resolve_device
 
+    if config.dtype:  # candidates were scored in the run's dtype: the export is that model
+        recipe = recipe.model_copy(update={"out_dtype": config.dtype})
     card = out_dir / "README.md"
     text = card.read_text() if card.is_file() else ""
     head, marker, _ = text.partition("\n## Evolution\n")  # the notes end the card (merging/card.py)
@@ -128,7 +130,10 @@ def export(recipe: Recipe, out_dir: Path, config: RunConfig, references: Referen
         return
     plan = plan_merge(recipe, open_models(recipe))
     try:
-        merge_to_disk(plan, out_dir, seed=config.seed, overwrite=True, card_notes=notes)
+        # on the device candidates were merged on: a random method's masks come from that
+        # device's generator, so another device would export another model
+        merge_to_disk(plan, out_dir, device=resolve_device(config.device), seed=config.seed, overwrite=True,
+                      card_notes=notes)
     finally:
         plan.close()
     for written in (card, out_dir / "recipe.yaml"):

@@ -63,7 +63,7 @@ def zoos(micro_zoo, tmp_path_factory) -> dict[str, Path]:
     return {"float32": fp32, "bfloat16": bf16}
 
 
-def run(method: str, zoo: Path, folder: Path) -> tuple[Path, float]:
+def run(method: str, zoo: Path, folder: Path, extra: str = "") -> tuple[Path, float]:
     """Evolve with a tiny budget; the run folder and the fitness it logged for its best."""
     (folder / "template.yaml").write_text(TEMPLATE)
     config = folder / "config.yaml"
@@ -75,7 +75,7 @@ fitness: {{tasks: [{TASKS[method]}], split: {SPLIT}, limit: {LIMIT}}}
 report: {{tasks: [math_lang], split: test, limit: 4}}
 {SEARCHES[method]}device: cpu
 threads: 1
-""")
+{extra}""")
     results = evolve(config, folder / "run", progress=False)
     final = list(results["stages"].values())[-1]
     return folder / "run", final["best_fitness"]
@@ -94,6 +94,17 @@ def test_the_logged_fitness_is_the_exported_models(method, dtype, zoos, tmp_path
     exported = json.loads((run_dir / "best" / "config.json").read_text())
     assert exported.get("dtype", exported.get("torch_dtype")) == dtype
     assert measured(run_dir / "best", zoos[dtype], TASKS[method]) == logged
+
+
+@pytest.mark.parametrize("method", ["ps", "m2n2"])
+def test_a_run_dtype_other_than_the_sources_is_the_exported_dtype(method, zoos, tmp_path):
+    """`dtype: bfloat16` over float32 sources scores candidates in bfloat16, so the export
+    is written in bfloat16 and scores what was logged."""
+    run_dir, logged = run(method, zoos["float32"], tmp_path, extra="dtype: bfloat16\n")
+    exported = json.loads((run_dir / "best" / "config.json").read_text())
+    assert exported.get("dtype", exported.get("torch_dtype")) == "bfloat16"
+    assert "out_dtype: bfloat16" in (run_dir / "best" / "recipe.yaml").read_text()
+    assert measured(run_dir / "best", zoos["float32"], TASKS[method]) == logged
 
 
 def test_evomerge_eval_on_the_export_prints_the_logged_fitness(zoos, tmp_path):
