@@ -114,6 +114,15 @@ class TaskSettings(_Strict):
     field, stop strings, token budget), e.g. a Japanese GSM8K-style training set scored
     like `mgsm_ja_evollm`."""
 
+    @model_validator(mode="after")
+    def _distinct_names(self) -> "TaskSettings":
+        """Scores are reported by task name: two tasks of one name would keep one's scores."""
+        repeated = sorted({name for name in self.names if self.names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"tasks {', '.join(map(repr, repeated))} named twice; give each task its own "
+                             "name (a JSONL task is named by its file name without .jsonl)")
+        return self
+
     @property
     def names(self) -> list[str]:
         """The names the tasks' scores are reported under."""

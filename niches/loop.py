@@ -44,6 +44,11 @@ class Scorer(Protocol):
         """Build and score every candidate (in order)."""
         ...
 
+    def task_keys(self) -> dict[str, str]:
+        """Each fitness task's identity: its data, settings and what scores it (the score
+        cache's task key). A logged candidate replays only under the same keys."""
+        ...
+
 
 @dataclass
 class Outcome:
@@ -66,6 +71,12 @@ def run_search(stage: str, search: Search, scorer: Scorer, folder: RunFolder, *,
     if any("round" not in row for row in logged.values()):
         raise EvomergeError(f"{folder.candidates_file} was written by an older evomerge (its lines have no `round`) "
                             "and cannot be replayed; use a new --run-dir")
+    task_keys = scorer.task_keys()
+    if any(row.get("tasks") != task_keys for row in logged.values()):
+        raise EvomergeError(
+            f"{folder.candidates_file}: the {stage} stage's candidates were scored on fitness tasks whose data or "
+            "settings have changed since (their task keys differ), so their fitness cannot be replayed. Use a new "
+            "--run-dir, or restore the task data")
     summarised = {row.get("round") for row in folder.rows(folder.optimizer_file) if row["stage"] == stage}
     # replayed samples cost no time: the bar starts past them, so its rate and time left are the real ones
     replayed = sum(kind == "sample" for kind, _ in logged)
@@ -79,12 +90,16 @@ def run_search(stage: str, search: Search, scorer: Scorer, folder: RunFolder, *,
             candidates = search.ask()
             numbered = [_numbered(c, round_, logged, counts, stage, folder) for c in candidates]
             scored = scorer.score(candidates)
+            for evaluation in scored:
+                _check_finite(evaluation, stage)
             fresh = any(row is None for _, row in numbered)
             for candidate, (index, row), evaluation in zip(candidates, numbered, scored):
                 if row is None:
-                    row = _row(stage, candidate, index, round_, evaluation)
+                    row = _row(stage, candidate, index, round_, evaluation, task_keys)
                     folder.append(folder.candidates_file, row)
                     bar.update(int(candidate.kind == "sample"))
+                else:
+                    _check_replayed(row, evaluation, folder)
                 history.append(row)
             search.tell(candidates, [s.scores for s in scored])
             if fresh or round_ not in summarised:  # (an extended run's rounds after its old end are new)
@@ -126,8 +141,31 @@ def _numbered(candidate: Candidate, round_: int, logged: dict, counts: dict[str,
     return index, row
 
 
-def _row(stage: str, candidate: Candidate, index: int, round_: int, scored: Scored) -> dict:
+def _check_finite(scored: Scored, stage: str) -> None:
+    """Refuse scores no search can rank (a task without examples gives a NaN mean) before
+    anything is logged, so the corrected config may restart the folder."""
+    for task, values in scored.scores.items():
+        if len(values) == 0 or not np.isfinite(values).all():
+            raise EvomergeError(f"the {stage} stage's fitness task {task!r} gave "
+                                f"{'no examples' if len(values) == 0 else 'a score that is not finite'}: "
+                                "check its data, split and limit")
+
+
+def _check_replayed(row: dict, scored: Scored, folder: RunFolder) -> None:
+    """A replayed candidate must be the one that was scored, with the scores that were
+    logged: a changed task file or setting changes the task key, the cache misses, and
+    the search would be told other scores than the log holds."""
+    if scored.key != row["candidate"] or fitness(scored.scores) != row["fitness"]:
+        raise EvomergeError(
+            f"{folder.candidates_file}: {row['kind']} {row['index']} of stage {row['stage']} was logged with "
+            f"fitness {row['fitness']} (candidate {row['candidate']}) and now scores {fitness(scored.scores)} "
+            f"(candidate {scored.key}): the fitness tasks' data or settings, or a source model, changed since. "
+            "Use a new --run-dir")
+
+
+def _row(stage: str, candidate: Candidate, index: int, round_: int, scored: Scored, task_keys: dict[str, str]) -> dict:
     return {"stage": stage, "kind": candidate.kind, "index": index, "round": round_,
             "genome": np.asarray(candidate.genome, dtype=np.float64).ravel().tolist(), "candidate": scored.key,
-            "twin": scored.twin, "scores": {task: float(np.mean(s)) for task, s in scored.scores.items()},
+            "twin": scored.twin, "tasks": task_keys,
+            "scores": {task: float(np.mean(s)) for task, s in scored.scores.items()},
             "fitness": fitness(scored.scores), "seconds": round(scored.seconds, 3)}

@@ -54,6 +54,7 @@ def _evolve(config: RunConfig, config_path: Path, run_dir: Path, max_evals: int 
     fitness_tasks = config.fitness.resolve(references.zoo_dir, base_dir)
     report_tasks = config.report.resolve(references.zoo_dir, base_dir)
     models = [references.resolve(m) for m in config.models]
+    report_rows = {name: references.resolve(name) for name in config.models + config.baselines}
     # Everything that can be set up is set up before the run folder is touched, so that a
     # bad template or setting fails now, not after the PS stage's hours of work.
     first = (ps_stage(config, base_dir / config.ps.template, template_text, references, max_evals)
@@ -66,49 +67,50 @@ def _evolve(config: RunConfig, config_path: Path, run_dir: Path, max_evals: int 
     if config.method == "m2n2":
         check_m2n2_tasks(fitness_tasks)
     folder = RunFolder(run_dir)
-    logged_before = len(logged_candidates(folder))
-    folder.start(config_path.read_text(), template_text, scored=bool(logged_before))
+    with folder.claimed():
+        logged_before = len(logged_candidates(folder))
+        folder.start(config_path.read_text(), template_text, scored=bool(logged_before))
 
-    done: list[tuple[Stage, Outcome]] = []
-    others: dict[str, str] = {}  # report rows besides the evolved merge: row key -> model folder or Hub id
-    if first is not None:
-        done.append((first, run_stage(first, config, folder, fitness_tasks, progress)))
-    if config.method == "ps+dfs":
-        ps_dir = folder.path / "ps" / "best"
-        export(first.genome.decode(done[0][1].best_genome), ps_dir, config, references,
-               notes=card_notes([lineage(*done[0], config, references)], None, config))
-        others["ps"] = str(ps_dir)
-        stage = dfs_stage(config, dfs_pool(config, references, str(ps_dir)), max_evals)
-        done.append((stage, run_stage(stage, config, folder, fitness_tasks, progress)))
-    if config.method == "m2n2":
-        stage = m2n2_stage(config, models, folder, max_evals)
-        done.append((stage, run_stage(stage, config, folder, fitness_tasks, progress)))
+        done: list[tuple[Stage, Outcome]] = []
+        others: dict[str, str] = {}  # report rows besides the evolved merge: row key -> model folder or Hub id
+        if first is not None:
+            done.append((first, run_stage(first, config, folder, fitness_tasks, progress)))
+        if config.method == "ps+dfs":
+            ps_dir = folder.path / "ps" / "best"
+            export(first.genome.decode(done[0][1].best_genome), ps_dir, config, references,
+                   notes=card_notes([lineage(*done[0], config, references)], None, config))
+            others["ps"] = str(ps_dir)
+            stage = dfs_stage(config, dfs_pool(config, references, str(ps_dir)), max_evals)
+            done.append((stage, run_stage(stage, config, folder, fitness_tasks, progress)))
+        if config.method == "m2n2":
+            stage = m2n2_stage(config, models, folder, max_evals)
+            done.append((stage, run_stage(stage, config, folder, fitness_tasks, progress)))
 
-    final_stage, final = done[-1]
-    recipe = final_stage.genome.decode(final.best_genome)
-    others.update({name: references.resolve(name) for name in config.models + config.baselines})
-    report = score_report(recipe, others, config, folder, report_tasks, progress)
-    results = results_of(config, done, report, references)
-    export(recipe, folder.path / "best", config, references,
-           notes=card_notes([lineage(s, o, config, references) for s, o in done], results, config))
-    from niches.plots import plot_run
+        final_stage, final = done[-1]
+        recipe = final_stage.genome.decode(final.best_genome)
+        others.update(report_rows)
+        report = score_report(recipe, others, config, folder, report_tasks, progress)
+        results = results_of(config, done, report, references)
+        export(recipe, folder.path / "best", config, references,
+               notes=card_notes([lineage(s, o, config, references) for s, o in done], results, config))
+        from niches.plots import plot_run
 
-    plot_run(folder.path / "plots", [(s.genome, o) for s, o in done])
-    folder.append(folder.sessions_file, {"seconds": round(time.perf_counter() - started, 1),
-                                         "scored": len(logged_candidates(folder)) - logged_before,
-                                         "load_average": [load_at_start, os.getloadavg()[0]],
-                                         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20})
-    # what the invocations that finished measured (a killed one's time is not recorded); the
-    # machine's load and memory are those of the invocations that scored something, so the
-    # report of a finished run replayed later describes the run, not the replay
-    sessions = folder.rows(folder.sessions_file)
-    results["wall_seconds"] = sum(row["seconds"] for row in sessions)
-    working = [row for row in sessions if row.get("scored")] or sessions[-1:]
-    loads = [load for row in working for load in row.get("load_average", [])]
-    results["load_average"] = [min(loads), max(loads)] if loads else None
-    results["peak_rss_gib"] = max(row.get("peak_rss_gib", 0.0) for row in working)
-    folder.write_json("results.json", results)
-    return results
+        plot_run(folder.path / "plots", [(s.genome, o) for s, o in done])
+        folder.append(folder.sessions_file, {"seconds": round(time.perf_counter() - started, 1),
+                                             "scored": len(logged_candidates(folder)) - logged_before,
+                                             "load_average": [load_at_start, os.getloadavg()[0]],
+                                             "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20})
+        # what the invocations that finished measured (a killed one's time is not recorded); the
+        # machine's load and memory are those of the invocations that scored something, so the
+        # report of a finished run replayed later describes the run, not the replay
+        sessions = folder.rows(folder.sessions_file)
+        results["wall_seconds"] = sum(row["seconds"] for row in sessions)
+        working = [row for row in sessions if row.get("scored")] or sessions[-1:]
+        loads = [load for row in working for load in row.get("load_average", [])]
+        results["load_average"] = [min(loads), max(loads)] if loads else None
+        results["peak_rss_gib"] = max(row.get("peak_rss_gib", 0.0) for row in working)
+        folder.write_json("results.json", results)
+        return results
 
 
 def _read_template(path: Path, config_path: Path) -> str:

@@ -15,8 +15,9 @@ failed at its first candidate, say): its config is simply replaced.
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import yaml
 
@@ -36,12 +37,28 @@ class RunFolder:
         self.sessions_file = self.path / "sessions.jsonl"
         self.sources_file = self.path / "sources.json"
 
+    @contextmanager
+    def claimed(self) -> Iterator[None]:
+        """The folder for this invocation alone: a second `evomerge evolve` on it at the
+        same time would score the same candidates and interleave their log lines."""
+        import fcntl
+
+        self.path.mkdir(parents=True, exist_ok=True)
+        with (self.path / ".lock").open("w") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise EvomergeError(f"run folder {self.path} is in use by another evomerge evolve; wait for it "
+                                    "to finish or stop it, then rerun") from None
+            yield
+
     def start(self, config_text: str, template_text: str | None, *, scored: bool) -> None:
         """Record the config (first run, or a folder with nothing `scored` yet) or check
         that a rerun gives the same one."""
         self.path.mkdir(parents=True, exist_ok=True)
         if not scored:  # nothing to replay: whatever an earlier attempt left says nothing
-            for stale in (self.optimizer_file, self.sources_file, self.path / "template.yaml"):
+            for stale in (self.optimizer_file, self.sources_file, self.path / "template.yaml",
+                          self.path / "m2n2_gram.safetensors"):
                 stale.unlink(missing_ok=True)
         for name, text in (("config.yaml", config_text), ("template.yaml", template_text)):
             if text is None:

@@ -76,10 +76,16 @@ class HarnessScorer:
         self.stage, self.config, self.cache, self.tasks = stage, config, cache, tasks
         self._harness: Harness | None = None
 
-    def score(self, candidates: Sequence[Candidate]) -> list[Scored]:
+    def harness(self) -> Harness:
         if self._harness is None:
             self._harness = make_harness(self.stage.checkpoints[self.stage.reference].path, self.config, self.cache)
-        return [self._score(candidate, self._harness) for candidate in candidates]
+        return self._harness
+
+    def task_keys(self) -> dict[str, str]:
+        return {task.name: self.harness().task_key(task, self.config.fitness.limit) for task in self.tasks}
+
+    def score(self, candidates: Sequence[Candidate]) -> list[Scored]:
+        return [self._score(candidate, self.harness()) for candidate in candidates]
 
     def _score(self, candidate: Candidate, harness: Harness) -> Scored:
         start = time.perf_counter()

@@ -351,6 +351,8 @@ PS_CONFIG = "method: ps\nmodels: [a]\nfitness: {tasks: [x], split: train}\nrepor
 
 
 @pytest.mark.parametrize("text, message", [
+    (PS_CONFIG.replace("tasks: [x], split: train", "tasks: [x, x], split: train"),
+     r"line 3: fitness: Value error, tasks 'x' named twice"),
     ("method: pss\n", r"line 1: method: Input should be 'ps', 'dfs', 'ps\+dfs' or 'm2n2'"),
     (PS_CONFIG + "paper_scores:\n  x: {evolved: 0.5, b: 0.2}\n",
      r"line 7: paper_scores.x.b: 'b' is no row of the report; rows: a, evolved"),
@@ -483,6 +485,53 @@ def test_a_bad_setting_fails_before_the_run_folder_and_a_folder_without_scores_t
     # once candidates are scored, another config is refused (test_a_rerun_with_another_config_is_refused)
 
 
+def test_what_fails_before_the_search_leaves_no_scored_candidate(micro_zoo, tmp_path):
+    """A baseline that does not exist, and a fitness task without examples, are refused
+    before anything is logged, so the corrected config may reuse the folder."""
+    config = write_config(tmp_path, micro_zoo[0], evals=6)
+    good = config.read_text()
+    config.write_text(good.replace("baselines: [zoo:base]", "baselines: [zoo:nope]"))
+    with pytest.raises(EvomergeError, match="zoo:nope"):
+        evolve(config, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+    (tmp_path / "empty.jsonl").write_text("")
+    config.write_text(good.replace("tasks: [math_lang], split: train", "tasks: [empty.jsonl], split: train"))
+    with pytest.raises(EvomergeError, match="'empty' gave no examples"):
+        evolve(config, tmp_path / "run", progress=False)
+    assert not read_candidates(tmp_path / "run") if (tmp_path / "run" / "candidates.jsonl").exists() else True
+    config.write_text(good)
+    evolve(config, tmp_path / "run", progress=False)
+    assert len(read_candidates(tmp_path / "run")) == 7
+
+
+def test_a_replay_whose_scores_changed_is_refused(micro_zoo, tmp_path):
+    """Rewritten fitness data changes the task key: the logged candidates would be scored
+    afresh and the search told other scores than the log holds."""
+    data = tmp_path / "fit.jsonl"
+    rows = [json.dumps({"prompt": f"{i} +1 =", "answer": str(i + 1)}) for i in range(4)]
+    data.write_text("\n".join(rows) + "\n")
+    config = write_config(tmp_path, micro_zoo[0], evals=6)
+    config.write_text(config.read_text().replace("tasks: [math_lang], split: train, limit: 24",
+                                                 "tasks: [fit.jsonl], split: train"))
+    evolve(config, tmp_path / "run", progress=False)
+    data.write_text("\n".join(rows[:3]) + "\n")
+    with pytest.raises(EvomergeError, match="changed since"):
+        evolve(config, tmp_path / "run", progress=False)
+
+
+def test_a_run_folder_in_use_is_refused(micro_zoo, tmp_path):
+    import fcntl
+
+    config = write_config(tmp_path, micro_zoo[0], evals=6)
+    (tmp_path / "run").mkdir()
+    with (tmp_path / "run" / ".lock").open("w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(EvomergeError, match="in use by another evomerge evolve"):
+            evolve(config, tmp_path / "run", progress=False)
+    evolve(config, tmp_path / "run", progress=False)  # free again
+    assert len(read_candidates(tmp_path / "run")) == 7
+
+
 def test_max_evals_zero_writes_nothing(micro_zoo, tmp_path, capsys):
     config = write_config(tmp_path, micro_zoo[0])
     assert main(["evolve", str(config), "--run-dir", str(tmp_path / "run"), "--max-evals", "0", "--no-progress"]) == 2
@@ -547,8 +596,12 @@ class SumScorer:
     """Scores a genome by its genes (one task, one example per gene), counting its calls:
     the loop's `scorer.score(candidates)` without models."""
 
-    def __init__(self):
+    def __init__(self, task_key: str = "genes-1", scale: float = 1.0):
         self.calls: list[int] = []
+        self.task_key, self.scale = task_key, scale
+
+    def task_keys(self):
+        return {"genes": self.task_key}
 
     def score(self, candidates):
         import numpy as np
@@ -556,7 +609,7 @@ class SumScorer:
         from niches.loop import Scored
 
         self.calls.append(len(candidates))
-        return [Scored({"genes": np.clip(np.asarray(c.genome, dtype=float).ravel(), 0, None)}, f"key{i}")
+        return [Scored({"genes": self.scale * np.clip(np.asarray(c.genome, dtype=float).ravel(), 0, None)}, f"key{i}")
                 for i, c in enumerate(candidates)]
 
 
@@ -583,6 +636,13 @@ def test_the_loop_drives_any_search_in_one_scoring_call_per_round_and_replays_it
                        progress=False, total=7)
     assert (tmp_path / "candidates.jsonl").read_text().count("\n") == 7
     assert again.best_genome.tolist() == outcome.best_genome.tolist()
+    # a replay under other fitness tasks, or whose scores are not the logged ones, is refused
+    with pytest.raises(EvomergeError, match="task keys differ"):
+        run_search("random", RandomSearch(3, max_evals=7, popsize=3, seed=1), SumScorer("genes-2"), folder,
+                   progress=False, total=7)
+    with pytest.raises(EvomergeError, match="sample 0 of stage random was logged with fitness"):
+        run_search("random", RandomSearch(3, max_evals=7, popsize=3, seed=1), SumScorer(scale=2.0), folder,
+                   progress=False, total=7)
     # a search that asks for other genomes than the log holds is refused, not fed the logged scores
     with pytest.raises(EvomergeError, match="sample 0 of stage random does not replay"):
         run_search("random", RandomSearch(3, max_evals=7, popsize=3, seed=2), SumScorer(), folder, progress=False,
