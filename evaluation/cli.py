@@ -8,6 +8,17 @@ from pathlib import Path
 ZOO_HOME_HELP = "$EVOMERGE_ZOO, else ~/.cache/evomerge/zoo"
 
 
+
+def positive_int(text: str) -> int:
+    """An argparse type for counts: `--limit -5` would silently score rows[:-5]."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
 def add_eval_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "eval",
@@ -29,13 +40,13 @@ def add_eval_parser(subparsers) -> None:
     parser.add_argument("--split", default=None, help="data split (default: the task's, usually test)")
     parser.add_argument("--lm-eval-include", type=Path, default=None,
                         help="folder of custom lm-eval task YAMLs, for tasks named lm_eval:TASK")
-    parser.add_argument("--limit", type=int, default=None, help="score only the first N examples")
+    parser.add_argument("--limit", type=positive_int, default=None, help="score only the first N examples")
     parser.add_argument("--zoo", default=None,
                         help="the zoo whose tasks and zoo:NAME models to use: micro, small, real (built under "
                              f"{ZOO_HOME_HELP}) or a zoo folder; without it, zoo task names come from the "
                              "micro zoo if it is built")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=positive_int, default=32)
     parser.add_argument("--cache", type=Path, default=None,
                         help="JSONL score cache: an already scored (candidate, task) is not scored again")
     parser.add_argument("--seed", type=int, default=0, help="seed of random merge methods (recipes)")

@@ -171,7 +171,10 @@ class Harness:
         config; the old one is freed first (two models need not fit at once), and the new
         one's weights are not initialised (the merge writes every one)."""
         from transformers import AutoModelForCausalLM
-        from transformers.initialization import no_init_weights
+        try:
+            from transformers.initialization import no_init_weights
+        except ImportError:  # transformers 4.x keeps it in modeling_utils
+            from transformers.modeling_utils import no_init_weights
 
         generation_config = self.model.generation_config
         self.model = None

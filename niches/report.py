@@ -138,7 +138,11 @@ def export(recipe: Recipe, out_dir: Path, config: RunConfig, references: Referen
         plan.close()
     for written in (card, out_dir / "recipe.yaml"):
         if written.is_file():
-            write_atomic(written, references.in_text(written.read_text()))
+            text = references.in_text(written.read_text())
+            if written == card and text != written.read_text() and "--zoo" not in text:
+                # the recipe names `zoo:` models now, and they resolve only with --zoo
+                text = text.replace("evomerge merge recipe.yaml OUT_DIR", "evomerge merge recipe.yaml OUT_DIR --zoo ZOO")
+            write_atomic(written, text)
 
 
 def results_of(config: RunConfig, outcomes: list[tuple[Stage, Outcome]], report: dict, references: References) -> dict:

@@ -27,7 +27,7 @@ cat <<DONE
 The evolved merge is a plain Hugging Face checkpoint:
   checkpoint    demo/evolve/best/      (AutoModelForCausalLM.from_pretrained loads it)
   model card    demo/evolve/best/README.md   (recipe, lineage, the scores above)
-  recipe        demo/evolve/best/recipe.yaml (evomerge merge demo/evolve/best/recipe.yaml OUT_DIR remakes it)
+  recipe        demo/evolve/best/recipe.yaml (evomerge merge demo/evolve/best/recipe.yaml OUT_DIR --zoo micro remakes it)
   fitness plot  demo/evolve/plots/fitness.png
   every scored candidate: demo/evolve/candidates.jsonl
 DONE

@@ -148,3 +148,11 @@ def test_the_card_of_a_random_merge_gives_its_seed(llama_family, tmp_path):
             f"  - {{model: {llama_family['variant_1']}, parameters: {{weight: 1.0, density: 0.5}}}}\n")
     out = run_recipe(write_recipe(tmp_path, text), tmp_path / "out", seed=7)
     assert "evomerge merge recipe.yaml OUT_DIR --seed 7" in (out / "README.md").read_text()
+
+
+@pytest.mark.parametrize("flag, value", [("--limit", "-5"), ("--batch-size", "0"), ("--limit", "two")])
+def test_eval_counts_must_be_positive_whole_numbers(flag, value, tmp_path):
+    """`--limit -5` would score rows[:-5], `--batch-size 0` died in range()."""
+    done = subprocess.run([sys.executable, "-m", "evomerge", "eval", str(tmp_path), "--task", "math", flag, value],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and f"argument {flag}:" in done.stderr and "Traceback" not in done.stderr

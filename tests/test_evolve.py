@@ -98,6 +98,20 @@ def test_best_checkpoint_loads_and_its_card_has_lineage_and_scores(ps_run):
     assert f"| **this merge** | {cells} |" in card
 
 
+def test_the_cards_rerun_command_remakes_the_best_checkpoint(ps_run, micro_zoo, tmp_path):
+    """The card names `zoo:` models, so its command needs --zoo; given it, the recipe
+    written beside the checkpoint remakes the same tensors."""
+    from safetensors.torch import load_file
+
+    run_dir, _ = ps_run
+    card = (run_dir / "best" / "README.md").read_text()
+    assert "evomerge merge recipe.yaml OUT_DIR --zoo ZOO --seed 0" in card
+    assert main(["merge", str(run_dir / "best" / "recipe.yaml"), str(tmp_path / "again"), "--zoo", str(micro_zoo[0]),
+                 "--seed", "0", "--no-progress"]) == 0
+    best, again = load_file(run_dir / "best" / "model.safetensors"), load_file(tmp_path / "again" / "model.safetensors")
+    assert best.keys() == again.keys() and all(torch.equal(best[k], again[k]) for k in best)
+
+
 def test_the_same_seed_replays_the_same_candidates(ps_run, micro_zoo, tmp_path):
     """Determinism is what resume rests on: a fresh folder gets the same genomes and fitness."""
     run_dir, _ = ps_run
