@@ -43,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from benchdocs import update_section  # noqa: E402
+from merging.checkpoint import write_atomic  # noqa: E402
 from evaluation.zoo.mlp import Classifier, MLPShape, random_params, train_adam  # noqa: E402
 from niches.baselines import MapElites, genetic_algorithm, slerp_sweep  # noqa: E402
 from niches.cmaes import CMAES  # noqa: E402
@@ -276,9 +277,7 @@ def read_results(path: Path) -> dict:
 
 
 def write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, indent=1))
 
 
 def run_method(name: str, config: dict, out: Path) -> None:
