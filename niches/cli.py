@@ -28,6 +28,12 @@ def add_evolve_parser(subparsers) -> None:
     parser.add_argument("--run-dir", type=Path, required=True, help="run folder (created, or resumed)")
     parser.add_argument("--max-evals", type=int, default=None,
                         help="evaluation budget of each search stage (overrides the config's max_evals)")
+    parser.add_argument("--executor", choices=["serial", "pool", "ray"], default=None,
+                        help="what scores the candidates: serial (in this process, the default) or pool (worker "
+                             "processes, one per GPU or --workers CPU workers); ray is not built yet "
+                             "(overrides the config's executor)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="the pool's worker processes (default: one per GPU, else 2; overrides the config's)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(run=run_evolve, interrupted=interrupted_evolve)
 
@@ -36,7 +42,8 @@ def run_evolve(args: argparse.Namespace) -> None:
     from niches.report import report_table
     from niches.run import evolve
 
-    results = evolve(args.config, args.run_dir, max_evals=args.max_evals, progress=not args.no_progress)
+    results = evolve(args.config, args.run_dir, max_evals=args.max_evals, progress=not args.no_progress,
+                     executor=args.executor, workers=args.workers)
     print(f"\nreport ({results['report']['split']} split): mean ± standard error")
     print(report_table(results))
     print(f"wrote {args.run_dir / 'best'}")
@@ -51,6 +58,10 @@ def interrupted_evolve(args: argparse.Namespace) -> str:
     command = ["evomerge", "evolve", str(args.config), "--run-dir", str(args.run_dir)]
     if args.max_evals is not None:
         command += ["--max-evals", str(args.max_evals)]
+    if args.executor is not None:
+        command += ["--executor", args.executor]
+    if args.workers is not None:
+        command += ["--workers", str(args.workers)]
     if args.no_progress:
         command.append("--no-progress")
     return (f"{logged} scored candidate(s) are kept in {log}; resume with the same command:\n"

@@ -180,6 +180,12 @@ class RunConfig(_Strict):
     """torch CPU threads (None: torch's default, one per core). On a CPU shared with other
     work, more threads than free cores make small models many times slower (the threads
     spin waiting for each other): give the number of free cores."""
+    executor: Literal["serial", "pool", "ray"] = "serial"
+    """What scores the candidates (evaluation/executors.py): `serial` in this process, `pool`
+    one worker process per GPU (or `workers` CPU workers sharing `threads`); `ray` is not
+    built yet and is refused."""
+    workers: Optional[int] = Field(None, ge=1)
+    """The pool's workers (None: one per GPU on CUDA, else 2)."""
     paper_scores: dict[str, dict[str, float]] = {}
     """Published scores printed beside ours in the report, {report task: {row: score}}: a
     row is `evolved` (this run's merge), `ps` (ps+dfs: the PS merge) or a model of

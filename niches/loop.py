@@ -60,6 +60,8 @@ class Outcome:
     evaluations: int
     """Samples evaluated (the budget's count: seeds and the mean are outside it)."""
     history: list[dict] = field(default_factory=list)
+    executor: dict = field(default_factory=dict)
+    """What scored the candidates and how busy its workers were (evaluation/executors.py)."""
 
 
 def run_search(stage: str, search: Search, scorer: Scorer, folder: RunFolder, *, progress: bool,

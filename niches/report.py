@@ -151,7 +151,7 @@ def results_of(config: RunConfig, outcomes: list[tuple[Stage, Outcome]], report:
     for stage, outcome in outcomes:
         recipe = stage.genome.decode(outcome.best_genome).model_dump(mode="json", exclude_none=True)
         stages[outcome.name] = {"best_fitness": outcome.best_fitness, "evaluations": outcome.evaluations,
-                                "best_genome": outcome.best_genome.tolist(),
+                                "best_genome": outcome.best_genome.tolist(), "executor": outcome.executor,
                                 "best_recipe": json.loads(references.in_text(json.dumps(recipe)))}
     paper: dict[str, dict[str, float]] = {}
     for task, scores in config.paper_scores.items():

@@ -18,6 +18,7 @@ import resource
 import time
 from pathlib import Path
 
+from evaluation.executors import check_executor
 from merging.errors import EvomergeError
 from niches.config import RunConfig, References, load_config
 from niches.loop import Outcome, logged_candidates
@@ -28,11 +29,15 @@ from niches.stages import (Stage, check_m2n2_tasks, dfs_genome, dfs_pool, dfs_st
 
 
 def evolve(config_path: str | Path, run_dir: str | Path, *, max_evals: int | None = None,
-           progress: bool = True) -> dict:
-    """Run (or resume) the evolution a config describes; return results.json's content."""
+           progress: bool = True, executor: str | None = None, workers: int | None = None) -> dict:
+    """Run (or resume) the evolution a config describes; return results.json's content.
+    `executor` and `workers` override the config's."""
     import torch
 
     config = load_config(config_path)
+    config = config.model_copy(update={key: value for key, value in
+                                       {"executor": executor, "workers": workers}.items() if value is not None})
+    check_executor(config.executor, config.workers)
     if max_evals is not None and max_evals < 1:
         raise EvomergeError(f"--max-evals {max_evals}: every stage needs at least one evaluation; nothing was run "
                             "and no best/ was written (a best merge from zero evaluations would be the search's "

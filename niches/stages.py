@@ -5,7 +5,6 @@ so a bad template or setting fails before any candidate is scored.
 """
 from __future__ import annotations
 
-import time
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +12,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from evaluation.executors import Executor, HarnessSpec, Job, make_executor
 from evaluation.harness import Harness
 from evaluation.tasks import Task
 from merging.checkpoint import Checkpoint, resolve_model_path
@@ -58,42 +58,45 @@ class Stage:
 
 
 def run_stage(stage: Stage, config: RunConfig, folder: RunFolder, tasks: list[Task], progress: bool) -> Outcome:
-    """The stage's search, driven by the loop in the run folder."""
+    """The stage's search, driven by the loop in the run folder, scored by the run's executor."""
     folder.check_sources(stage.name, stage.checkpoints, len(logged_candidates(folder, stage.name)))
-    scorer = HarnessScorer(stage, config, folder.scores_file, tasks)
     try:
-        return run_search(stage.name, stage.search, scorer, folder, progress=progress, total=stage.budget)
+        with make_executor(config.executor, harness_spec(stage, config, folder.scores_file),
+                           config.workers) as executor:
+            scorer = HarnessScorer(stage, config, executor, tasks)
+            outcome = run_search(stage.name, stage.search, scorer, folder, progress=progress, total=stage.budget)
+            outcome.executor = {"executor": executor.name, **executor.usage().summary()}
+            return outcome
     finally:
         stage.close()
 
 
+def harness_spec(stage: Stage, config: RunConfig, cache: Path) -> HarnessSpec:
+    return HarnessSpec(str(stage.checkpoints[stage.reference].path), device=config.device,
+                       batch_size=config.batch_size, dtype=config.dtype, cache=str(cache), threads=config.threads)
+
+
 class HarnessScorer:
-    """Builds each candidate's recipe from its genome and scores it per example on the
-    fitness tasks, merged into one model resident on the device (created at the first
-    candidate; candidates in the score cache cost no forward pass)."""
+    """Builds each candidate's recipe from its genome and hands the whole round to the
+    executor, which scores the candidates per example on the fitness tasks, each merged into
+    a resident model (candidates in the score cache cost no forward pass); the scores come
+    back in ask order, whatever order they finished in."""
 
-    def __init__(self, stage: Stage, config: RunConfig, cache: Path, tasks: list[Task]):
-        self.stage, self.config, self.cache, self.tasks = stage, config, cache, tasks
-        self._harness: Harness | None = None
-
-    def harness(self) -> Harness:
-        if self._harness is None:
-            self._harness = make_harness(self.stage.checkpoints[self.stage.reference].path, self.config, self.cache)
-        return self._harness
+    def __init__(self, stage: Stage, config: RunConfig, executor: Executor, tasks: list[Task]):
+        self.stage, self.config, self.executor, self.tasks = stage, config, executor, tasks
 
     def task_keys(self) -> dict[str, str]:
-        return {task.name: self.harness().task_key(task, self.config.fitness.limit) for task in self.tasks}
+        return self.executor.task_keys(self.tasks, self.config.fitness.limit)
 
     def score(self, candidates: Sequence[Candidate]) -> list[Scored]:
-        return [self._score(candidate, self.harness()) for candidate in candidates]
-
-    def _score(self, candidate: Candidate, harness: Harness) -> Scored:
-        start = time.perf_counter()
-        recipe = self.stage.genome.decode(candidate.genome)
-        results = harness.score_recipe(recipe, self.stage.checkpoints, self.tasks, limit=self.config.fitness.limit,
-                                       seed=self.config.seed)
-        return Scored({t.name: np.asarray(results[t.name].scores, dtype=np.float64) for t in self.tasks},
-                      harness.last_candidate, harness.last_twin, time.perf_counter() - start)
+        checkpoints = {ref: str(checkpoint.path) for ref, checkpoint in self.stage.checkpoints.items()}
+        jobs = [Job(self.stage.genome.decode(c.genome), checkpoints, self.tasks, self.config.fitness.limit,
+                    self.config.seed) for c in candidates]
+        scored: list[Scored | None] = [None] * len(jobs)
+        for index, result in self.executor.score(jobs):
+            scored[index] = Scored({t.name: np.asarray(result.scores[t.name], dtype=np.float64) for t in self.tasks},
+                                   result.key, result.twin, result.seconds)
+        return scored
 
 
 def make_harness(template: Path, config: RunConfig, cache: Path) -> Harness:

@@ -1,0 +1,112 @@
+"""Executors (evaluation/executors.py) on the micro zoo: serial and a pool of 2 workers give
+the same run; a candidate that fails in a worker stops the run with its error; the pool
+leaves no process behind; `--executor` is checked before the run folder exists."""
+from __future__ import annotations
+
+import json
+import multiprocessing
+from pathlib import Path
+
+import pytest
+
+from evomerge.cli import main
+from merging.errors import EvomergeError
+from niches.run import evolve
+
+TEMPLATE = """\
+merge_method: dare_ties
+base_model: zoo:base
+models:
+  - model: zoo:lang
+    parameters:
+      density: {free: [0.1, 1.0], init: 0.6, granularity: layer}
+      weight: {free: [0.0, 1.2], init: 0.6, granularity: layer}
+  - model: zoo:math
+    parameters:
+      density: {free: [0.1, 1.0], init: 0.6, granularity: layer}
+      weight: {free: [0.0, 1.2], init: 0.6, granularity: layer}
+"""
+
+
+def write_config(folder: Path, zoo: Path, *, fitness: str = "math_lang", extra: str = "") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "template.yaml").write_text(TEMPLATE)
+    path = folder / "config.yaml"
+    path.write_text(f"""\
+method: ps
+zoo: {zoo}
+models: [zoo:lang, zoo:math]
+fitness: {{tasks: [{fitness}], split: train, limit: 16}}
+report: {{tasks: [math_lang], split: test, limit: 8}}
+ps:
+  template: template.yaml
+  optimizer: {{max_evals: 8, popsize: 4}}
+device: cpu
+threads: 2
+{extra}""")
+    return path
+
+
+def logged(run_dir: Path) -> list[tuple]:
+    rows = [json.loads(line) for line in (run_dir / "candidates.jsonl").read_text().splitlines()]
+    return [(r["kind"], r["index"], r["round"], r["genome"], r["fitness"], r["scores"]) for r in rows]
+
+
+@pytest.fixture(scope="module")
+def serial_run(micro_zoo, tmp_path_factory) -> tuple[Path, dict]:
+    folder = tmp_path_factory.mktemp("serial")
+    return folder / "run", evolve(write_config(folder, micro_zoo[0]), folder / "run", progress=False)
+
+
+def test_a_pool_of_two_workers_logs_what_serial_logs(serial_run, micro_zoo, tmp_path):
+    """Same config and seed: the same candidates (genomes, rounds) with the same fitness
+    and per-example scores, whichever worker scored each; the config's executor keys."""
+    config = write_config(tmp_path, micro_zoo[0], extra="executor: pool\nworkers: 2\n")
+    results = evolve(config, tmp_path / "run", progress=False)
+    serial_dir, serial_results = serial_run
+    assert logged(tmp_path / "run") == logged(serial_dir)
+    assert results["stages"]["ps"]["best_fitness"] == serial_results["stages"]["ps"]["best_fitness"]
+    usage = results["stages"]["ps"]["executor"]
+    assert usage["executor"] == "pool" and usage["workers"] == 2
+    assert usage["scored"] == len(logged(serial_dir)) and usage["cached"] == 0
+    assert all(busy > 0 for busy in usage["busy_seconds"]), "a worker was given nothing"
+    assert all(0 < u <= 1 for u in usage["utilisation"])
+    assert serial_results["stages"]["ps"]["executor"]["executor"] == "serial"
+    assert not multiprocessing.active_children()
+
+
+def test_a_pool_resumes_a_serial_run_from_the_score_cache(serial_run, micro_zoo, tmp_path):
+    """The driver owns the score cache: a replay through the pool scores nothing again."""
+    import shutil
+
+    serial_dir, _ = serial_run
+    shutil.copytree(serial_dir.parent, tmp_path / "copy")
+    results = evolve(tmp_path / "copy" / "config.yaml", tmp_path / "copy" / "run", progress=False,
+                     executor="pool", workers=2)
+    usage = results["stages"]["ps"]["executor"]
+    assert usage["scored"] == 0 and usage["cached"] == len(logged(serial_dir))
+    assert logged(tmp_path / "copy" / "run") == logged(serial_dir)
+
+
+def test_a_candidate_that_fails_in_a_worker_stops_the_run_and_the_workers(micro_zoo, tmp_path):
+    """Every candidate's scoring raises inside its worker (the fitness data has no answers):
+    the run stops with an error naming the worker and the candidate, logs nothing, and no
+    worker process is left."""
+    data = tmp_path / "broken.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{i} + 1 =", "split": "train"}) + "\n" for i in range(4)))
+    config = write_config(tmp_path, micro_zoo[0], fitness=f"{{name: broken, like: math_lang, data: {data}}}",
+                          extra="executor: pool\nworkers: 2\n")
+    with pytest.raises(EvomergeError, match=r"pool worker \d, candidate \d"):
+        evolve(config, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "candidates.jsonl").is_file() or not logged(tmp_path / "run")
+    assert not multiprocessing.active_children()
+
+
+def test_executor_ray_is_refused_before_the_run_folder_exists(micro_zoo, tmp_path, capsys):
+    config = write_config(tmp_path, micro_zoo[0])
+    assert main(["evolve", str(config), "--run-dir", str(tmp_path / "run"), "--executor", "ray"]) == 2
+    assert "executor ray is not built yet" in capsys.readouterr().err
+    assert main(["evolve", str(config), "--run-dir", str(tmp_path / "run"), "--executor", "serial",
+                 "--workers", "2"]) == 2
+    assert "executor serial runs one worker" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
