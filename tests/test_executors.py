@@ -93,9 +93,8 @@ def test_a_candidate_that_fails_in_a_worker_stops_the_run_and_the_workers(micro_
     the run stops with an error naming the worker and the candidate, logs nothing, and no
     worker process is left."""
     data = tmp_path / "broken.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"{i} + 1 =", "split": "train"}) + "\n" for i in range(4)))
-    config = write_config(tmp_path, micro_zoo[0], fitness=f"{{name: broken, like: math_lang, data: {data}}}",
-                          extra="executor: pool\nworkers: 2\n")
+    data.write_text("".join(json.dumps({"prompt": f"{i} + 1 ="}) + "\n" for i in range(4)))
+    config = write_config(tmp_path, micro_zoo[0], fitness=str(data), extra="executor: pool\nworkers: 2\n")
     with pytest.raises(EvomergeError, match=r"pool worker \d, candidate \d"):
         evolve(config, tmp_path / "run", progress=False)
     assert not (tmp_path / "run" / "candidates.jsonl").is_file() or not logged(tmp_path / "run")
