@@ -347,9 +347,14 @@ class PoolExecutor(Executor):
 
 
 def _worker_main(worker: int, spec: HarnessSpec, device: str, threads: int, inbox, outbox) -> None:
-    """A pool worker: build the harness once, then score jobs until told to stop."""
+    """A pool worker: build the harness once, then score jobs until told to stop, or until
+    the driver is gone (killed: a worker must not outlive it). Ctrl-C is the driver's to
+    handle: it stops the workers."""
+    import signal
+
     import torch
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
     try:
         harness = build_harness(spec, device=device, shared_cache=False)
@@ -359,7 +364,7 @@ def _worker_main(worker: int, spec: HarnessSpec, device: str, threads: int, inbo
     outbox.put(("ready", worker, None, None))
     sources = Sources()
     try:
-        while (message := inbox.get()) is not None:
+        while (message := _next_message(inbox)) is not None:
             if message[0] == "keys":
                 _, tasks, limit = message
                 outbox.put(("keys", worker, None, {t.name: harness.task_key(t, limit) for t in tasks}))
@@ -371,6 +376,16 @@ def _worker_main(worker: int, spec: HarnessSpec, device: str, threads: int, inbo
                 outbox.put(("error", worker, index, f"{type(exc).__name__}: {exc}"))
     finally:
         sources.close()
+
+
+def _next_message(inbox) -> Optional[tuple]:
+    """The driver's next message; None when it says stop or has died."""
+    while True:
+        try:
+            return inbox.get(timeout=1.0)
+        except queue.Empty:
+            if not multiprocessing.parent_process().is_alive():
+                return None
 
 
 def check_executor(name: str, workers: Optional[int]) -> None:

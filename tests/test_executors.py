@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -86,6 +91,34 @@ def test_a_pool_resumes_a_serial_run_from_the_score_cache(serial_run, micro_zoo,
     usage = results["stages"]["ps"]["executor"]
     assert usage["scored"] == 0 and usage["cached"] == len(logged(serial_dir))
     assert logged(tmp_path / "copy" / "run") == logged(serial_dir)
+
+
+def test_a_killed_driver_takes_its_workers_along_and_its_run_resumes(serial_run, micro_zoo, tmp_path):
+    """SIGKILL the driver of a pool once a round is logged: its workers exit by themselves,
+    and the same command resumes the run to the uninterrupted serial log, scoring nothing
+    twice (one cache line per candidate and task)."""
+    import psutil
+
+    config = write_config(tmp_path, micro_zoo[0], extra="executor: pool\nworkers: 2\n")
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "evomerge", "evolve", str(config), "--run-dir", str(run_dir), "--no-progress"]
+    driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    log, deadline = run_dir / "candidates.jsonl", time.time() + 120
+    while time.time() < deadline and len(log.read_text().splitlines() if log.exists() else []) < 4:
+        time.sleep(0.02)
+    workers = [p for p in psutil.Process(driver.pid).children(recursive=True) if "python" in p.name().lower()]
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    assert len(workers) >= 2 and not (run_dir / "best").exists()
+    gone, alive = psutil.wait_procs(workers, timeout=15)
+    assert not alive, f"workers outlived their driver: {alive}"
+
+    assert main(["evolve", str(config), "--run-dir", str(run_dir), "--no-progress"]) == 0
+    assert logged(run_dir) == logged(serial_run[0])
+    cache = [json.loads(line) for line in (run_dir / "scores.jsonl").read_text().splitlines()]
+    keys = [(c["candidate"], c["task_key"]) for c in cache]
+    assert len(keys) == len(set(keys))
 
 
 def test_a_candidate_that_fails_in_a_worker_stops_the_run_and_the_workers(micro_zoo, tmp_path):
