@@ -202,7 +202,10 @@ class SerialExecutor(Executor):
             for index, job in enumerate(jobs):
                 result = score_job(harness, self._sources, job, 0)
                 self._usage.busy[0] += result.seconds
-                self._usage.scored += 1
+                if len(harness.last_timings.cached) == len(job.tasks):
+                    self._usage.cached += 1
+                else:
+                    self._usage.scored += 1
                 yield index, result
         finally:
             self._usage.wall += time.perf_counter() - start

@@ -65,7 +65,7 @@ def serial_run(micro_zoo, tmp_path_factory) -> tuple[Path, dict]:
 
 def test_a_pool_of_two_workers_logs_what_serial_logs(serial_run, micro_zoo, tmp_path):
     """Same config and seed: the same candidates (genomes, rounds) with the same fitness
-    and per-example scores, whichever worker scored each; the config's executor keys."""
+    and per-task scores, whichever worker scored each; the config's executor keys."""
     config = write_config(tmp_path, micro_zoo[0], extra="executor: pool\nworkers: 2\n")
     results = evolve(config, tmp_path / "run", progress=False)
     serial_dir, serial_results = serial_run
@@ -78,6 +78,22 @@ def test_a_pool_of_two_workers_logs_what_serial_logs(serial_run, micro_zoo, tmp_
     assert all(0 < u <= 1 for u in usage["utilisation"])
     assert serial_results["stages"]["ps"]["executor"]["executor"] == "serial"
     assert not multiprocessing.active_children()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["ps+dfs", "m2n2"])
+def test_every_method_logs_the_same_run_with_a_pool(method, micro_zoo, tmp_path):
+    """DFS recipes (layer stacks over the PS merge) and M2N2's coefficient recipes travel to
+    the workers and score there as in this process."""
+    from test_evolve import write_config as write_method_config
+
+    runs = {}
+    for executor, workers in (("serial", None), ("pool", 2)):
+        (tmp_path / executor).mkdir()
+        config = write_method_config(tmp_path / executor, micro_zoo[0], method=method, evals=6)
+        evolve(config, tmp_path / executor / "run", progress=False, executor=executor, workers=workers)
+        runs[executor] = logged(tmp_path / executor / "run")
+    assert runs["pool"] == runs["serial"]
 
 
 def test_a_pool_resumes_a_serial_run_from_the_score_cache(serial_run, micro_zoo, tmp_path):
