@@ -235,8 +235,6 @@ class PoolExecutor(Executor):
     name = "pool"
 
     def __init__(self, spec: HarnessSpec, workers: int):
-        if workers < 1:
-            raise EvomergeError(f"workers: {workers}; a pool needs at least one worker")
         self.spec, self.workers = spec, workers
         self._cache = ScoreCache(spec.cache)
         self._sources = Sources()

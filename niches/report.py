@@ -151,11 +151,12 @@ def results_of(config: RunConfig, outcomes: list[tuple[Stage, Outcome]], report:
     for stage, outcome in outcomes:
         recipe = stage.genome.decode(outcome.best_genome).model_dump(mode="json", exclude_none=True)
         stages[outcome.name] = {"best_fitness": outcome.best_fitness, "evaluations": outcome.evaluations,
-                                "best_genome": outcome.best_genome.tolist(), "executor": outcome.executor,
+                                "best_genome": outcome.best_genome.tolist(),
                                 "best_recipe": json.loads(references.in_text(json.dumps(recipe)))}
     paper: dict[str, dict[str, float]] = {}
     for task, scores in config.paper_scores.items():
         for row, score in scores.items():
             paper.setdefault(row, {})[task] = score
     return {"method": config.method, "stages": stages,
+            "executor": {outcome.name: outcome.executor for _, outcome in outcomes},
             "report": {"split": config.report.split, "limit": config.report.limit, "scores": report, "paper": paper}}

@@ -51,7 +51,7 @@ device: cpu
 threads: {args.threads}
 """)
     results = evolve(config, folder / "run", progress=False, executor=executor, workers=workers)
-    return results["stages"]["ps"]["executor"]
+    return results["executor"]["ps"]
 
 
 def row(name: str, usage: dict) -> str:

@@ -71,12 +71,12 @@ def test_a_pool_of_two_workers_logs_what_serial_logs(serial_run, micro_zoo, tmp_
     serial_dir, serial_results = serial_run
     assert logged(tmp_path / "run") == logged(serial_dir)
     assert results["stages"]["ps"]["best_fitness"] == serial_results["stages"]["ps"]["best_fitness"]
-    usage = results["stages"]["ps"]["executor"]
+    usage = results["executor"]["ps"]
     assert usage["executor"] == "pool" and usage["workers"] == 2
     assert usage["scored"] == len(logged(serial_dir)) and usage["cached"] == 0
     assert all(busy > 0 for busy in usage["busy_seconds"]), "a worker was given nothing"
     assert all(0 < u <= 1 for u in usage["utilisation"])
-    assert serial_results["stages"]["ps"]["executor"]["executor"] == "serial"
+    assert serial_results["executor"]["ps"]["executor"] == "serial"
     assert not multiprocessing.active_children()
 
 
@@ -104,7 +104,7 @@ def test_a_pool_resumes_a_serial_run_from_the_score_cache(serial_run, micro_zoo,
     shutil.copytree(serial_dir.parent, tmp_path / "copy")
     results = evolve(tmp_path / "copy" / "config.yaml", tmp_path / "copy" / "run", progress=False,
                      executor="pool", workers=2)
-    usage = results["stages"]["ps"]["executor"]
+    usage = results["executor"]["ps"]
     assert usage["scored"] == 0 and usage["cached"] == len(logged(serial_dir))
     assert logged(tmp_path / "copy" / "run") == logged(serial_dir)
 
