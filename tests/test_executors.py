@@ -17,20 +17,7 @@ import pytest
 from evomerge.cli import main
 from merging.errors import EvomergeError
 from niches.run import evolve
-
-TEMPLATE = """\
-merge_method: dare_ties
-base_model: zoo:base
-models:
-  - model: zoo:lang
-    parameters:
-      density: {free: [0.1, 1.0], init: 0.6, granularity: layer}
-      weight: {free: [0.0, 1.2], init: 0.6, granularity: layer}
-  - model: zoo:math
-    parameters:
-      density: {free: [0.1, 1.0], init: 0.6, granularity: layer}
-      weight: {free: [0.0, 1.2], init: 0.6, granularity: layer}
-"""
+from tests.test_evolve import TEMPLATE
 
 
 def write_config(folder: Path, zoo: Path, *, fitness: str = "math_lang", extra: str = "") -> Path:
