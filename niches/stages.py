@@ -12,13 +12,13 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from evaluation.executors import Executor, HarnessSpec, Job, make_executor
+from evaluation.executors import Executor, HarnessSpec, Job, build_harness, make_executor
 from evaluation.harness import Harness
 from evaluation.tasks import Task
 from merging.checkpoint import Checkpoint, resolve_model_path
 from merging.dataflow import DataflowSpace
 from merging.errors import RecipeError
-from merging.recipe import DTYPES, load_yaml
+from merging.recipe import load_yaml
 from niches.baselines import RandomSearch
 from niches.cmaes import CMAES, default_popsize
 from niches.coefficients import CoefficientGenome, SourceGram, slerp_split_members
@@ -61,7 +61,8 @@ def run_stage(stage: Stage, config: RunConfig, folder: RunFolder, tasks: list[Ta
     """The stage's search, driven by the loop in the run folder, scored by the run's executor."""
     folder.check_sources(stage.name, stage.checkpoints, len(logged_candidates(folder, stage.name)))
     try:
-        with make_executor(config.executor, harness_spec(stage, config, folder.scores_file),
+        with make_executor(config.executor, harness_spec(stage.checkpoints[stage.reference].path, config,
+                                                         folder.scores_file),
                            config.workers) as executor:
             scorer = HarnessScorer(stage, config, executor, tasks)
             outcome = run_search(stage.name, stage.search, scorer, folder, progress=progress, total=stage.budget)
@@ -71,9 +72,11 @@ def run_stage(stage: Stage, config: RunConfig, folder: RunFolder, tasks: list[Ta
         stage.close()
 
 
-def harness_spec(stage: Stage, config: RunConfig, cache: Path) -> HarnessSpec:
-    return HarnessSpec(str(stage.checkpoints[stage.reference].path), device=config.device,
-                       batch_size=config.batch_size, dtype=config.dtype, cache=str(cache), threads=config.threads)
+def harness_spec(template: Path, config: RunConfig, cache: Path) -> HarnessSpec:
+    """How the run's harnesses are built: resident model from `template`, the run's device,
+    dtype and batch size, the run folder's score cache."""
+    return HarnessSpec(str(template), device=config.device, batch_size=config.batch_size, dtype=config.dtype,
+                       cache=str(cache), threads=config.threads)
 
 
 class HarnessScorer:
@@ -100,8 +103,8 @@ class HarnessScorer:
 
 
 def make_harness(template: Path, config: RunConfig, cache: Path) -> Harness:
-    dtype = DTYPES[config.dtype] if config.dtype else None
-    return Harness(template, device=config.device, cache=cache, batch_size=config.batch_size, dtype=dtype)
+    """A harness in this process with the run's settings (the report's scoring)."""
+    return build_harness(harness_spec(template, config, cache), device=config.device, shared_cache=True)
 
 
 def genome_search(genome: RecipeGenome | DataflowGenome, settings: OptimizerSettings, seed: int) -> Search:
