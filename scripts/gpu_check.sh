@@ -26,11 +26,12 @@
 # (seconds since the start) leaves it 30 s, and gets at most the time left.
 #
 # Settings (environment): DEVICE (cuda), ZOO_SIZE (auto: small if found, else micro),
-# MAX_EVALS (cuda 40, cpu 10), LIMIT (fitness examples; cuda 200, cpu 50), EVAL_LIMIT
-# (cuda 300, cpu 50), THREADS (torch CPU threads in all, 2), BATCH_SIZE and DTYPE (the
-# evolve config's batch_size and dtype; unset: the config's defaults), DEADLINE_S (cuda
-# 330, cpu 900), BIG_MERGE (cuda 1, cpu 0), WORK (scratch folder; a fresh one by default, removed at
-# the end unless KEEP_WORK=1), PY_VERSION (--prepare: the device's Python, 3.12).
+# ZOO_DIR (a built zoo folder to use instead), MAX_EVALS (cuda 40, cpu 10), LIMIT (fitness
+# examples; cuda 200, cpu 50), EVAL_LIMIT (cuda 300, cpu 50), THREADS (torch CPU threads in
+# all; cuda 2, cpu 1), BATCH_SIZE and DTYPE (the evolve config's batch_size and dtype;
+# unset: the config's defaults), DEADLINE_S (cuda 330, cpu 900), BIG_MERGE (cuda 1, cpu 0),
+# WORK (scratch folder; a fresh one by default, removed at the end unless KEEP_WORK=1),
+# PY_VERSION (--prepare: the device's Python, 3.12).
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
@@ -86,7 +87,9 @@ else
     MAX_EVALS=${MAX_EVALS:-40} LIMIT=${LIMIT:-200} EVAL_LIMIT=${EVAL_LIMIT:-300} DEADLINE_S=${DEADLINE_S:-330}
     BIG_MERGE=${BIG_MERGE:-1}
 fi
-THREADS=${THREADS:-2}
+# torch CPU threads in all (a pool splits them): on a busy CPU, more threads than free
+# cores make these tiny models many times slower (measured: 8x with 2 on 2 busy cores)
+THREADS=${THREADS:-$([ "$DEVICE" = cpu ] && echo 1 || echo 2)}
 export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error
 if [ -z "${WORK:-}" ]; then
     WORK=$(mktemp -d /tmp/gpucheck.XXXXXX)
@@ -137,7 +140,7 @@ if python3 -c 'import ray' >/dev/null 2>&1; then
         HAVE_RAY=1
         unshare -n bash -c 'ip link set lo up' 2>/dev/null && IN_LOOPBACK=(unshare -n bash -c 'ip link set lo up && exec "$@"' _)
     else
-        RAY_WHY=$(echo "$RAY_WHY" | tail -1)
+        RAY_WHY=$(echo "$RAY_WHY" | tail -1 | sed 's/^[A-Za-z_.]*Error: //')
     fi
 fi
 
@@ -186,7 +189,8 @@ write_report() {
     if [ -n "${OUT:-}" ]; then
         mkdir -p "$OUT"
         { echo "## GPU check: $gpu_name (device $DEVICE)"; echo; echo "$ENVIRONMENT."; echo; echo "$SETTINGS"; echo; echo "$table"; echo
-          echo "Peak GPU MiB: the most memory.used that nvidia-smi read (every 200 ms) during the step, whole GPU, other processes and the $gpu_idle MiB in use before the check included."
+          if [ "$DEVICE" = cpu ]; then echo "No GPU (DEVICE=cpu): a run of the same steps on the CPU."
+          else echo "Peak GPU MiB: the most memory.used that nvidia-smi read (every 200 ms) during the step, whole GPU, other processes and the $gpu_idle MiB in use before the check included."; fi
           echo; echo "Produced by \`$COMMAND\`."; } > "$OUT/gpu_check.md"
     fi
 }
@@ -242,11 +246,17 @@ find_zoo() {
     done
 }
 ZOO_SIZE=${ZOO_SIZE:-auto}
-if [ "$ZOO_SIZE" = auto ]; then
-    ZOO_SIZE=micro
-    [ -n "$(find_zoo small)" ] && ZOO_SIZE=small
+if [ -n "${ZOO_DIR:-}" ]; then
+    ZOO=$(cd "$ZOO_DIR" 2>/dev/null && pwd) || { echo "gpu_check: ZOO_DIR=$ZOO_DIR is no folder" >&2; exit 3; }
+    ZOO_SIZE=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["size"])' "$ZOO/zoo.json") ||
+        { echo "gpu_check: ZOO_DIR=$ZOO_DIR has no readable zoo.json (evomerge zoo build writes one)" >&2; exit 3; }
+else
+    if [ "$ZOO_SIZE" = auto ]; then
+        ZOO_SIZE=micro
+        [ -n "$(find_zoo small)" ] && ZOO_SIZE=small
+    fi
+    ZOO=$(find_zoo "$ZOO_SIZE")
 fi
-ZOO=$(find_zoo "$ZOO_SIZE")
 COMMAND="$( [ "$DEVICE" = cpu ] && echo "DEVICE=cpu " )bash scripts/gpu_check.sh"
 SETTINGS="Zoo $ZOO_SIZE; evolve: PS (DARE-TIES of zoo:lang and zoo:math, recipes/$( [ "$ZOO_SIZE" = small ] && echo zoo-small-ps-template.yaml || echo demo-evolve-template.yaml )), $MAX_EVALS evaluations, popsize 10, fitness math_lang train limit $LIMIT, $THREADS torch CPU threads in all${BATCH_SIZE:+, batch size $BATCH_SIZE}${DTYPE:+, dtype $DTYPE}; eval limit $EVAL_LIMIT."
 
