@@ -57,6 +57,7 @@ prepare() {
             echo "zoo $size: not built here ($ZOO_HOME/$size); the check will use micro"
         fi
     done
+    git -C "$ROOT" rev-parse --short HEAD > "$PREPARED/commit" 2>/dev/null || rm -f "$PREPARED/commit"
     rm -f "$PREPARED"/whl/*.whl
     for pkg in $WHEELS; do
         version=$(python3 -m pip show "$pkg" 2>/dev/null | awk '/^Version:/ {print $2}')
@@ -152,7 +153,8 @@ if [ "$DEVICE" != cpu ] && command -v nvidia-smi >/dev/null; then
 fi
 versions=$(python3 -c 'import platform, torch, transformers
 print(f"Python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda}), transformers {transformers.__version__}")')
-commit=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo "unknown (no git)")
+commit=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null ||
+         { [ -f "$PREPARED/commit" ] && echo "$(cat "$PREPARED/commit") (at --prepare)"; } || echo "unknown (no git)")
 ENVIRONMENT="$(date -u +%Y-%m-%d), device $DEVICE; GPU: $gpu_name (driver $driver, $gpu_total MiB, $gpu_idle MiB used before the check); $(nproc) CPU cores; $versions; ray $(python3 -c 'import ray; print(ray.__version__)' 2>/dev/null || echo 'not installed'); evomerge commit $commit"
 
 # ------------------------------------------------------------------------- stepping
@@ -190,7 +192,7 @@ write_report() {
         mkdir -p "$OUT"
         { echo "## GPU check: $gpu_name (device $DEVICE)"; echo; echo "$ENVIRONMENT."; echo; echo "$SETTINGS"; echo; echo "$table"; echo
           if [ "$DEVICE" = cpu ]; then echo "No GPU (DEVICE=cpu): a run of the same steps on the CPU."
-          else echo "Peak GPU MiB: the most memory.used that nvidia-smi read (every 200 ms) during the step, whole GPU, other processes and the $gpu_idle MiB in use before the check included."; fi
+          else echo "Peak GPU MiB: the most memory.used that nvidia-smi read (about every 0.3 s) during the step, whole GPU, other processes and the $gpu_idle MiB in use before the check included."; fi
           echo; echo "Produced by \`$COMMAND\`."; } > "$OUT/gpu_check.md"
     fi
 }
@@ -204,13 +206,18 @@ run_step() {
     shift  # --
     left=$((DEADLINE_S - $(elapsed)))
     if [ "$left" -lt 30 ]; then
-        ROWS+=("| $name | \`$display\` | - | - | - | - | - | - | skipped: DEADLINE_S=$DEADLINE_S reached |")
+        ROWS+=("| $name | \`$display\` | - | - | - | - | - | - | skipped: under 30 s left before DEADLINE_S=$DEADLINE_S |")
         SUMMARY+=("$(printf '%-22s skipped (deadline)' "$name")"); write_report; return
     fi
     [ "$left" -lt "$limit" ] && limit=$left
     echo "== $name: $display (at most ${limit} s)"
     if [ "$DEVICE" != cpu ] && command -v nvidia-smi >/dev/null; then
-        nvidia-smi -i 0 --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 > "$WORK/$name.mem" 2>/dev/null &
+        # one nvidia-smi call per sample: each exits, so no sample waits in a buffer when the
+        # monitor is stopped (a looping nvidia-smi writing to a file may hold them back)
+        while :; do
+            nvidia-smi -i 0 --query-gpu=memory.used --format=csv,noheader,nounits >> "$WORK/$name.mem" 2>/dev/null
+            sleep 0.2
+        done &
         monitor=$!
     fi
     t0=$(date +%s.%N)
