@@ -133,13 +133,13 @@ fi
 if ! error=$(python3 -c 'import evomerge.cli, merging.engine, evaluation.harness, niches.run' 2>&1); then
     echo "gpu_check: evomerge does not import from $ROOT:" >&2; echo "$error" | tail -5 >&2; exit 3
 fi
-# Ray runs only where ray imports and this evomerge has the executor; under root with
-# unshare, in a network namespace of loopback alone (Ray's traffic stays on this machine).
+# Ray runs only where ray imports and this evomerge has the executor, through
+# scripts/loopback.sh (Ray's traffic stays on this machine where a namespace can be made).
 HAVE_RAY=0 RAY_WHY="python3 cannot import ray" IN_LOOPBACK=()
 if python3 -c 'import ray' >/dev/null 2>&1; then
     if RAY_WHY=$(python3 -c "from evaluation.executors import check_executor; check_executor('ray', 2)" 2>&1); then
         HAVE_RAY=1
-        unshare -n bash -c 'ip link set lo up' 2>/dev/null && IN_LOOPBACK=(unshare -n bash -c 'ip link set lo up && exec "$@"' _)
+        IN_LOOPBACK=(bash "$ROOT/scripts/loopback.sh")
     else
         RAY_WHY=$(echo "$RAY_WHY" | tail -1 | sed 's/^[A-Za-z_.]*Error: //')
     fi
