@@ -182,3 +182,31 @@ def test_parse_size(text, expected):
 def test_parse_size_rejects_nonsense():
     with pytest.raises(EvomergeError, match="cannot read size"):
         parse_size("lots")
+
+
+def test_sources_kept_on_a_device_merge_as_the_memory_maps_do(sharded_family):
+    """A worker keeps its sources on its device (Checkpoint.keep_on): every read answers the
+    same tensor, a TIES merge of bfloat16 shards gives the same bytes, and the size the
+    placement rule weighs is the data's."""
+    from merging.engine import iter_merged, plan_merge
+    from merging.recipe import parse_recipe
+
+    base, tuned = (str(path) for path in sharded_family.values())
+    recipe = parse_recipe(f"merge_method: ties\nbase_model: {base}\nmodels:\n"
+                          f"  - {{model: {tuned}, parameters: {{weight: 0.7, density: 0.5}}}}\n")
+    merged = {}
+    for kept in (False, True):
+        checkpoints = {path: Checkpoint.open(path) for path in (base, tuned)}
+        if kept:
+            for checkpoint in checkpoints.values():
+                checkpoint.keep_on(torch.device("cpu"))
+        merged[kept] = dict(iter_merged(plan_merge(recipe, checkpoints), seed=0))
+    assert merged[True].keys() == merged[False].keys()
+    assert all(torch.equal(merged[True][name], merged[False][name]) for name in merged[False])
+    assert any(tensor.dtype == torch.bfloat16 for tensor in merged[True].values())
+    checkpoint = Checkpoint.open(base)
+    data = sum(t.numel() * t.element_size() for t in (checkpoint.read(n) for n in checkpoint.tensors))
+    assert checkpoint.nbytes == data
+    checkpoint.keep_on(torch.device("cpu"))
+    with pytest.raises(CheckpointError, match="has no tensor nope"):
+        checkpoint.read("nope")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -201,7 +202,9 @@ def test_ray_with_two_workers_logs_what_serial_logs(serial_run, micro_zoo, tmp_p
     usage = results["executor"]["ps"]
     assert usage["executor"] == "ray" and usage["scored"] == len(logged(serial_run[0])) and usage["restarts"] == 0
     assert all(busy > 0 for busy in usage["busy_seconds"]), "an actor was given nothing"
-    assert usage["placement"] == ["sources (0.00 GiB) memory-mapped in host memory, streamed per candidate"]
+    assert len(usage["placement"]) == 1
+    assert re.fullmatch(r"sources \([\d.]+ MiB\) memory-mapped in host memory, streamed per candidate",
+                        usage["placement"][0])
     assert not ray.is_initialized()
 
 
@@ -282,3 +285,32 @@ def test_on_ray_a_candidate_with_non_finite_logits_fails_alone(micro_zoo, tmp_pa
     assert "logits are not finite" in scores["ray"][1].error and scores["ray"][1].scores == {}
     assert [scores["ray"][i].scores for i in (0, 2)] == [scores["serial"][i].scores for i in (0, 2)]
     assert all(scores["ray"][i].error is None for i in (0, 2))
+
+
+def test_a_pool_scores_a_candidate_a_population_holds_twice_once(micro_zoo, tmp_path):
+    """Two equal recipes in one population: the driver sends one to the workers and answers
+    the other with its scores; sources kept in memory (`sources: device`) score as the
+    memory-mapped ones of the serial executor."""
+    from dataclasses import replace
+
+    from evaluation.executors import HarnessSpec, Job, make_executor
+    from evaluation.tasks import resolve_task
+    from merging.recipe import parse_recipe
+
+    models = micro_zoo[0] / "models"
+    recipe = lambda a: parse_recipe(  # noqa: E731
+        f"merge_method: linear\nmodels:\n  - {{model: {models / 'lang'}, parameters: {{weight: {a}}}}}\n"
+        f"  - {{model: {models / 'math'}, parameters: {{weight: {1 - a}}}}}\n")
+    tasks = [resolve_task("math", zoo_dir=micro_zoo[0], split="train")]
+    checkpoints = {str(models / name): str(models / name) for name in ("lang", "math")}
+    jobs = [Job(recipe(a), checkpoints, tasks, 16, 0) for a in (0.3, 0.3, 0.6)]
+    spec = HarnessSpec(str(models / "base"), device="cpu", threads=2, cache=str(tmp_path / "scores.jsonl"))
+    with make_executor("pool", replace(spec, sources="device"), 2) as executor:
+        pooled = dict(executor.score(jobs))
+        usage = executor.usage()
+    assert usage.scored == 2 and usage.cached == 1
+    assert pooled[0].scores == pooled[1].scores and pooled[0].key == pooled[1].key
+    assert len(usage.placement) == 1 and re.fullmatch(r"sources \([\d.]+ MiB\) kept on cpu", usage.placement[0])
+    with make_executor("serial", replace(spec, cache=None)) as executor:
+        serial = dict(executor.score(jobs))
+    assert [pooled[i].scores for i in range(3)] == [serial[i].scores for i in range(3)]

@@ -133,7 +133,8 @@ class Worker:
             for checkpoint in checkpoints:
                 checkpoint.keep_on(device)
         where = f"kept on {device}" if keep else "memory-mapped in host memory, streamed per candidate"
-        self.placement = f"sources ({size / 2**30:.2f} GiB) {where}"
+        amount = f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
+        self.placement = f"sources ({amount}) {where}"
 
     def score(self, job: Job) -> JobResult:
         """Build `job`'s candidate in the resident model and score it; a candidate that
