@@ -141,3 +141,23 @@ def test_executor_flags_that_do_not_go_together_are_refused(argv, message, llama
     assert main(["eval", str(llama_family["base"]), str(llama_family["variant_1"]), "--task", "math",
                  "--device", "cpu", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_lm_eval_tasks_travel_to_pool_workers(llama_family, tmp_path, monkeypatch):
+    """An lm_eval:TASK is a name and a folder of YAMLs: the workers score it as serial does."""
+    pytest.importorskip("lm_eval")
+    from tests.test_lm_eval_backend import write_sums_task
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")  # the workers inherit it
+    write_sums_task(tmp_path)
+    models = [str(llama_family[name]) for name in ("base", "variant_1", "variant_3")]
+    runs = {}
+    for executor in ("serial", "pool"):
+        output = tmp_path / f"{executor}.json"
+        assert main(["eval", *models, "--task", "lm_eval:evomerge_sums", "--lm-eval-include", str(tmp_path),
+                     "--device", "cpu", "--executor", executor, "--output", str(output)]
+                    + (["--workers", "2"] if executor == "pool" else [])) == 0
+        runs[executor] = scores_by_candidate(output)
+    assert runs["pool"] == runs["serial"]
+    assert len({tuple(scores["lm_eval:evomerge_sums"]) for _, scores in runs["serial"]}) > 1
