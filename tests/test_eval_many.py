@@ -161,3 +161,12 @@ def test_lm_eval_tasks_travel_to_pool_workers(llama_family, tmp_path, monkeypatc
         runs[executor] = scores_by_candidate(output)
     assert runs["pool"] == runs["serial"]
     assert len({tuple(scores["lm_eval:evomerge_sums"]) for _, scores in runs["serial"]}) > 1
+
+
+def test_eval_help_explains_several_candidates_and_the_executor_flags(capsys):
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for words in ("MODEL_OR_RECIPE [MODEL_OR_RECIPE ...]", "--executor {serial,pool,ray}", "--workers",
+                  "--ray-address", "the first one's architecture", "in the order given", "status 2"):
+        assert words in text, words
