@@ -146,10 +146,13 @@ def _eval_many(args: argparse.Namespace, executor: str, tasks: list, device: str
         spec = HarnessSpec(str(candidates[0].template), device=device, batch_size=args.batch_size,
                            cache=str(args.cache) if args.cache else None)
 
+        done = []
+
         def finished(index: int, result) -> None:
+            done.append(index)
             error = getattr(result, "error", None)
-            outcome = f"failed: {error}" if error else f"scored in {result.seconds:.2f} s"
-            print(f"{args.model[index]}: {outcome}", file=sys.stderr, flush=True)
+            outcome = f"failed: {error}" if error else f"done in {result.seconds:.2f} s"
+            print(f"[{len(done)}/{len(args.model)}] {args.model[index]}: {outcome}", file=sys.stderr, flush=True)
 
         results = score_candidates(candidates, tasks, spec, executor=executor, workers=args.workers,
                                    ray_address=args.ray_address, limit=args.limit, seed=args.seed,
@@ -164,7 +167,7 @@ def _eval_many(args: argparse.Namespace, executor: str, tasks: list, device: str
     if args.output:
         write_atomic(args.output, json.dumps({
             "device": device, "limit": args.limit, "seed": args.seed, "executor": executor,
-            "candidates": [{"model": model, "key": result.key, "error": error,
+            "candidates": [{"model": model, "key": result.key, "twin": result.twin, "error": error,
                             "tasks": {name: r.to_dict() for name, r in (by_task or {}).items()}}
                            for model, result, error, by_task in zip(args.model, results, errors, scores)],
         }, indent=2))
