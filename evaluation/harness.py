@@ -27,7 +27,7 @@ from evaluation.functional import ProbeStore, probe_file, probe_output, probe_se
 from evaluation.identity import checkpoint_hash, plan_key, task_key
 from evaluation.scoring import evaluate, wants_bos
 from evaluation.tasks import Task, TaskResult
-from merging.checkpoint import Checkpoint
+from merging.checkpoint import Checkpoint, all_finite
 from merging.engine import DTYPES, MergePlan, iter_merged, output_config, plan_merge, resolve_device
 from merging.errors import CheckpointError, EvomergeError
 from merging.recipe import Recipe
@@ -111,6 +111,7 @@ class Harness:
     def _install(self, model) -> None:
         self.model = model.eval()
         self.model.register_forward_pre_hook(self._count)
+        self.model.register_forward_hook(_refuse_non_finite_logits)
 
     def _count(self, *_):
         self.forward_passes += 1
@@ -274,6 +275,17 @@ class Harness:
         timings.new_tokens[task.name] = stats.get("new_tokens", 0)
         self.cache.put(candidate, key, result)
         return result
+
+
+def _refuse_non_finite_logits(_module, _inputs, output) -> None:
+    """A candidate whose logits hold NaN or Inf (a merge that overflowed its dtype) is
+    broken: its scores would rank garbage (argmax of NaN, a NaN mean), so scoring it stops
+    with an error the run logs as the candidate's failure. One min/max pass over the
+    logits, small next to the matrix product that made them."""
+    logits = getattr(output, "logits", output)
+    if isinstance(logits, torch.Tensor) and logits.is_floating_point() and logits.numel() and not all_finite(logits):
+        raise EvomergeError("the candidate's logits are not finite (NaN or Inf): its merged weights overflow "
+                            "or are broken")
 
 
 def _config_dict(config: dict) -> dict:

@@ -93,17 +93,20 @@ class MapElites:
             child = (child + noise * self.mutation_std).astype(child.dtype)
         return [Candidate(child)]
 
-    def tell(self, candidates: Sequence[Candidate], scores: Sequence[Scores]) -> None:
-        """Offer evaluated candidates, in order; `last_inserted` says which took a cell."""
+    def tell(self, candidates: Sequence[Candidate], scores: Sequence[Optional[Scores]]) -> None:
+        """Offer evaluated candidates, in order; `last_inserted` says which took a cell (a
+        failed candidate, None, takes none)."""
         if len(candidates) != len(scores):
             raise ValueError(f"{len(candidates)} candidates but {len(scores)} scores")
         self.last_inserted = [self._offer(c, s) for c, s in zip(candidates, scores)]
         if any(c.kind == "seed" for c in candidates):
             self.seeds = []
 
-    def _offer(self, candidate: Candidate, scores: Scores) -> bool:
+    def _offer(self, candidate: Candidate, scores: Optional[Scores]) -> bool:
         self.evaluations += 1
         self.children += candidate.kind == "sample"
+        if scores is None:
+            return False
         cell, quality = self.cell(self.descriptor(scores)), float(self.quality_of(scores))
         if cell in self.elites and quality <= self.quality[cell]:
             return False
@@ -168,7 +171,7 @@ class SlerpSweep:
         start = len(self.fitness)
         return [Candidate(slerp(self.a, self.b, float(t))) for t in self.ratios[start: start + self.batch_size]]
 
-    def tell(self, candidates: Sequence[Candidate], scores: Sequence[Scores]) -> None:
+    def tell(self, candidates: Sequence[Candidate], scores: Sequence[Optional[Scores]]) -> None:
         if len(candidates) != len(scores):
             raise ValueError(f"{len(candidates)} candidates but {len(scores)} scores")
         self.fitness.extend(fitness(s) for s in scores)
@@ -228,7 +231,7 @@ class RandomSearch:
         count = min(self.popsize, self.max_evals - self.evaluations)
         return [Candidate(genome) for genome in self.rng.uniform(0.0, 1.0, (count, self.dimension))]
 
-    def tell(self, candidates: Sequence[Candidate], scores: Sequence[Scores]) -> None:
+    def tell(self, candidates: Sequence[Candidate], scores: Sequence[Optional[Scores]]) -> None:
         if len(candidates) != len(scores):
             raise ValueError(f"{len(candidates)} candidates but {len(scores)} scores")
         for candidate, score in zip(candidates, scores):

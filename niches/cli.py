@@ -29,11 +29,15 @@ def add_evolve_parser(subparsers) -> None:
     parser.add_argument("--max-evals", type=int, default=None,
                         help="evaluation budget of each search stage (overrides the config's max_evals)")
     parser.add_argument("--executor", choices=["serial", "pool", "ray"], default=None,
-                        help="what scores the candidates: serial (in this process, the default) or pool (worker "
-                             "processes, one per GPU or --workers CPU workers); ray is not built yet "
-                             "(overrides the config's executor)")
+                        help="what scores the candidates: serial (in this process, the default), pool (worker "
+                             "processes on this machine) or ray (Ray actors: pip install 'evomerge[ray]'); "
+                             "overrides the config's executor")
     parser.add_argument("--workers", type=int, default=None,
-                        help="the pool's worker processes (default: one per GPU, else 2; overrides the config's)")
+                        help="workers of a pool or on Ray, each with a resident model (default: one per GPU, "
+                             "else 2; overrides the config's)")
+    parser.add_argument("--ray-address", default=None,
+                        help="the Ray cluster to join: auto, or HOST:PORT of its head (default: a local cluster "
+                             "started for the run; overrides the config's ray_address)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(run=run_evolve, interrupted=interrupted_evolve)
 
@@ -43,7 +47,7 @@ def run_evolve(args: argparse.Namespace) -> None:
     from niches.run import evolve
 
     results = evolve(args.config, args.run_dir, max_evals=args.max_evals, progress=not args.no_progress,
-                     executor=args.executor, workers=args.workers)
+                     executor=args.executor, workers=args.workers, ray_address=args.ray_address)
     print(f"\nreport ({results['report']['split']} split): mean ± standard error")
     print(report_table(results))
     print(f"wrote {args.run_dir / 'best'}")
@@ -62,6 +66,8 @@ def interrupted_evolve(args: argparse.Namespace) -> str:
         command += ["--executor", args.executor]
     if args.workers is not None:
         command += ["--workers", str(args.workers)]
+    if args.ray_address is not None:
+        command += ["--ray-address", args.ray_address]
     if args.no_progress:
         command.append("--no-progress")
     return (f"{logged} scored candidate(s) are kept in {log}; resume with the same command:\n"

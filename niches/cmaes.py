@@ -27,7 +27,7 @@ import hashlib
 import math
 import warnings
 from contextlib import contextmanager
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -55,6 +55,16 @@ pycma widens sigma, so the search goes on looking instead of ending after one ge
 def default_popsize(dimension: int) -> int:
     """pycma's default population size, 4 + floor(3 ln n)."""
     return 4 + int(3 * math.log(dimension))
+
+
+def _costs(fitnesses: Sequence[float]) -> list[float]:
+    """pycma's values (it minimises): the negated fitness, and for a failed candidate
+    (-inf) one more than the generation's worst cost, or 0 when all failed. CMA-ES uses
+    ranks only, so this ranks a failure last without an infinity pycma cannot sort."""
+    costs = [-float(f) for f in fitnesses]
+    finite = [c for c in costs if math.isfinite(c)]
+    worst = max(finite) + 1.0 if finite else 0.0
+    return [c if math.isfinite(c) else worst for c in costs]
 
 
 def _digest(genomes: Sequence[np.ndarray]) -> int:
@@ -175,10 +185,11 @@ class CMAES:
         self._pending = [Candidate(np.array(x, dtype=float)) for x in self._asked[:count]]
         return list(self._pending)
 
-    def tell(self, candidates: Sequence[Candidate], scores: Sequence[Scores]) -> None:
+    def tell(self, candidates: Sequence[Candidate], scores: Sequence[Optional[Scores]]) -> None:
         """The scores of the candidates `ask` returned, in ask order; ranked by
-        `niches.search.fitness` (higher is better). A generation cut short by the budget
-        updates the record but not the strategy (pycma needs a full population)."""
+        `niches.search.fitness` (higher is better; a failed candidate, None, ranks last). A
+        generation cut short by the budget updates the record but not the strategy (pycma
+        needs a full population)."""
         if len(candidates) != len(scores):
             raise ValueError(f"{len(candidates)} candidates but {len(scores)} scores")
         self._tell_fitness(candidates, [fitness(s) for s in scores])
@@ -188,8 +199,8 @@ class CMAES:
                 c is not p for c, p in zip(candidates, self._pending)):
             raise ValueError("tell takes exactly the candidates the last ask returned, in order")
         for value in fitnesses:
-            if not math.isfinite(value):
-                raise ValueError(f"fitness must be finite, got {value}")
+            if math.isnan(value) or value == math.inf:
+                raise ValueError(f"fitness must be finite, or -inf for a failed candidate; got {value}")
         self._pending = []
         for candidate, value in zip(candidates, fitnesses):
             if value > self.best_fitness:
@@ -207,7 +218,7 @@ class CMAES:
                 warnings.simplefilter("ignore")
                 # pycma's own arrays: it finds its samples by their bytes (given anything else it
                 # re-derives them by inverting the bound transform)
-                self._es.tell(self._asked, [-float(f) for f in fitnesses])
+                self._es.tell(self._asked, _costs(fitnesses))
         if self._strategy_stopped() and self.restart < self.max_restarts and not self._budget_spent():
             self.restart += 1
             self._start_strategy()

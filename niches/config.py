@@ -182,10 +182,23 @@ class RunConfig(_Strict):
     spin waiting for each other): give the number of free cores."""
     executor: Literal["serial", "pool", "ray"] = "serial"
     """What scores the candidates (evaluation/executors.py): `serial` in this process, `pool`
-    one worker process per GPU (or `workers` CPU workers sharing `threads`); `ray` is not
-    built yet and is refused."""
+    worker processes on this machine, `ray` Ray actors (a local cluster, or `ray_address`)."""
     workers: Optional[int] = Field(None, ge=1)
-    """The pool's workers (None: one per GPU on CUDA, else 2)."""
+    """Workers of a pool or on Ray (None: `workers_per_gpu` per GPU on CUDA, else 2); each
+    keeps one resident model and gets `threads` / `workers` CPU threads."""
+    workers_per_gpu: int = Field(1, ge=1)
+    """Workers sharing one GPU (small models leave a GPU idle between kernels: two or more
+    workers fill it)."""
+    ray_address: Optional[str] = None
+    """The Ray cluster to join (`auto`, or HOST:PORT of its head); None: a local cluster
+    started for the run."""
+    sources: Literal["auto", "device", "host"] = "auto"
+    """Where each worker keeps the source models: `device` (read once onto its device),
+    `host` (memory-mapped, streamed per candidate), `auto` (on a GPU when they take at most
+    half of its free memory, else host; evaluation/executors.py, Worker.place_sources)."""
+    max_failures: int = Field(5, ge=0)
+    """Candidates that may fail in a row (out of memory, NaN logits, a build error: each is
+    logged with its error and ranked last) before the run stops."""
     paper_scores: dict[str, dict[str, float]] = {}
     """Published scores printed beside ours in the report, {report task: {row: score}}: a
     row is `evolved` (this run's merge), `ps` (ps+dfs: the PS merge) or a model of

@@ -1,24 +1,33 @@
 """The one loop that drives any search of niches/search.py in a run folder:
 
-    ask -> score the whole population in one call -> log a line per candidate -> tell (in
-    ask order) -> log the search's summary -> ... -> the best candidate
+    ask -> score the whole population in one call, logging a line per candidate as it
+    finishes -> tell (in ask order) -> log the search's summary -> ... -> the best candidate
 
 It is the only code that reads or writes the candidate log (candidates.jsonl). Scoring is
-one call, `scorer.score(candidates)`, so that an executor scoring on many devices can
-take its place.
+one call, `scorer.score(candidates)`, which yields candidates as they finish (an
+executor scores them on many devices, evaluation/executors.py), so a line's place in the
+log is its finish order; its `index` is its place in the ask order.
+
+Failures. A candidate that raised while built or scored (out of memory, NaN logits, a
+build error) is logged with its `error` and `fitness` null, and told to the search as
+failed (ranked below every scored candidate); the run goes on. More than
+`max_failures` failures in a row stop it with the last error: a broken config fails every
+candidate, and the run should not spend its budget logging that.
 
 Resume. A killed run is rerun with the same command and replays: searches are
 deterministic under their seed, so the search asks again for the candidates it asked for
 before; each one that has a line in the log is checked against it (same genome, same
 round) and its per-example scores come from the harness's score cache (no forward pass).
-The first candidate without a line is scored for real. A logged `mean` (CMA-ES's
+The first candidate without a line is scored for real. A logged failure is told as failed
+again without scoring it (it may have been a transient out-of-memory; the log is what the
+search saw). A logged `mean` (CMA-ES's
 distribution mean, asked once at the end) is matched by genome, since a run extended with
 --max-evals ends at another mean.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Optional, Protocol, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Iterator, Optional, Protocol, Sequence
 
 import numpy as np
 
@@ -37,11 +46,18 @@ class Scored:
     twin: Optional[str] = None
     """The key of a functionally identical candidate whose scores were reused (None: scored)."""
     seconds: float = 0.0
+    error: Optional[str] = None
+    """Why the candidate has no scores (None: it was scored)."""
 
 
 class Scorer(Protocol):
-    def score(self, candidates: Sequence[Candidate]) -> list[Scored]:
-        """Build and score every candidate (in order)."""
+    def score(self, candidates: Sequence[Candidate]) -> Iterator[tuple[int, Scored]]:
+        """Build and score every candidate, yielding (position in `candidates`, its
+        evaluation) as each finishes."""
+        ...
+
+    def busy(self) -> str:
+        """Workers busy now, for the progress bar ("" when there is nothing to say)."""
         ...
 
     def task_keys(self) -> dict[str, str]:
@@ -65,7 +81,7 @@ class Outcome:
 
 
 def run_search(stage: str, search: Search, scorer: Scorer, folder: RunFolder, *, progress: bool,
-               total: int) -> Outcome:
+               total: int, max_failures: int = 5) -> Outcome:
     """Drive `search` to its end, logging every candidate of stage `stage`; its best."""
     from tqdm.auto import tqdm
 
@@ -86,36 +102,77 @@ def run_search(stage: str, search: Search, scorer: Scorer, folder: RunFolder, *,
                unit="cand", dynamic_ncols=True)
     history: list[dict] = []
     counts: dict[str, int] = {}
+    failures = _Failures(max_failures, stage)
+    best, failed = None, 0
     round_ = 0
     try:
         while not search.stop():
             candidates = search.ask()
             numbered = [_numbered(c, round_, logged, counts, stage, folder) for c in candidates]
-            scored = scorer.score(candidates)
-            for evaluation in scored:
-                _check_finite(evaluation, stage)
-            fresh = any(row is None for _, row in numbered)
-            for candidate, (index, row), evaluation in zip(candidates, numbered, scored):
+            rows: list[Optional[dict]] = [row if row and row.get("error") else None for _, row in numbered]
+            todo = [i for i, row in enumerate(rows) if row is None]  # logged failures are not scored again
+            told: list[Optional[dict[str, np.ndarray]]] = [None] * len(candidates)
+            fresh = False
+            for position, evaluation in scorer.score([candidates[i] for i in todo]):
+                i = todo[position]
+                (index, row), candidate = numbered[i], candidates[i]
+                evaluation = _checked(evaluation, stage)
                 if row is None:
                     row = _row(stage, candidate, index, round_, evaluation, task_keys)
                     folder.append(folder.candidates_file, row)
                     bar.update(int(candidate.kind == "sample"))
+                    fresh = True
+                    failures.count(row)
                 else:
                     _check_replayed(row, evaluation, folder)
-                history.append(row)
-            search.tell(candidates, [s.scores for s in scored])
+                rows[i], told[i] = row, None if evaluation.error else evaluation.scores
+                if row.get("error"):
+                    failed += 1
+                else:
+                    best = row["fitness"] if best is None else max(best, row["fitness"])
+                bar.set_postfix(_postfix(best, failed, scorer), refresh=False)
+            history.extend(rows)
+            search.tell(candidates, told)
             if fresh or round_ not in summarised:  # (an extended run's rounds after its old end are new)
                 folder.append(folder.optimizer_file, {"stage": stage, "round": round_, **search.summary()})
-            bar.set_postfix(best=f"{max(r['fitness'] for r in history):.4f}", refresh=False)
             round_ += 1
     finally:
         bar.close()
     if not history:
         raise EvomergeError(f"the {stage} stage's search asked for nothing: no candidate to export")
+    if all(row.get("error") for row in history):
+        raise EvomergeError(f"every candidate of the {stage} stage failed (the last: {history[-1]['error']}); "
+                            "nothing to export")
     best = search.best().genome
-    row = next(r for r in reversed(history) if np.array_equal(np.asarray(r["genome"]), np.asarray(best).ravel()))
+    row = next(r for r in reversed(history)
+               if not r.get("error") and np.array_equal(np.asarray(r["genome"]), np.asarray(best).ravel()))
     return Outcome(stage, np.asarray(row["genome"]), row["fitness"], sum(r["kind"] == "sample" for r in history),
                    history)
+
+
+class _Failures:
+    """Counts failed candidates in a row (as they finish) and stops the run past the limit."""
+
+    def __init__(self, limit: int, stage: str):
+        self.limit, self.stage, self.in_a_row = limit, stage, 0
+
+    def count(self, row: dict) -> None:
+        self.in_a_row = self.in_a_row + 1 if row.get("error") else 0
+        if self.in_a_row > self.limit:
+            raise EvomergeError(
+                f"{self.in_a_row} candidates of the {self.stage} stage failed in a row (max_failures: {self.limit}); "
+                f"the last: {row['error']}. Fix the cause (a lower batch_size for out of memory, the template for a "
+                "build error), or raise max_failures; rerunning the same command goes on past the logged failures")
+
+
+def _postfix(best: Optional[float], failed: int, scorer: Scorer) -> dict[str, str]:
+    """The bar's tail: best fitness so far, workers busy, failed candidates."""
+    postfix = {"best": "-" if best is None else f"{best:.4f}"}
+    if busy := scorer.busy():
+        postfix["busy"] = busy
+    if failed:
+        postfix["failed"] = str(failed)
+    return postfix
 
 
 def logged_candidates(folder: RunFolder, stage: str | None = None) -> list[dict]:
@@ -143,20 +200,26 @@ def _numbered(candidate: Candidate, round_: int, logged: dict, counts: dict[str,
     return index, row
 
 
-def _check_finite(scored: Scored, stage: str) -> None:
-    """Refuse scores no search can rank (a task without examples gives a NaN mean) before
-    anything is logged, so the corrected config may restart the folder."""
+def _checked(scored: Scored, stage: str) -> Scored:
+    """A task without examples is the config's fault: refused before anything is logged, so
+    the corrected config may restart the folder. A score that is not finite (a NaN loss)
+    is the candidate's: it becomes its failure."""
     for task, values in scored.scores.items():
-        if len(values) == 0 or not np.isfinite(values).all():
-            raise EvomergeError(f"the {stage} stage's fitness task {task!r} gave "
-                                f"{'no examples' if len(values) == 0 else 'a score that is not finite'}: "
-                                "check its data, split and limit")
+        if len(values) == 0:
+            raise EvomergeError(f"the {stage} stage's fitness task {task!r} gave no examples: check its data, "
+                                "split and limit")
+        if scored.error is None and not np.isfinite(values).all():
+            return replace(scored, scores={}, error=f"task {task!r} gave a score that is not finite")
+    return scored
 
 
 def _check_replayed(row: dict, scored: Scored, folder: RunFolder) -> None:
     """A replayed candidate must be the one that was scored, with the scores that were
     logged: a changed task file or setting changes the task key, the cache misses, and
     the search would be told other scores than the log holds."""
+    if scored.error:
+        raise EvomergeError(f"{folder.candidates_file}: {row['kind']} {row['index']} of stage {row['stage']} was logged "
+                            f"with fitness {row['fitness']} and now fails: {scored.error}")
     if scored.key != row["candidate"] or fitness(scored.scores) != row["fitness"]:
         raise EvomergeError(
             f"{folder.candidates_file}: {row['kind']} {row['index']} of stage {row['stage']} was logged with "
@@ -166,8 +229,11 @@ def _check_replayed(row: dict, scored: Scored, folder: RunFolder) -> None:
 
 
 def _row(stage: str, candidate: Candidate, index: int, round_: int, scored: Scored, task_keys: dict[str, str]) -> dict:
-    return {"stage": stage, "kind": candidate.kind, "index": index, "round": round_,
-            "genome": np.asarray(candidate.genome, dtype=np.float64).ravel().tolist(), "candidate": scored.key,
-            "twin": scored.twin, "tasks": task_keys,
-            "scores": {task: float(np.mean(s)) for task, s in scored.scores.items()},
-            "fitness": fitness(scored.scores), "seconds": round(scored.seconds, 3)}
+    row = {"stage": stage, "kind": candidate.kind, "index": index, "round": round_,
+           "genome": np.asarray(candidate.genome, dtype=np.float64).ravel().tolist(), "candidate": scored.key,
+           "twin": scored.twin, "tasks": task_keys,
+           "scores": {task: float(np.mean(s)) for task, s in scored.scores.items()},
+           "fitness": None if scored.error else fitness(scored.scores), "seconds": round(scored.seconds, 3)}
+    if scored.error:
+        row["error"] = scored.error
+    return row

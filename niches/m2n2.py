@@ -248,17 +248,23 @@ class NaturalNiches:
             return int(self.rng.choice(self.allowed_boundaries))
         return int(self.rng.integers(0, n))
 
-    def tell(self, candidates: Sequence[Candidate], scores: Sequence[Scores]) -> None:
+    def tell(self, candidates: Sequence[Candidate], scores: Sequence[Optional[Scores]]) -> None:
         """Enter evaluated candidates (asked for, or given starting models of kind "seed"),
-        in order; `last_slots` says where each went."""
+        in order; `last_slots` says where each went (None: not entered; a failed candidate,
+        told as None, never is, but counts as evaluated)."""
         if len(candidates) != len(scores):
             raise ValueError(f"{len(candidates)} candidates but {len(scores)} scores")
-        self.last_slots = [self._enter(c.genome, concatenated(s), c.kind) for c, s in zip(candidates, scores)]
+        self.last_slots = [self._enter(c.genome, None if s is None else concatenated(s), c.kind)
+                           for c, s in zip(candidates, scores)]
         if any(c.kind == "seed" for c in candidates):
             self.seeds = []
         self._asked = False
 
-    def _enter(self, member: np.ndarray, scores: np.ndarray, kind: str) -> Optional[int]:
+    def _enter(self, member: np.ndarray, scores: Optional[np.ndarray], kind: str) -> Optional[int]:
+        if scores is None:
+            self.evaluations += 1
+            self.children += kind == "sample"
+            return None
         scores = scores.astype(np.float32)
         if self.members and scores.shape[0] != self.scores.shape[1]:
             raise ValueError(f"{scores.shape[0]} scores, the archive has {self.scores.shape[1]} examples")

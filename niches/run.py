@@ -29,14 +29,16 @@ from niches.stages import (Stage, check_m2n2_tasks, dfs_genome, dfs_pool, dfs_st
 
 
 def evolve(config_path: str | Path, run_dir: str | Path, *, max_evals: int | None = None,
-           progress: bool = True, executor: str | None = None, workers: int | None = None) -> dict:
+           progress: bool = True, executor: str | None = None, workers: int | None = None,
+           ray_address: str | None = None) -> dict:
     """Run (or resume) the evolution a config describes; return results.json's content.
-    `executor` and `workers` override the config's."""
+    `executor`, `workers` and `ray_address` override the config's."""
     import torch
 
     config = load_config(config_path)
     config = config.model_copy(update={key: value for key, value in
-                                       {"executor": executor, "workers": workers}.items() if value is not None})
+                                       {"executor": executor, "workers": workers,
+                                        "ray_address": ray_address}.items() if value is not None})
     check_executor(config.executor, config.workers)
     if max_evals is not None and max_evals < 1:
         raise EvomergeError(f"--max-evals {max_evals}: every stage needs at least one evaluation; nothing was run "

@@ -23,13 +23,16 @@ also checks that every replayed candidate is the one that was scored.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Mapping, Protocol, Sequence, runtime_checkable
+from typing import Mapping, Optional, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
 Scores = Mapping[str, np.ndarray]
-"""One candidate's per-example scores, task name -> 1-D array (higher is better)."""
+"""One candidate's per-example scores, task name -> 1-D array (higher is better). A
+candidate that could not be scored (it raised: out of memory, NaN logits, a build error)
+is told as None: every search ranks it below every scored candidate."""
 
 
 @dataclass
@@ -43,9 +46,12 @@ class Candidate:
     kind: str = "sample"
 
 
-def fitness(scores: Scores) -> float:
+def fitness(scores: Optional[Scores]) -> float:
     """The one number a run logs and CMA-ES ranks by: the mean over tasks of each task's
-    mean per-example score (so a task with more examples does not weigh more)."""
+    mean per-example score (so a task with more examples does not weigh more); -inf for a
+    failed candidate (None)."""
+    if scores is None:
+        return -math.inf
     if not scores:
         raise ValueError("no task scores")
     return float(np.mean([np.mean(np.asarray(s, dtype=np.float64)) for s in scores.values()]))
@@ -63,7 +69,7 @@ class Search(Protocol):
 
     def ask(self) -> list[Candidate]: ...
 
-    def tell(self, candidates: Sequence[Candidate], scores: Sequence[Scores]) -> None: ...
+    def tell(self, candidates: Sequence[Candidate], scores: Sequence[Optional[Scores]]) -> None: ...
 
     def stop(self) -> bool: ...
 

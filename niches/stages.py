@@ -8,7 +8,7 @@ from __future__ import annotations
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -63,9 +63,11 @@ def run_stage(stage: Stage, config: RunConfig, folder: RunFolder, tasks: list[Ta
     try:
         with make_executor(config.executor, harness_spec(stage.checkpoints[stage.reference].path, config,
                                                          folder.scores_file),
-                           config.workers) as executor:
+                           config.workers, ray_address=config.ray_address,
+                           workers_per_gpu=config.workers_per_gpu) as executor:
             scorer = HarnessScorer(stage, config, executor, tasks)
-            outcome = run_search(stage.name, stage.search, scorer, folder, progress=progress, total=stage.budget)
+            outcome = run_search(stage.name, stage.search, scorer, folder, progress=progress, total=stage.budget,
+                                 max_failures=config.max_failures)
             outcome.executor = {"executor": executor.name, **executor.usage().summary()}
             return outcome
     finally:
@@ -76,14 +78,14 @@ def harness_spec(template: Path, config: RunConfig, cache: Path) -> HarnessSpec:
     """How the run's harnesses are built: resident model from `template`, the run's device,
     dtype and batch size, the run folder's score cache."""
     return HarnessSpec(str(template), device=config.device, batch_size=config.batch_size, dtype=config.dtype,
-                       cache=str(cache), threads=config.threads)
+                       cache=str(cache), threads=config.threads, sources=config.sources)
 
 
 class HarnessScorer:
     """Builds each candidate's recipe from its genome and hands the whole round to the
     executor, which scores the candidates per example on the fitness tasks, each merged into
-    a resident model (candidates in the score cache cost no forward pass); the scores come
-    back in ask order, whatever order they finished in."""
+    a resident model (candidates in the score cache cost no forward pass), and gives each
+    back as it finishes."""
 
     def __init__(self, stage: Stage, config: RunConfig, executor: Executor, tasks: list[Task]):
         self.stage, self.config, self.executor, self.tasks = stage, config, executor, tasks
@@ -91,15 +93,17 @@ class HarnessScorer:
     def task_keys(self) -> dict[str, str]:
         return self.executor.task_keys(self.tasks, self.config.fitness.limit)
 
-    def score(self, candidates: Sequence[Candidate]) -> list[Scored]:
+    def score(self, candidates: Sequence[Candidate]) -> Iterator[tuple[int, Scored]]:
         checkpoints = {ref: str(checkpoint.path) for ref, checkpoint in self.stage.checkpoints.items()}
         jobs = [Job(self.stage.genome.decode(c.genome), checkpoints, self.tasks, self.config.fitness.limit,
                     self.config.seed) for c in candidates]
-        scored: list[Scored | None] = [None] * len(jobs)
         for index, result in self.executor.score(jobs):
-            scored[index] = Scored({t.name: np.asarray(result.scores[t.name], dtype=np.float64) for t in self.tasks},
-                                   result.key, result.twin, result.seconds)
-        return scored
+            yield index, Scored({name: np.asarray(values, dtype=np.float64) for name, values in result.scores.items()},
+                                result.key, result.twin, result.seconds, result.error)
+
+    def busy(self) -> str:
+        executor = self.executor
+        return f"{executor.busy()}/{executor.workers}" if executor.workers > 1 else ""
 
 
 def make_harness(template: Path, config: RunConfig, cache: Path) -> Harness:

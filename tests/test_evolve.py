@@ -608,14 +608,18 @@ def test_the_fitness_plot_tells_the_stages_means_apart():
 
 class SumScorer:
     """Scores a genome by its genes (one task, one example per gene), counting its calls:
-    the loop's `scorer.score(candidates)` without models."""
+    the loop's `scorer.score(candidates)` without models. `reverse`: candidates finish in
+    reverse ask order; `fails(position)`: the candidates that raise, by place in their round."""
 
-    def __init__(self, task_key: str = "genes-1", scale: float = 1.0):
+    def __init__(self, task_key: str = "genes-1", scale: float = 1.0, *, reverse: bool = False, fails=None):
         self.calls: list[int] = []
-        self.task_key, self.scale = task_key, scale
+        self.task_key, self.scale, self.reverse, self.fails = task_key, scale, reverse, fails
 
     def task_keys(self):
         return {"genes": self.task_key}
+
+    def busy(self):
+        return ""
 
     def score(self, candidates):
         import numpy as np
@@ -623,8 +627,13 @@ class SumScorer:
         from niches.loop import Scored
 
         self.calls.append(len(candidates))
-        return [Scored({"genes": self.scale * np.clip(np.asarray(c.genome, dtype=float).ravel(), 0, None)}, f"key{i}")
-                for i, c in enumerate(candidates)]
+        order = range(len(candidates) - 1, -1, -1) if self.reverse else range(len(candidates))
+        for i in order:
+            genome = np.asarray(candidates[i].genome, dtype=float).ravel()
+            if self.fails and self.fails(i):
+                yield i, Scored({}, f"key{genome.tolist()}", error="RuntimeError: out of memory")
+            else:
+                yield i, Scored({"genes": self.scale * np.clip(genome, 0, None)}, f"key{genome.tolist()}")
 
 
 def test_the_loop_drives_any_search_in_one_scoring_call_per_round_and_replays_its_log(tmp_path):
@@ -667,3 +676,70 @@ def test_the_loop_drives_any_search_in_one_scoring_call_per_round_and_replays_it
                       progress=False, total=5)
     kinds = [r["kind"] for r in m2n2.history]
     assert kinds == ["seed", "seed"] + ["sample"] * 5 and m2n2.evaluations == 5
+
+
+def test_candidates_are_logged_as_they_finish_and_told_in_ask_order(tmp_path):
+    """Candidates finishing in reverse order: each line is written as its candidate
+    finishes, with its index in the ask order, and the search (CMA-ES, whose update depends
+    on the order it is told) ends exactly where an in-order run ends."""
+    from niches.cmaes import CMAES
+    from niches.loop import run_search
+    from niches.runfolder import RunFolder
+
+    outcomes, logs = [], []
+    for name, reverse in (("in-order", False), ("reversed", True)):
+        folder = RunFolder(tmp_path / name)
+        folder.start("x: 1\n", None, scored=False)
+        search = CMAES([0.5, 0.5, 0.5], 0.3, popsize=4, max_evals=12, seed=3)
+        outcomes.append(run_search("ps", search, SumScorer(reverse=reverse), folder, progress=False, total=12))
+        logs.append([json.loads(line) for line in (tmp_path / name / "candidates.jsonl").read_text().splitlines()])
+    assert [r["index"] for r in logs[1][:4]] == [3, 2, 1, 0]
+    key = lambda r: (r["round"], r["index"])  # noqa: E731
+    strip = lambda r: {k: v for k, v in r.items() if k != "seconds"}  # noqa: E731
+    assert [strip(r) for r in sorted(logs[1], key=key)] == [strip(r) for r in logs[0]]
+    assert outcomes[0].best_genome.tolist() == outcomes[1].best_genome.tolist()
+
+
+def test_a_failed_candidate_is_logged_ranked_last_and_replayed_without_scoring(tmp_path):
+    """The second candidate of every round raises: it is logged with its error and fitness
+    null, the search goes on to its budget and never answers with it. A rerun (where it
+    would now succeed) tells the logged failure again without scoring it: same log, same
+    answer."""
+    import numpy as np
+
+    from niches.cmaes import CMAES
+    from niches.loop import run_search
+    from niches.runfolder import RunFolder
+
+    folder = RunFolder(tmp_path)
+    folder.start("x: 1\n", None, scored=False)
+    make = lambda: CMAES([0.5, 0.5, 0.5], 0.3, popsize=4, max_evals=12, seed=3)  # noqa: E731
+    outcome = run_search("ps", make(), SumScorer(fails=lambda i: i == 1), folder, progress=False, total=12)
+    rows = [json.loads(line) for line in (tmp_path / "candidates.jsonl").read_text().splitlines()]
+    failed = [r for r in rows if r.get("error")]
+    assert [r["index"] for r in failed] == [1, 5, 9]
+    assert all(r["fitness"] is None and r["scores"] == {} and "out of memory" in r["error"] for r in failed)
+    assert outcome.evaluations == 12
+    assert outcome.best_fitness == max(r["fitness"] for r in rows if not r.get("error"))
+    assert not any(np.array_equal(outcome.best_genome, r["genome"]) for r in failed)
+
+    scorer = SumScorer()
+    again = run_search("ps", make(), scorer, folder, progress=False, total=12)
+    assert (tmp_path / "candidates.jsonl").read_text().count("\n") == 12
+    assert scorer.calls[:3] == [3, 3, 3]  # each round's failure is not scored again
+    assert again.best_genome.tolist() == outcome.best_genome.tolist()
+
+
+def test_more_failures_in_a_row_than_allowed_stop_the_run_with_the_last_error(tmp_path):
+    from niches.baselines import RandomSearch
+    from niches.loop import run_search
+    from niches.runfolder import RunFolder
+
+    folder = RunFolder(tmp_path)
+    folder.start("x: 1\n", None, scored=False)
+    with pytest.raises(EvomergeError, match=r"3 candidates of the random stage failed in a row \(max_failures: 2\)"
+                                            r"; the last: RuntimeError: out of memory"):
+        run_search("random", RandomSearch(3, max_evals=8, popsize=4, seed=0), SumScorer(fails=lambda i: i > 0),
+                   folder, progress=False, total=8, max_failures=2)
+    rows = [json.loads(line) for line in (tmp_path / "candidates.jsonl").read_text().splitlines()]
+    assert [bool(r.get("error")) for r in rows] == [False, True, True, True]

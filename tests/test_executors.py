@@ -20,7 +20,7 @@ from niches.run import evolve
 from tests.test_evolve import TEMPLATE
 
 
-def write_config(folder: Path, zoo: Path, *, fitness: str = "math_lang", extra: str = "") -> Path:
+def write_config(folder: Path, zoo: Path, *, fitness: str = "math", extra: str = "", evals: int = 8) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "template.yaml").write_text(TEMPLATE)
     path = folder / "config.yaml"
@@ -32,7 +32,7 @@ fitness: {{tasks: [{fitness}], split: train, limit: 16}}
 report: {{tasks: [math_lang], split: test, limit: 8}}
 ps:
   template: template.yaml
-  optimizer: {{max_evals: 8, popsize: 4}}
+  optimizer: {{max_evals: {evals}, popsize: 4}}
 device: cpu
 threads: 2
 {extra}""")
@@ -40,14 +40,21 @@ threads: 2
 
 
 def logged(run_dir: Path) -> list[tuple]:
+    """The candidate log in ask order (its lines are in finish order), without timings and
+    candidate keys (a key names its sources' folders, which differ between run folders)."""
     rows = [json.loads(line) for line in (run_dir / "candidates.jsonl").read_text().splitlines()]
-    return [(r["kind"], r["index"], r["round"], r["genome"], r["fitness"], r["scores"]) for r in rows]
+    return sorted((r["stage"], r["round"], r["kind"], r["index"], r["genome"], r["fitness"], r["scores"],
+                   r.get("error")) for r in rows)
 
 
 @pytest.fixture(scope="module")
 def serial_run(micro_zoo, tmp_path_factory) -> tuple[Path, dict]:
+    """The run every executor must log: its candidates' fitness differs (the merges of lang
+    and math answer some math questions), so equal logs mean equal scores."""
     folder = tmp_path_factory.mktemp("serial")
-    return folder / "run", evolve(write_config(folder, micro_zoo[0]), folder / "run", progress=False)
+    results = evolve(write_config(folder, micro_zoo[0]), folder / "run", progress=False)
+    assert len({row[5] for row in logged(folder / "run")}) > 1
+    return folder / "run", results
 
 
 def test_a_pool_of_two_workers_logs_what_serial_logs(serial_run, micro_zoo, tmp_path):
@@ -124,24 +131,154 @@ def test_a_killed_driver_takes_its_workers_along_and_its_run_resumes(serial_run,
     assert len(keys) == len(set(keys))
 
 
-def test_a_candidate_that_fails_in_a_worker_stops_the_run_and_the_workers(micro_zoo, tmp_path):
+def test_candidates_that_fail_in_workers_are_logged_and_too_many_in_a_row_stop_the_run(micro_zoo, tmp_path):
     """Every candidate's scoring raises inside its worker (the fitness data has no answers):
-    the run stops with an error naming the worker and the candidate, logs nothing, and no
-    worker process is left."""
+    each is logged with its error and fitness null, the workers go on, and the third failure
+    in a row (max_failures: 2) stops the run with the error; no worker process is left."""
     data = tmp_path / "broken.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"{i} + 1 ="}) + "\n" for i in range(4)))
-    config = write_config(tmp_path, micro_zoo[0], fitness=str(data), extra="executor: pool\nworkers: 2\n")
-    with pytest.raises(EvomergeError, match=r"pool worker \d, candidate \d"):
+    config = write_config(tmp_path, micro_zoo[0], fitness=str(data),
+                          extra="executor: pool\nworkers: 2\nmax_failures: 2\n")
+    with pytest.raises(EvomergeError, match=r"3 candidates of the ps stage failed in a row \(max_failures: 2\); "
+                                            r"the last: KeyError: 'answer'"):
         evolve(config, tmp_path / "run", progress=False)
-    assert not (tmp_path / "run" / "candidates.jsonl").is_file() or not logged(tmp_path / "run")
+    rows = [json.loads(line) for line in (tmp_path / "run" / "candidates.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(r["fitness"] is None and r["error"] == "KeyError: 'answer'" for r in rows)
     assert not multiprocessing.active_children()
 
 
-def test_executor_ray_is_refused_before_the_run_folder_exists(micro_zoo, tmp_path, capsys):
+def test_executor_ray_without_ray_names_the_install_command(micro_zoo, tmp_path):
+    """Checked before the run folder exists, as an unknown worker count is."""
     config = write_config(tmp_path, micro_zoo[0])
-    assert main(["evolve", str(config), "--run-dir", str(tmp_path / "run"), "--executor", "ray"]) == 2
-    assert "executor ray is not built yet" in capsys.readouterr().err
+    hide_ray = "import sys; sys.modules['ray'] = None; from evomerge.cli import main; sys.exit(main(sys.argv[1:]))"
+    done = subprocess.run([sys.executable, "-c", hide_ray, "evolve", str(config), "--run-dir", str(tmp_path / "run"),
+                           "--executor", "ray"], capture_output=True, text=True)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "executor ray needs Ray, which is not installed: pip install 'evomerge[ray]'" in done.stderr
     assert main(["evolve", str(config), "--run-dir", str(tmp_path / "run"), "--executor", "serial",
                  "--workers", "2"]) == 2
-    assert "executor serial runs one worker" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+# Ray: real local clusters, on loopback only (scripts/loopback.sh, which the test command uses)
+
+def loopback_only() -> bool:
+    """True inside a network namespace that holds only loopback."""
+    lines = Path("/proc/net/dev").read_text().splitlines()[2:]
+    return {line.split(":")[0].strip() for line in lines} == {"lo"}
+
+
+needs_ray = pytest.mark.skipif(
+    not (loopback_only() or os.environ.get("EVOMERGE_RAY_ANY_NETWORK")),
+    reason="Ray tests run on loopback only: run them through bash scripts/test.sh (scripts/loopback.sh), or set "
+           "EVOMERGE_RAY_ANY_NETWORK=1 to let Ray use this machine's network")
+
+
+def run_in_background(config: Path, run_dir: Path, *options: str) -> subprocess.Popen:
+    command = [sys.executable, "-m", "evomerge", "evolve", str(config), "--run-dir", str(run_dir), "--no-progress",
+               *options]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+
+
+def wait_for_lines(run_dir: Path, count: int, process: subprocess.Popen) -> None:
+    log, deadline = run_dir / "candidates.jsonl", time.time() + 300
+    while len(log.read_text().splitlines() if log.exists() else []) < count:
+        assert process.poll() is None, f"the run ended early: {process.stderr.read()}"
+        assert time.time() < deadline, "no candidate logged in 5 minutes"
+        time.sleep(0.02)
+
+
+@needs_ray
+def test_ray_with_two_workers_logs_what_serial_logs(serial_run, micro_zoo, tmp_path):
+    """A local Ray cluster started for the run, two actors: the serial run's log, every
+    actor used, and the cluster gone afterwards."""
+    import ray
+
+    config = write_config(tmp_path, micro_zoo[0], extra="executor: ray\nworkers: 2\n")
+    results = evolve(config, tmp_path / "run", progress=False)
+    assert logged(tmp_path / "run") == logged(serial_run[0])
+    usage = results["executor"]["ps"]
+    assert usage["executor"] == "ray" and usage["scored"] == len(logged(serial_run[0])) and usage["restarts"] == 0
+    assert all(busy > 0 for busy in usage["busy_seconds"]), "an actor was given nothing"
+    assert usage["placement"] == ["sources (0.00 GiB) memory-mapped in host memory, streamed per candidate"]
+    assert not ray.is_initialized()
+
+
+@needs_ray
+def test_a_ray_worker_killed_mid_candidate_is_replaced_and_the_run_logs_what_serial_logs(serial_run, micro_zoo,
+                                                                                          tmp_path):
+    """SIGKILL an actor while it scores a candidate: Ray restarts it, the candidate is
+    scored again, and the run completes with the uninterrupted run's log."""
+    import psutil
+
+    config = write_config(tmp_path, micro_zoo[0], extra="executor: ray\nworkers: 2\n")
+    run_dir = tmp_path / "run"
+    driver = run_in_background(config, run_dir)
+    wait_for_lines(run_dir, 1, driver)
+    victim = None
+    while victim is None and driver.poll() is None:
+        victim = next((p for p in psutil.process_iter(["cmdline"])
+                       if (p.info["cmdline"] or [""])[0].startswith("ray::Worker.score")), None)
+    assert victim is not None, "no actor was seen scoring before the run ended"
+    victim.kill()
+    assert driver.wait(timeout=600) == 0, driver.stderr.read()
+    assert logged(run_dir) == logged(serial_run[0])
+    usage = json.loads((run_dir / "results.json").read_text())["executor"]["ps"]
+    assert usage["restarts"] == 1 and usage["failed"] == 0
+
+
+@pytest.mark.slow
+@needs_ray
+def test_a_killed_ray_driver_resumes_with_nothing_lost_and_nothing_scored_twice(serial_run, micro_zoo, tmp_path):
+    """SIGKILL the driver once 4 candidates are logged: the same command resumes to the
+    uninterrupted log, and the resumed session scores only the candidates the score cache
+    did not hold. The killed driver's local Ray cluster stops by itself (its agents notice
+    their raylet is gone within about a minute)."""
+    import psutil
+
+    config = write_config(tmp_path, micro_zoo[0], extra="executor: ray\nworkers: 2\n")
+    run_dir = tmp_path / "run"
+    driver = run_in_background(config, run_dir)
+    wait_for_lines(run_dir, 4, driver)
+    cluster = psutil.Process(driver.pid).children(recursive=True)
+    driver.kill()
+    driver.wait()
+    cached = {json.loads(line)["candidate"] for line in (run_dir / "scores.jsonl").read_text().splitlines()}
+
+    assert main(["evolve", str(config), "--run-dir", str(run_dir), "--no-progress"]) == 0
+    assert logged(run_dir) == logged(serial_run[0])
+    lines = [json.loads(line) for line in (run_dir / "scores.jsonl").read_text().splitlines()]
+    assert len(lines) == len({(c["candidate"], c["task_key"]) for c in lines})
+    usage = json.loads((run_dir / "results.json").read_text())["executor"]["ps"]
+    assert usage["scored"] == len(logged(run_dir)) - len(cached)
+    gone, alive = psutil.wait_procs(cluster, timeout=120)
+    assert not alive, f"the killed driver's Ray cluster outlived it: {[p.name() for p in alive]}"
+
+
+@needs_ray
+def test_on_ray_a_candidate_with_non_finite_logits_fails_alone(micro_zoo, tmp_path):
+    """Three candidates on two actors; the middle one's weights overflow to Inf (a linear
+    merge with weight 1e39): it comes back with its error, the actor goes on, and the others'
+    per-example scores are the serial executor's."""
+    from evaluation.executors import HarnessSpec, Job, make_executor
+    from evaluation.tasks import resolve_task
+    from merging.recipe import parse_recipe
+
+    models = micro_zoo[0] / "models"
+    recipe = lambda a, b, normalize="true": parse_recipe(  # noqa: E731
+        f"merge_method: linear\nparameters: {{normalize: {normalize}}}\nmodels:\n"
+        f"  - {{model: {models / 'lang'}, parameters: {{weight: {a}}}}}\n"
+        f"  - {{model: {models / 'math'}, parameters: {{weight: {b}}}}}\n")
+    recipes = [recipe(0.3, 0.7), recipe("1.0e+39", "1.0e+39", "false"), recipe(0.6, 0.4)]
+    tasks = [resolve_task("math", zoo_dir=micro_zoo[0], split="train")]
+    checkpoints = {str(models / name): str(models / name) for name in ("lang", "math")}
+    jobs = [Job(r, checkpoints, tasks, 16, 0) for r in recipes]
+    spec = HarnessSpec(str(models / "base"), device="cpu", threads=2)
+    scores = {}
+    for name, workers in (("serial", None), ("ray", 2)):
+        with make_executor(name, spec, workers) as executor:
+            scores[name] = dict(executor.score(jobs))
+    assert "logits are not finite" in scores["ray"][1].error and scores["ray"][1].scores == {}
+    assert [scores["ray"][i].scores for i in (0, 2)] == [scores["serial"][i].scores for i in (0, 2)]
+    assert all(scores["ray"][i].error is None for i in (0, 2))
