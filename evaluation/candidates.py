@@ -109,14 +109,14 @@ def score_candidates(candidates: Sequence[Candidate], tasks: Sequence, spec: Har
                      workers: Optional[int] = None, ray_address: Optional[str] = None, limit: Optional[int] = None,
                      seed: int = 0, on_result: Callable[[int, JobResult], None] = lambda index, result: None,
                      ) -> list[JobResult]:
-    """Every candidate's JobResult, in the order given; `on_result` hears of each as it
-    finishes (in any order). `spec.template` is the first candidate's template."""
+    """Every candidate's JobResult (scored, or failed with its error), in the order given;
+    `on_result` hears of each as it finishes (in any order). `spec.template` is the first
+    candidate's template."""
     check_same_architecture(candidates)
     jobs = [Job(c.recipe, {ref: str(ck.path) for ref, ck in c.checkpoints.items()}, list(tasks), limit, seed)
             for c in candidates]
     results: list[Optional[JobResult]] = [None] * len(jobs)
-    extra = {"ray_address": ray_address} if ray_address else {}
-    with make_executor(executor, spec, workers, **extra) as running:
+    with make_executor(executor, spec, workers, ray_address=ray_address) as running:
         for index, result in running.score(jobs):
             results[index] = result
             on_result(index, result)

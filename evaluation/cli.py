@@ -147,12 +147,15 @@ def _eval_many(args: argparse.Namespace, executor: str, tasks: list, device: str
         spec = HarnessSpec(str(candidates[0].template), device=device, batch_size=args.batch_size,
                            cache=str(args.cache) if args.cache else None)
 
-        done = []
+        done, placed = [], set()
 
         def finished(index: int, result) -> None:
+            """One stderr line per candidate; a worker's first also says where it keeps the sources."""
             done.append(index)
-            error = getattr(result, "error", None)
-            outcome = f"failed: {error}" if error else f"done in {result.seconds:.2f} s"
+            outcome = f"failed: {result.error}" if result.error else f"done in {result.seconds:.2f} s"
+            if result.worker is not None and result.placement and result.worker not in placed:
+                placed.add(result.worker)
+                outcome += f" (worker {result.worker}: {result.placement})"
             print(f"[{len(done)}/{len(args.model)}] {args.model[index]}: {outcome}", file=sys.stderr, flush=True)
 
         results = score_candidates(candidates, tasks, spec, executor=executor, workers=args.workers,
@@ -161,7 +164,7 @@ def _eval_many(args: argparse.Namespace, executor: str, tasks: list, device: str
     finally:
         for candidate in candidates:
             candidate.close()
-    errors = [getattr(result, "error", None) for result in results]
+    errors = [result.error for result in results]
     scores = [None if error else {name: TaskResult(name, values) for name, values in result.scores.items()}
               for result, error in zip(results, errors)]
     print(format_table(args.model, tasks, scores, errors))

@@ -170,3 +170,35 @@ def test_eval_help_explains_several_candidates_and_the_executor_flags(capsys):
     for words in ("MODEL_OR_RECIPE [MODEL_OR_RECIPE ...]", "--executor {serial,pool,ray}", "--workers",
                   "--ray-address", "the first one's architecture", "in the order given", "status 2"):
         assert words in text, words
+
+
+@pytest.mark.parametrize("executor", ["serial", "pool"])
+def test_a_failing_candidate_is_reported_and_the_others_are_printed_and_written(
+        executor, llama_family, tmp_path, capsys):
+    """A checkpoint with a NaN tensor plans like any other (headers only) and fails when it
+    is built: its row gives the error, the candidates around it are scored and written, and
+    the command exits 2 naming it, without a traceback."""
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(llama_family["variant_1"], broken)
+    state = load_file(broken / "model.safetensors")
+    name = next(n for n in state if n.endswith("mlp.up_proj.weight"))
+    state[name][0, 0] = float("nan")
+    save_file(state, broken / "model.safetensors", metadata={"format": "pt"})
+    data = tmp_path / "sums.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": f"{i} plus 1 is", "answer": i + 1}) for i in range(3)))
+    models = [str(llama_family["base"]), str(broken), str(llama_family["variant_2"])]
+    output = tmp_path / "out.json"
+    assert main(["eval", *models, "--task", str(data), "--device", "cpu", "--executor", executor,
+                 "--output", str(output)] + (["--workers", "2"] if executor == "pool" else [])) == 2
+    captured = capsys.readouterr()
+    rows = captured.out.splitlines()[1:]
+    assert [row.split()[0] for row in rows] == models
+    assert "failed:" in rows[1] and "contains NaN or Inf" in rows[1]
+    assert "failed" not in rows[0] + rows[2]
+    assert f"1 of 3 candidates failed: {broken}" in captured.err and "Traceback" not in captured.err
+    written = json.loads(output.read_text())["candidates"]
+    assert [c["model"] for c in written] == models
+    assert "contains NaN or Inf" in written[1]["error"] and written[1]["tasks"] == {}
+    assert written[0]["error"] is None and len(written[2]["tasks"]["sums"]["scores"]) == 3
