@@ -181,7 +181,7 @@ class RunConfig(_Strict):
     work, more threads than free cores make small models many times slower (the threads
     spin waiting for each other): give the number of free cores."""
     executor: Literal["serial", "pool", "ray"] = "serial"
-    """What scores the candidates (evaluation/executors.py): `serial` in this process, `pool`
+    """What scores the candidates (evaluation/executors/): `serial` in this process, `pool`
     worker processes on this machine, `ray` Ray actors (a local cluster, or `ray_address`)."""
     workers: Optional[int] = Field(None, ge=1)
     """Workers of a pool or on Ray (None: `workers_per_gpu` per GPU on CUDA, else 2); each
@@ -195,7 +195,7 @@ class RunConfig(_Strict):
     sources: Literal["auto", "device", "host"] = "auto"
     """Where each worker keeps the source models: `device` (read once onto its device),
     `host` (memory-mapped, streamed per candidate), `auto` (on a GPU when they take at most
-    half of its free memory, else host; evaluation/executors.py, Worker.place_sources)."""
+    half of its free memory, else host; evaluation/executors/worker.py, Worker.place_sources)."""
     max_failures: int = Field(5, ge=0)
     """Candidates that may fail in a row (out of memory, NaN logits, a build error: each is
     logged with its error and ranked last) before the run stops."""

@@ -5,7 +5,7 @@
 
 It is the only code that reads or writes the candidate log (candidates.jsonl). Scoring is
 one call, `scorer.score(candidates)`, which yields candidates as they finish (an
-executor scores them on many devices, evaluation/executors.py), so a line's place in the
+executor scores them on many devices, evaluation/executors/), so a line's place in the
 log is its finish order; its `index` is its place in the ask order.
 
 Failures. A candidate that raised while built or scored (out of memory, NaN logits, a
@@ -77,7 +77,7 @@ class Outcome:
     """Samples evaluated (the budget's count: seeds and the mean are outside it)."""
     history: list[dict] = field(default_factory=list)
     executor: dict = field(default_factory=dict)
-    """What scored the candidates and how busy its workers were (evaluation/executors.py)."""
+    """What scored the candidates and how busy its workers were (evaluation/executors/)."""
 
 
 def run_search(stage: str, search: Search, scorer: Scorer, folder: RunFolder, *, progress: bool,

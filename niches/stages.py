@@ -5,6 +5,7 @@ so a bad template or setting fails before any candidate is scored.
 """
 from __future__ import annotations
 
+import sys
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,6 +90,7 @@ class HarnessScorer:
 
     def __init__(self, stage: Stage, config: RunConfig, executor: Executor, tasks: list[Task]):
         self.stage, self.config, self.executor, self.tasks = stage, config, executor, tasks
+        self._said = False
 
     def task_keys(self) -> dict[str, str]:
         return self.executor.task_keys(self.tasks, self.config.fitness.limit)
@@ -98,8 +100,20 @@ class HarnessScorer:
         jobs = [Job(self.stage.genome.decode(c.genome), checkpoints, self.tasks, self.config.fitness.limit,
                     self.config.seed) for c in candidates]
         for index, result in self.executor.score(jobs):
+            self._say_placement()
             yield index, Scored({name: np.asarray(values, dtype=np.float64) for name, values in result.scores.items()},
                                 result.key, result.twin, result.seconds, result.error)
+
+    def _say_placement(self) -> None:
+        """Print once where the workers keep the sources (known after their first candidate)."""
+        placement = self.executor.usage().placement
+        if placement and not self._said:
+            from tqdm.auto import tqdm
+
+            workers = f"{self.executor.workers} worker{'s' * (self.executor.workers > 1)}"
+            tqdm.write(f"{self.stage.name}: executor {self.executor.name}, {workers}; {'; '.join(placement)}",
+                       file=sys.stderr)
+            self._said = True
 
     def busy(self) -> str:
         executor = self.executor

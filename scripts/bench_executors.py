@@ -1,16 +1,20 @@
 #!/usr/bin/env python3
-"""Evaluations per minute of the executors: serial, and a pool of 1 and 2 workers, at the
-same total thread count, on the small zoo's PS config (recipes/zoo-small-ps.yaml).
+"""Evaluations per minute of the executors: serial, and a pool and Ray with 1 and 2 workers,
+at the same total thread count, on the small zoo's PS config (recipes/zoo-small-ps.yaml).
 
 Each executor runs the same short search in a fresh run folder (so nothing is cached) and
 reports what its usage measured while the driver waited for scores: candidates scored per
-minute of that wall time, each worker's utilisation (busy / wall), the pool's start-up
-(spawning the workers and loading their resident models, paid once per stage) and the
+minute of that wall time, each worker's utilisation (busy / wall), the start-up (spawning
+the workers, or starting a local Ray cluster and its actors, and loading their resident
+models: paid once per stage) and the
 per-candidate overhead of the executor (wall x workers - busy, per candidate: dispatch,
 result transfer, waiting at the end of a round) against a candidate's evaluation time.
 Results go to docs/benchmarks.md.
 
-    python3 scripts/bench_executors.py [--zoo DIR] [--max-evals 20] [--limit 100] [--threads 2] [--no-docs]
+    bash scripts/loopback.sh python3 scripts/bench_executors.py [--zoo DIR] [--max-evals 20] [--limit 100]
+        [--threads 2] [--no-docs]
+
+(loopback.sh keeps Ray's traffic on loopback: see scripts/loopback.sh.)
 """
 from __future__ import annotations
 
@@ -30,7 +34,7 @@ from benchdocs import update_section  # noqa: E402
 from evaluation.zoo import ZOO_HOME  # noqa: E402
 from niches.run import evolve  # noqa: E402
 
-SETTINGS = [("serial", None), ("pool", 1), ("pool", 2)]
+SETTINGS = [("serial", None), ("pool", 1), ("pool", 2), ("ray", 1), ("ray", 2)]
 
 
 def run_one(executor: str, workers: int | None, args, folder: Path) -> dict:
@@ -79,14 +83,14 @@ def main() -> None:
         name = executor if workers is None else f"{executor}, {workers} worker{'s' * (workers > 1)}"
         lines.append(row(name, usage))
         print(lines[-1], flush=True)
-    command = "python3 scripts/bench_executors.py " + shlex.join(sys.argv[1:])
+    command = "bash scripts/loopback.sh python3 scripts/bench_executors.py " + shlex.join(sys.argv[1:])
     body = "\n".join([f"`{command.strip()}` on {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-                      f"{args.threads} torch threads in all (a pool gives each worker its share), "
+                      f"{args.threads} torch threads in all (each worker of a pool or Ray gets its share), "
                       f"{args.max_evals} candidates of the small zoo's PS search, fitness limit {args.limit}.", "",
                       *lines])
     print(body)
     if not args.no_docs:
-        update_section("executors", "Executors: serial vs pool (cpu)", body)
+        update_section("executors", "Executors: serial, pool and Ray (cpu)", body)
 
 
 if __name__ == "__main__":

@@ -303,8 +303,11 @@ def test_ctrl_c_during_evolve_says_what_was_kept_and_how_to_resume(micro_zoo, tm
     the logged candidates and gives the command that resumes the run."""
     config, run_dir = ROOT / "recipes" / "demo-evolve.yaml", tmp_path / "run"
     command = [sys.executable, "-m", "evomerge", "evolve", str(config), "--run-dir", str(run_dir), "--no-progress"]
+    # Ctrl-C is the default action again in the child: a test run started in the background by a
+    # shell ignores SIGINT, and a Python started with SIGINT ignored keeps ignoring it
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "EVOMERGE_ZOO": str(micro_zoo[0].parent)})
+                               env={**os.environ, "EVOMERGE_ZOO": str(micro_zoo[0].parent)},
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     log = run_dir / "candidates.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and len(log.read_text().splitlines() if log.exists() else []) < 3:
