@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -13,14 +14,14 @@ from merging.engine import open_models  # noqa: E402
 from merging.recipe import parse_recipe  # noqa: E402
 
 
-@pytest.fixture
-def custom_task(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+def write_sums_task(folder: Path) -> Path:
+    """The lm-eval task evomerge_sums (multiple choice over a local JSONL) in `folder`,
+    which is then its include folder; returns the data file."""
     rows = [{"prompt": f"{i} plus one is", "choices": [f" {i + 1}", f" {i + 4}", f" {i}"], "label": 0}
             for i in range(6)]
-    data = tmp_path / "sums.jsonl"
+    data = folder / "sums.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in rows))
-    (tmp_path / "sums.yaml").write_text(f"""task: evomerge_sums
+    (folder / "sums.yaml").write_text(f"""task: evomerge_sums
 dataset_path: json
 dataset_kwargs:
   data_files:
@@ -34,7 +35,13 @@ target_delimiter: ""
 metric_list:
   - metric: acc
 """)
-    return tmp_path, data
+    return data
+
+
+@pytest.fixture
+def custom_task(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    return tmp_path, write_sums_task(tmp_path)
 
 
 def test_lm_eval_scores_the_in_memory_candidate_per_example(llama_family, custom_task):
