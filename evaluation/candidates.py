@@ -1,5 +1,5 @@
 """Several candidates of `evomerge eval` (recipes and checkpoints) as jobs for the
-executors (evaluation/executors.py), all built in one resident model.
+executors (evaluation/executors/), all built in one resident model.
 
 A recipe is a job as it is. A checkpoint (folder, zoo:NAME, Hub id) becomes the
 one-model passthrough recipe: passthrough copies each tensor (through float32, which
