@@ -174,7 +174,8 @@ class RunConfig(_Strict):
     seed: int = Field(0, ge=0)
     device: str = "auto"
     dtype: Optional[Literal["float32", "bfloat16", "float16"]] = None
-    """Dtype of the resident model that candidates are scored in (None: the checkpoint's)."""
+    """Dtype of the resident model that candidates are scored in, and of the exported merge
+    (None: bfloat16 on a GPU, the checkpoint's on the CPU)."""
     batch_size: int = Field(32, ge=1)
     threads: Optional[int] = Field(None, ge=1)
     """torch CPU threads (None: torch's default, one per core). On a CPU shared with other

@@ -218,8 +218,8 @@ def _check_replayed(row: dict, scored: Scored, folder: RunFolder) -> None:
     logged: a changed task file or setting changes the task key, the cache misses, and
     the search would be told other scores than the log holds."""
     if scored.error:
-        raise EvomergeError(f"{folder.candidates_file}: {row['kind']} {row['index']} of stage {row['stage']} was logged "
-                            f"with fitness {row['fitness']} and now fails: {scored.error}")
+        raise EvomergeError(f"{folder.candidates_file}: {row['kind']} {row['index']} of stage {row['stage']} was "
+                            f"logged with fitness {row['fitness']} and now fails: {scored.error}")
     if scored.key != row["candidate"] or fitness(scored.scores) != row["fitness"]:
         raise EvomergeError(
             f"{folder.candidates_file}: {row['kind']} {row['index']} of stage {row['stage']} was logged with "

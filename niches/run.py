@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from evaluation.executors import check_executor
+from merging.engine import resolve_device
 from merging.errors import EvomergeError
 from niches.config import RunConfig, References, load_config
 from niches.loop import Outcome, logged_candidates
@@ -40,6 +41,8 @@ def evolve(config_path: str | Path, run_dir: str | Path, *, max_evals: int | Non
                                        {"executor": executor, "workers": workers,
                                         "ray_address": ray_address}.items() if value is not None})
     check_executor(config.executor, config.workers)
+    if config.dtype is None and resolve_device(config.device).type == "cuda":
+        config = config.model_copy(update={"dtype": "bfloat16"})  # logged and exported alike (report.export)
     if max_evals is not None and max_evals < 1:
         raise EvomergeError(f"--max-evals {max_evals}: every stage needs at least one evaluation; nothing was run "
                             "and no best/ was written (a best merge from zero evaluations would be the search's "

@@ -73,24 +73,44 @@ def main() -> None:
     parser.add_argument("--max-evals", type=int, default=20)
     parser.add_argument("--limit", type=int, default=100)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="runs of each executor, in turns (serial, pool, ..., serial, pool, ...); the table "
+                             "gives each executor's median run by evaluations per minute")
     parser.add_argument("--no-docs", action="store_true")
     args = parser.parse_args()
+    runs: dict[tuple, list[dict]] = {setting: [] for setting in SETTINGS}
+    for turn in range(args.repeats):
+        for executor, workers in SETTINGS:
+            with tempfile.TemporaryDirectory() as folder:
+                usage = run_one(executor, workers, args, Path(folder))
+            runs[executor, workers].append(usage)
+            print(f"turn {turn + 1}: {row(name_of(executor, workers), usage)}", flush=True)
     lines = ["| executor | candidates | evaluations / min | utilisation per worker | start-up s | "
              "evaluation s / candidate | executor overhead s / candidate |", "|---|---|---|---|---|---|---|"]
-    for executor, workers in SETTINGS:
-        with tempfile.TemporaryDirectory() as folder:
-            usage = run_one(executor, workers, args, Path(folder))
-        name = executor if workers is None else f"{executor}, {workers} worker{'s' * (workers > 1)}"
-        lines.append(row(name, usage))
-        print(lines[-1], flush=True)
+    for (executor, workers), usages in runs.items():
+        lines.append(row(name_of(executor, workers), sorted(usages, key=throughput)[len(usages) // 2]))
+    medians = {setting: throughput(sorted(usages, key=throughput)[args.repeats // 2])
+               for setting, usages in runs.items()}
+    speedups = ", ".join(f"{name_of(*setting)} {value / medians['serial', None]:.2f}x"
+                         for setting, value in medians.items() if setting[0] != "serial")
     command = "bash scripts/loopback.sh python3 scripts/bench_executors.py " + shlex.join(sys.argv[1:])
     body = "\n".join([f"`{command.strip()}` on {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                       f"{args.threads} torch threads in all (each worker of a pool or Ray gets its share), "
-                      f"{args.max_evals} candidates of the small zoo's PS search, fitness limit {args.limit}.", "",
-                      *lines])
+                      f"{args.max_evals} candidates of the small zoo's PS search, fitness limit {args.limit}; "
+                      f"the median of {args.repeats} run(s) of each executor, taken in turns.", "",
+                      *lines, "", f"Throughput against serial: {speedups}."])
     print(body)
     if not args.no_docs:
         update_section("executors", "Executors: serial, pool and Ray (cpu)", body)
+
+
+def name_of(executor: str, workers: int | None) -> str:
+    return executor if workers is None else f"{executor}, {workers} worker{'s' * (workers > 1)}"
+
+
+def throughput(usage: dict) -> float:
+    """Candidates scored per second of the driver's wait."""
+    return usage["scored"] / usage["wall_seconds"]
 
 
 if __name__ == "__main__":

@@ -314,3 +314,33 @@ def test_a_pool_scores_a_candidate_a_population_holds_twice_once(micro_zoo, tmp_
     with make_executor("serial", replace(spec, cache=None)) as executor:
         serial = dict(executor.score(jobs))
     assert [pooled[i].scores for i in range(3)] == [serial[i].scores for i in range(3)]
+
+
+@pytest.mark.slow
+@needs_ray
+def test_ray_joins_a_running_cluster_and_leaves_it_running(serial_run, micro_zoo, tmp_path):
+    """`--ray-address HOST:PORT`: the actors run on a cluster started outside the run (`ray
+    start --head`), the run logs the serial run's log, and the cluster is still there after."""
+    import socket
+
+    import ray
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    ray_cli = [sys.executable, "-m", "ray.scripts.scripts"]
+    subprocess.run([*ray_cli, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
+                    "--disable-usage-stats"], check=True, capture_output=True)
+    try:
+        config = write_config(tmp_path, micro_zoo[0], extra="executor: ray\nworkers: 2\n")
+        address = f"127.0.0.1:{port}"
+        assert main(["evolve", str(config), "--run-dir", str(tmp_path / "run"), "--no-progress",
+                     "--ray-address", address]) == 0
+        assert logged(tmp_path / "run") == logged(serial_run[0])
+        assert ray.is_initialized()  # the run did not stop a cluster it did not start
+        ray.shutdown()
+        ray.init(address=address, logging_level="ERROR")
+        assert ray.cluster_resources().get("CPU") == 2
+    finally:
+        ray.shutdown()
+        subprocess.run([*ray_cli, "stop", "--force"], capture_output=True)

@@ -16,6 +16,7 @@ from evaluation.identity import plan_key
 from evaluation.tasks import Task, TaskResult
 from merging.checkpoint import Checkpoint
 
+
 @dataclass
 class Usage:
     """How busy the workers were while the driver waited for scores."""
@@ -85,12 +86,25 @@ class DriverExecutor(Executor):
         self._planner: dict[tuple[str, str], Checkpoint] = {}
         self._usage = Usage([0.0] * workers)
         self._in_flight = 0
+        self._task_keys: dict[tuple, dict[str, str]] = {}
         self._processes: dict[int, int] = {}
         """Each worker's process id as last seen (a new one: Ray restarted it)."""
 
     @abstractmethod
     def _start(self) -> None:
         """Start the workers (once); raises EvomergeError naming a worker that cannot start."""
+
+    @abstractmethod
+    def _worker_task_keys(self, tasks: Sequence[Task], limit: Optional[int]) -> dict[str, str]:
+        """The task keys as a worker measures them (its tokenizer decides some settings)."""
+
+    def task_keys(self, tasks: Sequence[Task], limit: Optional[int]) -> dict[str, str]:
+        """Asked of a worker once per tasks and limit, not once per round."""
+        self._start()
+        asked = (tuple(task.name for task in tasks), limit)
+        if asked not in self._task_keys:
+            self._task_keys[asked] = self._worker_task_keys(tasks, limit)
+        return self._task_keys[asked]
 
     @abstractmethod
     def _idle(self) -> int:
@@ -109,20 +123,22 @@ class DriverExecutor(Executor):
         try:
             keys = self.task_keys(jobs[0].tasks, jobs[0].limit) if jobs else {}
             waiting: deque[tuple[int, Job]] = deque()
-            repeats: dict[str, list[int]] = {}
+            first: dict[str, int] = {}  # a candidate's key -> the job that scores it
+            repeats: dict[int, list[int]] = {}  # that job -> the jobs that take its result
+            outstanding = 0
             for index, job in enumerate(jobs):
                 key = self._plan_key(job)
                 cached = self._cached(key, job, keys)
                 if cached is not None:
                     self._usage.cached += 1
                     yield index, cached
-                elif key in repeats:
-                    repeats[key].append(index)
+                elif key in first:
+                    repeats[first[key]].append(index)
                 else:
-                    repeats[key] = []
+                    first[key], repeats[index] = index, []
                     waiting.append((index, job))
-            outstanding = len(waiting)
-            self._feed(waiting)
+                    outstanding += 1
+                    self._feed(waiting)  # the workers start while the driver plans the next candidates
             while outstanding:
                 worker, index, result = self._collect()
                 self._in_flight -= 1
@@ -130,8 +146,8 @@ class DriverExecutor(Executor):
                 self._account(worker, result, jobs[index], keys)
                 self._feed(waiting)  # before the result is handed on: no worker waits for the caller
                 yield index, result
-                for repeat in repeats.get(result.key, []) if result.error is None else []:
-                    self._usage.cached += 1
+                for repeat in repeats[index]:  # the same candidate: its scores, or its failure
+                    self._usage.cached += result.error is None
                     yield repeat, replace(result, seconds=0.0, worker=None)
         finally:
             self._usage.wall += time.perf_counter() - start

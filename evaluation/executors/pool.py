@@ -13,6 +13,7 @@ from evaluation.executors.worker import HarnessSpec, Job, JobResult, Worker
 from evaluation.tasks import Task
 from merging.errors import EvomergeError
 
+
 def worker_devices(device: str, workers: int, workers_per_gpu: int = 1) -> list[str]:
     """Worker i's device: on CUDA (`cuda`, or `auto` with a GPU) `cuda:g` with
     `workers_per_gpu` workers on each GPU g (round robin past the last GPU), else the run's
@@ -73,8 +74,7 @@ class PoolExecutor(DriverExecutor):
                 raise AssertionError(f"pool protocol: expected {expected}, got {kind}")
             return worker, index, payload
 
-    def task_keys(self, tasks: Sequence[Task], limit: Optional[int]) -> dict[str, str]:
-        self._start()
+    def _worker_task_keys(self, tasks: Sequence[Task], limit: Optional[int]) -> dict[str, str]:
         self._inbox.put(("keys", list(tasks), limit))
         return self._receive("keys")[2]
 

@@ -11,11 +11,13 @@ from evaluation.executors.worker import HarnessSpec, Job, JobResult, Worker
 from evaluation.tasks import Task
 from merging.errors import EvomergeError
 
+
 RAY_INSTALL = "pip install 'evomerge[ray]'"
 
 RAY_MAX_RESTARTS = 4
 """How often Ray brings back one actor that died (killed, out of host memory, a crash in
 native code) before the run goes on without it."""
+
 
 class RayExecutor(DriverExecutor):
     """N Ray actors (each a Worker), one job in flight per actor, results taken with
@@ -66,10 +68,9 @@ class RayExecutor(DriverExecutor):
         self._free = list(range(self.workers))
         self._usage.startup = time.perf_counter() - start
 
-    def task_keys(self, tasks: Sequence[Task], limit: Optional[int]) -> dict[str, str]:
+    def _worker_task_keys(self, tasks: Sequence[Task], limit: Optional[int]) -> dict[str, str]:
         import ray
 
-        self._start()
         return ray.get(self._actors[self._free[0]].task_keys.remote(list(tasks), limit))
 
     def _idle(self) -> int:

@@ -9,6 +9,7 @@ from evaluation.executors.base import Executor, Usage
 from evaluation.executors.worker import HarnessSpec, Job, JobResult, Worker
 from evaluation.tasks import Task
 
+
 class SerialExecutor(Executor):
     """One Worker in this process (created at the first call), with the score cache."""
 

@@ -13,6 +13,7 @@ from evaluation.tasks import Task
 from merging.checkpoint import Checkpoint
 from merging.recipe import Recipe
 
+
 SOURCES_DEVICE_SHARE = 0.5
 """Sources are kept on a GPU when they take at most this share of its memory left free
 once the resident model is built; the rest is for activations and the merge's temporaries."""
