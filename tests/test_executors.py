@@ -1,6 +1,8 @@
-"""Executors (evaluation/executors.py) on the micro zoo: serial and a pool of 2 workers give
-the same run; a candidate that fails in a worker stops the run with its error; the pool
-leaves no process behind; `--executor` is checked before the run folder exists."""
+"""Executors (evaluation/executors/) on the micro zoo, with real worker processes and real
+local Ray clusters: serial, a pool of 2 and Ray with 2 log the same run; failed candidates
+are logged and too many in a row stop the run; a killed Ray actor comes back and its
+candidate is scored again; a killed driver resumes; no worker process is left behind;
+`--executor` is checked before the run folder exists."""
 from __future__ import annotations
 
 import json
@@ -19,6 +21,19 @@ from evomerge.cli import main
 from merging.errors import EvomergeError
 from niches.run import evolve
 from tests.test_evolve import TEMPLATE
+
+
+# Ray's tests need a network namespace holding only loopback, or leave to use this machine's network
+
+def loopback_only() -> bool:
+    """True inside a network namespace that holds only loopback."""
+    lines = Path("/proc/net/dev").read_text().splitlines()[2:]
+    return {line.split(":")[0].strip() for line in lines} == {"lo"}
+
+
+RAY_SKIP = ("Ray tests run on loopback only: run them through bash scripts/test.sh (scripts/loopback.sh), or set "
+            "EVOMERGE_RAY_ANY_NETWORK=1 to let Ray use this machine's network")
+needs_ray = pytest.mark.skipif(not (loopback_only() or os.environ.get("EVOMERGE_RAY_ANY_NETWORK")), reason=RAY_SKIP)
 
 
 def write_config(folder: Path, zoo: Path, *, fitness: str = "math", extra: str = "", evals: int = 8) -> Path:
@@ -132,14 +147,16 @@ def test_a_killed_driver_takes_its_workers_along_and_its_run_resumes(serial_run,
     assert len(keys) == len(set(keys))
 
 
-def test_candidates_that_fail_in_workers_are_logged_and_too_many_in_a_row_stop_the_run(micro_zoo, tmp_path):
+@pytest.mark.parametrize("executor", ["pool", pytest.param("ray", marks=needs_ray)])
+def test_candidates_that_fail_in_workers_are_logged_and_too_many_in_a_row_stop_the_run(executor, micro_zoo,
+                                                                                       tmp_path):
     """Every candidate's scoring raises inside its worker (the fitness data has no answers):
     each is logged with its error and fitness null, the workers go on, and the third failure
     in a row (max_failures: 2) stops the run with the error; no worker process is left."""
     data = tmp_path / "broken.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"{i} + 1 ="}) + "\n" for i in range(4)))
     config = write_config(tmp_path, micro_zoo[0], fitness=str(data),
-                          extra="executor: pool\nworkers: 2\nmax_failures: 2\n")
+                          extra=f"executor: {executor}\nworkers: 2\nmax_failures: 2\n")
     with pytest.raises(EvomergeError, match=r"3 candidates of the ps stage failed in a row \(max_failures: 2\); "
                                             r"the last: KeyError: 'answer'"):
         evolve(config, tmp_path / "run", progress=False)
@@ -161,19 +178,8 @@ def test_executor_ray_without_ray_names_the_install_command(micro_zoo, tmp_path)
     assert not (tmp_path / "run").exists()
 
 
-# Ray: real local clusters, on loopback only (scripts/loopback.sh, which the test command uses)
-
-def loopback_only() -> bool:
-    """True inside a network namespace that holds only loopback."""
-    lines = Path("/proc/net/dev").read_text().splitlines()[2:]
-    return {line.split(":")[0].strip() for line in lines} == {"lo"}
-
-
-needs_ray = pytest.mark.skipif(
-    not (loopback_only() or os.environ.get("EVOMERGE_RAY_ANY_NETWORK")),
-    reason="Ray tests run on loopback only: run them through bash scripts/test.sh (scripts/loopback.sh), or set "
-           "EVOMERGE_RAY_ANY_NETWORK=1 to let Ray use this machine's network")
-
+# Ray: real local clusters, on loopback only (scripts/loopback.sh, which the test command uses;
+# needs_ray above)
 
 def run_in_background(config: Path, run_dir: Path, *options: str) -> subprocess.Popen:
     command = [sys.executable, "-m", "evomerge", "evolve", str(config), "--run-dir", str(run_dir), "--no-progress",
