@@ -20,9 +20,8 @@ before; each one that has a line in the log is checked against it (same genome, 
 round) and its per-example scores come from the harness's score cache (no forward pass).
 The first candidate without a line is scored for real. A logged failure is told as failed
 again without scoring it (it may have been a transient out-of-memory; the log is what the
-search saw). A logged `mean` (CMA-ES's
-distribution mean, asked once at the end) is matched by genome, since a run extended with
---max-evals ends at another mean.
+search saw). A logged `mean` (CMA-ES's distribution mean, asked once at the end) is
+matched by genome, since a run extended with --max-evals ends at another mean.
 """
 from __future__ import annotations
 

@@ -32,7 +32,7 @@ class HarnessSpec:
     dtype: Optional[str] = None
     """A name of merging.recipe.DTYPES, or None for the checkpoint's dtype."""
     cache: Optional[str] = None
-    """The score cache file (written by the driver only)."""
+    """The score cache file, written by one process: the serial worker, or else the driver."""
     threads: Optional[int] = None
     """torch CPU threads of the whole run (each worker of a pool or Ray gets its share)."""
     sources: Placement = "auto"
