@@ -66,12 +66,18 @@ ZOO_PREFIX = "zoo:"
 def resolve_model_path(reference: str, *, allow_pickle: bool = False, zoo_dir: Path | None = None) -> Path:
     """A recipe's model reference -> a local folder.
 
+    `BASE+ADAPTER` is BASE with the PEFT LoRA adapter folded in (merging/lora.py).
     `zoo:NAME` is ZOO_DIR/models/NAME (the caller finds the zoo's folder). A folder that
     exists is used as it is. Anything else is taken as a Hugging Face Hub
     id, optionally `org/name@revision`, and fetched into the HF cache (or found there
     when offline). Only safetensors, configs and tokenizer files are fetched; pickled
     weights only with `allow_pickle`, and only when no safetensors exist.
     """
+    from merging.lora import adapter_path, folded_path, split_reference
+
+    if lora := split_reference(reference):  # BASE+ADAPTER: the adapter folded into its base, once
+        base = resolve_model_path(lora[0], allow_pickle=allow_pickle, zoo_dir=zoo_dir)
+        return folded_path(reference, base, adapter_path(lora[1]))
     if reference.startswith(ZOO_PREFIX):
         return zoo_model_path(reference, zoo_dir)
     local = Path(reference).expanduser()
