@@ -118,6 +118,18 @@ def test_nuslerp_of_parallel_vectors_is_linear():
     close(merge("nuslerp", None, [a, 3 * a], weight=[0.6, 0.2]), 0.75 * a + 0.25 * 3 * a)
 
 
+def test_nuslerp_falls_back_to_lerp_only_below_sin_theta_1e8():
+    """At 1e-5 rad (sin^2 = 1e-10) nuslerp still follows the arc, keeping the unit norm,
+    where slerp's |cos| > 0.9995 rule already averages linearly (norm 1 - theta^2/8)."""
+    from merging.operators.slerp import slerp
+
+    theta = 1e-5
+    a, b = E1, vec(math.cos(theta), math.sin(theta))
+    out = merge("nuslerp", None, [a, b], weight=[1.0, 1.0])
+    assert abs(out.norm().item() - 1) < 1e-14
+    assert abs(slerp(a, b, 0.5).norm().item() - (1 - theta ** 2 / 8)) < 1e-14
+
+
 def test_nuslerp_rows_and_columns():
     """Row 0: orthogonal (a quarter circle); row 1: parallel (linear). nuslerp_row_wise
     works on dimension 0, so the transposed inputs give the transposed result."""
