@@ -6,7 +6,11 @@ a norm. The directions are averaged on the unit sphere in one step: project them
 the tangent plane at their normalised weighted mean, take the weighted sum of the
 projections there, and map it back with the exponential map ``cos|v| m + sin|v| v/|v|``.
 The result gets the weighted mean of the norms. This is mergekit's one-step
-approximation, not the iterated mean (that is ``karcher``).
+approximation, not the iterated mean (that is ``karcher``). In fact the step is zero up
+to rounding: with ``M = sum_i w_i u_i`` and ``m = M / |M|`` the weighted sum of the
+projections is ``M - (M . m) m = 0``, so the result is the normalised weighted mean of
+the directions times the weighted mean of the norms. The steps are kept, in mergekit's
+order, because only then do the roundings, and so the tensors, agree bit for bit.
 
 mergekit's conventions, followed here: weights are divided by their sum when
 ``normalize_weights`` (default true); a norm is divided as ``x / (|x| + eps)`` and the
