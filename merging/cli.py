@@ -23,7 +23,7 @@ def _methods_epilog() -> str:
         return ", ".join(f"{name}={'required' if value is REQUIRED else value}" for name, value in params.items()) or "-"
 
     rows = [f"  {name:<17} per model: {listing(m.model_params)}; global: {listing(m.global_params)}"
-            f"{'; needs base_model' if m.needs_base else ''}" for name, m in METHODS.items()]
+            f"{'; needs base_model' if m.needs_base else '; base_model optional' if m.optional_base else ''}" for name, m in METHODS.items()]
     return "merge methods (parameter=default):\n" + "\n".join(rows)
 
 

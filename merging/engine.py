@@ -168,7 +168,7 @@ def _check_same_tensors(names: dict[str, list[str]], lead: str, where: str) -> N
 def _make_task(recipe: Recipe, method: MergeMethod, slice_: OutputSlice, out_name: str,
                names: dict[str, str], t: float, checkpoints: dict[str, Checkpoint],
                out_dtype: torch.dtype | None) -> TensorTask:
-    base_model = slice_.base_model if method.needs_base else None
+    base_model = slice_.base_model if method.takes_base else None
     input_models = [s.model for s in slice_.sources if s.model != base_model]
     involved = ([base_model] if base_model else []) + input_models
     infos = {}

@@ -347,13 +347,13 @@ def _semantic_errors(recipe: Recipe):
         if method.needs_base and not base:
             yield ("merge_method",), f"{recipe.merge_method} needs a `base_model`"
             return
-        if method.needs_base and recipe.slices and all(s.model != base for s in slice_.sources):
+        if method.takes_base and base and recipe.slices and all(s.model != base for s in slice_.sources):
             # the base's layers for this slice are those of its own layer_range (mergekit reads
             # them from the slice's sources too); guessing them would merge the wrong layers
             yield (loc + ("sources",)), (f"{recipe.merge_method} subtracts the base model {base!r}, so list it "
                                          "among this slice's sources with the layer_range to subtract")
             continue
-        inputs = [s.model for s in slice_.sources if not (method.needs_base and s.model == base)]
+        inputs = [s.model for s in slice_.sources if not (method.takes_base and s.model == base)]
         if len(inputs) < method.min_models:
             yield loc, f"{recipe.merge_method} needs at least {method.min_models} non-base model(s), got {len(inputs)}"
         if method.max_models is not None and len(inputs) > method.max_models:

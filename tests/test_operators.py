@@ -160,6 +160,10 @@ EXPECTED = {  # name: (model params, global params, needs_base, random, min, max
                          True, False, 1, None),
     "slerp": ({}, {"t": REQUIRED}, True, False, 1, 1),
     "passthrough": ({"scale": None}, {}, False, False, 1, 1),
+    "model_stock": ({}, {"filter_wise": False}, True, False, 2, None),
+    "nuslerp": ({"weight": REQUIRED}, {"nuslerp_row_wise": False, "nuslerp_flatten": True}, False, False, 2, 2),
+    "multislerp": ({"weight": REQUIRED}, {"normalize_weights": True, "eps": 1e-8}, False, False, 1, None),
+    "karcher": ({}, {"max_iter": 10, "tol": 1e-5}, False, False, 1, None),
 }
 
 
@@ -440,6 +444,7 @@ PARAMS = {
     "breadcrumbs_ties": dict(weight=[0.6, 0.4], density=[0.5, 0.7], gamma=[0.05, 0.1]),
     "slerp": dict(t=0.3),
     "passthrough": dict(scale=[0.5]),
+    "model_stock": {}, "nuslerp": dict(weight=[0.6, 0.4]), "multislerp": dict(weight=[0.6, 0.4]), "karcher": {},
 }
 
 

@@ -7,7 +7,11 @@ from __future__ import annotations
 
 from merging.errors import EvomergeError
 from merging.operators.base import REQUIRED, MergeMethod, compute_dtype, kwarg_name
+from merging.operators.karcher import KARCHER
 from merging.operators.linear import LINEAR
+from merging.operators.model_stock import MODEL_STOCK
+from merging.operators.multislerp import MULTISLERP
+from merging.operators.nuslerp import NUSLERP
 from merging.operators.passthrough import PASSTHROUGH
 from merging.operators.slerp import SLERP  # the tensor helper: merging.operators.slerp.slerp
 from merging.operators.task_arithmetic import TASK_ARITHMETIC_METHODS
@@ -17,6 +21,7 @@ METHODS: dict[str, MergeMethod] = {
     **TASK_ARITHMETIC_METHODS,
     "slerp": SLERP,
     "passthrough": PASSTHROUGH,
+    **{m.name: m for m in (MODEL_STOCK, NUSLERP, MULTISLERP, KARCHER)},
 }
 
 

@@ -42,7 +42,9 @@ class MergeMethod:
     ``model_params`` are set per source model (mergekit's ``models[].parameters``),
     ``global_params`` once per merge (mergekit's top-level ``parameters``); both map a
     name to its default or ``REQUIRED``. ``needs_base``: a base model is mandatory
-    (task-vector methods, slerp). ``random``: the method draws random numbers and is
+    (task-vector methods, slerp); ``optional_base``: one is used when the recipe names it
+    (nuslerp's and multislerp's task-vector mode). Either way the base arrives as ``base``,
+    not among ``tensors``. ``random``: the method draws random numbers and is
     given a seeded ``torch.Generator``.
     """
 
@@ -52,8 +54,14 @@ class MergeMethod:
     model_params: Mapping[str, Any] = field(default_factory=dict)
     global_params: Mapping[str, Any] = field(default_factory=dict)
     random: bool = False
+    optional_base: bool = False
     min_models: int = 1
     max_models: int | None = None
+
+    @property
+    def takes_base(self) -> bool:
+        """Whether a base model the recipe names is passed apart, as ``base``."""
+        return self.needs_base or self.optional_base
 
     def merge(
         self,
