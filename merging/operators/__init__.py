@@ -7,8 +7,11 @@ from __future__ import annotations
 
 from merging.errors import EvomergeError
 from merging.operators.base import REQUIRED, MergeMethod, compute_dtype, kwarg_name
+from merging.operators.arcee_fusion import ARCEE_FUSION
 from merging.operators.linear import LINEAR
+from merging.operators.nearswap import NEARSWAP
 from merging.operators.passthrough import PASSTHROUGH
+from merging.operators.ram import RAM_METHODS
 from merging.operators.slerp import SLERP  # the tensor helper: merging.operators.slerp.slerp
 from merging.operators.task_arithmetic import TASK_ARITHMETIC_METHODS
 
@@ -17,6 +20,9 @@ METHODS: dict[str, MergeMethod] = {
     **TASK_ARITHMETIC_METHODS,
     "slerp": SLERP,
     "passthrough": PASSTHROUGH,
+    "nearswap": NEARSWAP,
+    "arcee_fusion": ARCEE_FUSION,
+    **RAM_METHODS,
 }
 
 
