@@ -201,3 +201,48 @@ def test_ram_computes_bfloat16_sources_in_float32():
     assert out.dtype == torch.float32
     expected = BASE + f64(0.5, 0.375, 0.0, 0.5 / 3, 0.75, 0.0)
     torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------------------
+# Search: every numeric parameter of these methods can be a free marker of an evolve template
+
+SEARCH_TEMPLATES = {
+    "nearswap": "  t: {free: [0.001, 0.02], granularity: layer}\n",
+    "ramplus_tl": ("  r: {free: [0.0, 1.0]}\n  alpha: {free: [0.1, 2.0], granularity: 2}\n"
+                   "  epsilon: {free: [1.0e-5, 1.0e-2]}\n"),
+    "ram": "  epsilon: {free: [1.0e-5, 1.0e-2], granularity: layer}\n",
+}
+
+
+@pytest.mark.parametrize("method", sorted(SEARCH_TEMPLATES))
+def test_free_markers_decode_onto_each_tensor(method, llama_family):
+    """A genome decodes to a recipe whose plan gives each tensor its own gene's value:
+    global markers everywhere, per-layer (or per-2-layer) ones on their layers, the
+    embeddings and the head."""
+    import numpy as np
+
+    from merging.checkpoint import Checkpoint
+    from merging.engine import open_models, plan_merge
+    from niches.genome import LayerLayout, RecipeGenome
+
+    models = "".join(f"  - model: {llama_family[name]}\n" for name in ("base", "variant_1"))
+    text = (f"merge_method: {method}\nbase_model: {llama_family['base']}\nmodels:\n{models}"
+            f"parameters:\n{SEARCH_TEMPLATES[method]}dtype: float32\n")
+    genome = RecipeGenome.from_text(text, "template.yaml", LayerLayout.of(Checkpoint("base", llama_family["base"])))
+    x = np.linspace(0.05, 0.95, genome.dimension)
+    recipe = genome.decode(x)
+    plan = plan_merge(recipe, open_models(recipe))
+    try:
+        params = {task.output.name: task.params for task in plan.tasks}
+    finally:
+        plan.close()
+    for parameter, genes in zip(genome.parameters, genome.values(x)):
+        name = parameter.name
+        if parameter.granularity == "global":
+            assert all(p[name] == pytest.approx(genes[0]) for p in params.values())
+            continue
+        size = 1 if parameter.granularity == "layer" else parameter.granularity
+        assert params["model.embed_tokens.weight"][name] == pytest.approx(genes[0])
+        assert params["lm_head.weight"][name] == pytest.approx(genes[-1])
+        for layer in range(4):
+            assert params[f"model.layers.{layer}.mlp.up_proj.weight"][name] == pytest.approx(genes[1 + layer // size])
