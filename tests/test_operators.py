@@ -160,6 +160,10 @@ EXPECTED = {  # name: (model params, global params, needs_base, random, min, max
                          True, False, 1, None),
     "slerp": ({}, {"t": REQUIRED}, True, False, 1, 1),
     "passthrough": ({"scale": None}, {}, False, False, 1, 1),
+    "nearswap": ({}, {"t": REQUIRED}, True, False, 1, 1),
+    "arcee_fusion": ({}, {}, True, True, 1, 1),
+    "ram": ({}, {"epsilon": 1e-5}, True, False, 1, None),
+    "ramplus_tl": ({}, {"r": 0.1, "alpha": 0.2, "epsilon": 1e-5}, True, False, 1, None),
 }
 
 
@@ -440,6 +444,10 @@ PARAMS = {
     "breadcrumbs_ties": dict(weight=[0.6, 0.4], density=[0.5, 0.7], gamma=[0.05, 0.1]),
     "slerp": dict(t=0.3),
     "passthrough": dict(scale=[0.5]),
+    "nearswap": dict(t=0.05),
+    "arcee_fusion": dict(),
+    "ram": dict(epsilon=0.03),
+    "ramplus_tl": dict(r=0.5, alpha=1.0, epsilon=0.03),
 }
 
 
