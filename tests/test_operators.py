@@ -164,6 +164,10 @@ EXPECTED = {  # name: (model params, global params, needs_base, random, min, max
     "nuslerp": ({"weight": REQUIRED}, {"nuslerp_row_wise": False, "nuslerp_flatten": True}, False, False, 2, 2),
     "multislerp": ({"weight": REQUIRED}, {"normalize_weights": True, "eps": 1e-8}, False, False, 1, None),
     "karcher": ({}, {"max_iter": 10, "tol": 1e-5}, False, False, 1, None),
+    "nearswap": ({}, {"t": REQUIRED}, True, False, 1, 1),
+    "arcee_fusion": ({}, {}, True, True, 1, 1),
+    "ram": ({}, {"epsilon": 1e-5}, True, False, 1, None),
+    "ramplus_tl": ({}, {"r": 0.1, "alpha": 0.2, "epsilon": 1e-5}, True, False, 1, None),
 }
 
 
@@ -198,15 +202,27 @@ def test_magnitude_keeps_top_k():
     assert (magnitude(delta, 0.37) != 0).sum() == int(0.37 * 2000)
 
 
-def test_magnitude_ties_at_the_threshold_keep_the_lowest_indices():
+def test_magnitude_ties_at_the_threshold_are_broken_as_mergekit_breaks_them():
     """Values quantized as in bfloat16 sources tie a lot; the kept count is still exactly
-    k and the tied entries kept are those a stable descending sort would put first."""
+    k, every entry above the threshold is kept, and the tied entries kept are those
+    mergekit's unstable ``argsort(descending=True)`` puts first."""
     values = torch.round(randn(4000, seed=2).abs() * 4) / 4  # only a few distinct values
     for k in [1, 7, 1000, 2345, 3999, 4000]:
         mask = top_k_mask(values, k)
         expected = torch.zeros(4000, dtype=torch.bool)
-        expected[torch.argsort(values, descending=True, stable=True)[:k]] = True
+        expected[torch.argsort(values, descending=True)[:k]] = True
         assert torch.equal(mask, expected), k
+        assert int(mask.sum()) == k and bool(mask[values > values[mask].min()].all()), k
+
+
+def test_magnitude_ties_match_mergekits_choice_not_a_stable_sorts():
+    """|delta| = 2 at indices 0, 4, 5, 9, 10, 14, 15 and k = 5: mergekit 0.1.5 (torch
+    2.13, CPU) kept 0, 4, 5, 14, 15 (recorded from its `sparsify.magnitude`); a stable sort
+    would keep 0, 4, 5, 9, 10. (Tied to torch's CPU sort: a torch whose sort orders ties
+    differently changes mergekit's choice too.)"""
+    delta = (torch.arange(17) % 5).float() - 2.0
+    kept = magnitude(delta, 5 / 17 + 1e-9) != 0
+    assert kept.nonzero().flatten().tolist() == [0, 4, 5, 14, 15]
 
 
 def test_breadcrumbs_drops_exactly_the_largest_gamma_fraction():
@@ -445,6 +461,10 @@ PARAMS = {
     "slerp": dict(t=0.3),
     "passthrough": dict(scale=[0.5]),
     "model_stock": {}, "nuslerp": dict(weight=[0.6, 0.4]), "multislerp": dict(weight=[0.6, 0.4]), "karcher": {},
+    "nearswap": dict(t=0.05),
+    "arcee_fusion": dict(),
+    "ram": dict(epsilon=0.03),
+    "ramplus_tl": dict(r=0.5, alpha=1.0, epsilon=0.03),
 }
 
 

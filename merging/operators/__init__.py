@@ -7,12 +7,15 @@ from __future__ import annotations
 
 from merging.errors import EvomergeError
 from merging.operators.base import REQUIRED, MergeMethod, compute_dtype, kwarg_name
+from merging.operators.arcee_fusion import ARCEE_FUSION
 from merging.operators.karcher import KARCHER
 from merging.operators.linear import LINEAR
 from merging.operators.model_stock import MODEL_STOCK
 from merging.operators.multislerp import MULTISLERP
+from merging.operators.nearswap import NEARSWAP
 from merging.operators.nuslerp import NUSLERP
 from merging.operators.passthrough import PASSTHROUGH
+from merging.operators.ram import RAM_METHODS
 from merging.operators.slerp import SLERP  # the tensor helper: merging.operators.slerp.slerp
 from merging.operators.task_arithmetic import TASK_ARITHMETIC_METHODS
 
@@ -22,6 +25,9 @@ METHODS: dict[str, MergeMethod] = {
     "slerp": SLERP,
     "passthrough": PASSTHROUGH,
     **{m.name: m for m in (MODEL_STOCK, NUSLERP, MULTISLERP, KARCHER)},
+    "nearswap": NEARSWAP,
+    "arcee_fusion": ARCEE_FUSION,
+    **RAM_METHODS,
 }
 
 
