@@ -9,6 +9,7 @@ from merging.errors import EvomergeError
 from merging.operators.base import REQUIRED, MergeMethod, compute_dtype, kwarg_name
 from merging.operators.linear import LINEAR
 from merging.operators.passthrough import PASSTHROUGH
+from merging.operators.sce import SCE
 from merging.operators.slerp import SLERP  # the tensor helper: merging.operators.slerp.slerp
 from merging.operators.task_arithmetic import TASK_ARITHMETIC_METHODS
 
@@ -17,6 +18,7 @@ METHODS: dict[str, MergeMethod] = {
     **TASK_ARITHMETIC_METHODS,
     "slerp": SLERP,
     "passthrough": PASSTHROUGH,
+    "sce": SCE,
 }
 
 

@@ -43,7 +43,9 @@ class MergeMethod:
     ``global_params`` once per merge (mergekit's top-level ``parameters``); both map a
     name to its default or ``REQUIRED``. ``needs_base``: a base model is mandatory
     (task-vector methods, slerp). ``random``: the method draws random numbers and is
-    given a seeded ``torch.Generator``.
+    given a seeded ``torch.Generator``. ``check_model_params``: given one model's resolved
+    per-model parameters for one tensor, says why they cannot be merged (or None), so
+    that the plan refuses them before any tensor is computed.
     """
 
     name: str
@@ -54,6 +56,7 @@ class MergeMethod:
     random: bool = False
     min_models: int = 1
     max_models: int | None = None
+    check_model_params: Callable[[dict[str, Any]], str | None] | None = None
 
     def merge(
         self,
