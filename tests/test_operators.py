@@ -160,6 +160,11 @@ EXPECTED = {  # name: (model params, global params, needs_base, random, min, max
                          True, False, 1, None),
     "slerp": ({}, {"t": REQUIRED}, True, False, 1, 1),
     "passthrough": ({"scale": None}, {}, False, False, 1, 1),
+    "della": ({"weight": REQUIRED, "density": 1.0, "epsilon": 0.15},
+              {"int8_mask": False, "normalize": True, "rescale": True, "lambda": 1.0}, True, True, 1, None),
+    "della_linear": ({"weight": REQUIRED, "density": 1.0, "epsilon": 0.15},
+                     {"int8_mask": False, "normalize": False, "rescale": True, "lambda": 1.0}, True, True, 1, None),
+    "sce": ({}, {"int8_mask": False, "select_topk": 1.0}, True, False, 1, None),
 }
 
 

@@ -41,7 +41,7 @@ def high_variance_mask(deltas: torch.Tensor, select_topk: float) -> torch.Tensor
 
 def model_weights(deltas: torch.Tensor) -> torch.Tensor:
     """Each model's mean squared delta, normalised to sum 1 (uniform if all ~0)."""
-    energy = torch.mean(deltas ** 2, dim=list(range(1, deltas.dim())))
+    energy = deltas.square().reshape(deltas.shape[0], -1).mean(dim=1)
     total = torch.sum(energy).item()
     if abs(total) < 1e-6:
         return torch.ones_like(energy) / energy.shape[0]
