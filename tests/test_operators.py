@@ -445,6 +445,9 @@ PARAMS = {
     "breadcrumbs_ties": dict(weight=[0.6, 0.4], density=[0.5, 0.7], gamma=[0.05, 0.1]),
     "slerp": dict(t=0.3),
     "passthrough": dict(scale=[0.5]),
+    "della": dict(weight=[0.6, 0.4], density=[0.5, 0.7], epsilon=[0.2, 0.1]),
+    "della_linear": dict(weight=[0.6, 0.4], density=[0.5, 0.7]),
+    "sce": dict(select_topk=0.4),
 }
 
 

@@ -14,10 +14,10 @@ fine-tune. As in mergekit 0.1.5 (``della_magprune``):
 * ``density >= 1`` returns the delta untouched and ``density <= 0`` zeros; otherwise
   ``density - epsilon`` and ``density + epsilon`` must lie strictly inside (0, 1).
 
-Two choices where mergekit's result is unspecified or an error: equal magnitudes are
-ranked in index order (a stable sort; mergekit's sort leaves their order open, which
-only changes which of the tied entries gets which of the neighbouring probabilities),
-and a row of one entry gets probability ``density`` (mergekit divides 0 by 0 there).
+Equal magnitudes are ranked by the same (unstable) ``torch.argsort`` call as mergekit's,
+so on the same device and torch version the tied entries get the same probabilities
+(checked bit for bit on CPU, quantised deltas included). One choice where mergekit
+fails: a row of one entry gets probability ``density`` (mergekit divides 0 by 0).
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def epsilon_problem(density: float, epsilon: float) -> str | None:
 def keep_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
     """Per-entry keep probability: linear in the magnitude rank within each row."""
     rows = delta.reshape(1, -1) if delta.dim() < 2 else delta
-    order = torch.argsort(rows.abs(), dim=1, stable=True)
+    order = torch.argsort(rows.abs(), dim=1)  # mergekit's call: equal magnitudes ordered alike
     ranks = torch.argsort(order, dim=1).to(delta.dtype)  # 0 = smallest magnitude
     span = rows.shape[1] - 1
     rank_fraction = ranks / span if span > 0 else torch.full_like(ranks, 0.5)

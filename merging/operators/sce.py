@@ -22,7 +22,6 @@ from typing import Sequence
 import torch
 
 from merging.operators.base import MergeMethod, compute_dtype
-from merging.operators.sparsify import top_k_mask
 from merging.operators.task_arithmetic import sign_consensus
 
 
@@ -36,7 +35,11 @@ def high_variance_mask(deltas: torch.Tensor, select_topk: float) -> torch.Tensor
     k = int(torch.count_nonzero(variance) * select_topk)
     if k == 0:
         return torch.zeros_like(variance, dtype=torch.bool)
-    return top_k_mask(variance.reshape(-1), k).reshape(variance.shape)
+    # mergekit's call, so equal variances at the threshold are chosen alike.
+    chosen = torch.topk(variance.reshape(-1), k=k, largest=True).indices
+    mask = torch.zeros(variance.numel(), dtype=torch.bool, device=variance.device)
+    mask[chosen] = True
+    return mask.reshape(variance.shape)
 
 
 def model_weights(deltas: torch.Tensor) -> torch.Tensor:
