@@ -41,7 +41,7 @@ from safetensors.torch import load_file
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = Path(__file__).resolve().parent / "mergekit_recipes"
 DEFAULT_MERGEKIT = "/opt/mergekit-venv/bin/mergekit-yaml"
-STATS_METHODS = {"dare_linear", "dare_ties"}
+STATS_METHODS = {"dare_linear", "dare_ties", "della", "della_linear"}
 LOW_PRECISION = {"bfloat16", "float16"}
 CONFIG_IGNORED = {"transformers_version"}
 """config.json keys that legitimately differ between the tools' outputs."""
@@ -222,7 +222,7 @@ def _compare_rescale(mk: dict, ev: dict, base: dict, keys: list[str], recipe: di
                      res: Result) -> list[str]:
     """With one non-base model, check that both tools follow the same rescale rule."""
     models = [m for m in recipe.get("models") or [] if m["model"] != recipe.get("base_model")]
-    if len(models) != 1 or recipe["merge_method"] != "dare_linear":
+    if len(models) != 1 or recipe["merge_method"] not in ("dare_linear", "della_linear"):
         return []
     params = models[0].get("parameters") or {}
     weight, lam = float(params["weight"]), float((recipe.get("parameters") or {}).get("lambda", 1.0))
