@@ -4,6 +4,11 @@ written from mergekit 0.1.5's definitions (see merging/operators/della.py and sc
 The random keep masks are checked three ways: the probabilities exactly (hand-computed
 ranks), the merge exactly given the same draws from a fixed generator, and the keep
 frequencies over many draws within bounds of five standard deviations.
+
+Bit-level agreement with mergekit itself was checked outside this suite (which must not
+import mergekit), see docs/mergekit-compat.md: 88 single-tensor della/della_linear/sce
+cases through mergekit 0.1.5's ``merge_tensors`` after ``torch.manual_seed(s)`` and
+through these operators with ``torch.Generator().manual_seed(s)`` were all torch.equal.
 """
 from __future__ import annotations
 
