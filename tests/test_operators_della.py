@@ -6,9 +6,10 @@ ranks), the merge exactly given the same draws from a fixed generator, and the k
 frequencies over many draws within bounds of five standard deviations.
 
 Bit-level agreement with mergekit itself was checked outside this suite (which must not
-import mergekit), see docs/mergekit-compat.md: 88 single-tensor della/della_linear/sce
-cases through mergekit 0.1.5's ``merge_tensors`` after ``torch.manual_seed(s)`` and
-through these operators with ``torch.Generator().manual_seed(s)`` were all torch.equal.
+import mergekit) by scripts/check_operators_mergekit.py: 92 single-tensor
+della/della_linear/sce cases through mergekit 0.1.5's ``merge_tensors`` after
+``torch.manual_seed(s)`` and through these operators with
+``torch.Generator().manual_seed(s)`` were all torch.equal.
 """
 from __future__ import annotations
 
