@@ -36,6 +36,11 @@ def epsilon_problem(density: float, epsilon: float) -> str | None:
     return None
 
 
+def check_model_params(params: dict) -> str | None:
+    """One model's resolved DELLA parameters, checked while planning (before any merging)."""
+    return epsilon_problem(params["density"], params["epsilon"])
+
+
 def keep_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
     """Per-entry keep probability: linear in the magnitude rank within each row."""
     rows = delta.reshape(1, -1) if delta.dim() < 2 else delta

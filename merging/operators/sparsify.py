@@ -111,6 +111,6 @@ def sparsify(delta: torch.Tensor, method: str, density: float, *, rescale: bool 
     if method == "magnitude_outliers":
         return magnitude_outliers(delta, density, gamma=gamma, rescale=rescale)
     if method == "della_magprune":
-        from merging.operators.della import magprune  # della builds on rescale_l1 here
+        from merging.operators.della import magprune  # here: della imports rescale_l1 from this module
         return magprune(delta, density, epsilon=epsilon, rescale=rescale, generator=generator)
     raise ValueError(f"unknown sparsification method {method!r}")

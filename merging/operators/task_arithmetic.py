@@ -33,7 +33,7 @@ from typing import Sequence
 import torch
 
 from merging.operators.base import REQUIRED, MergeMethod, compute_dtype
-from merging.operators.della import epsilon_problem
+from merging.operators.della import check_model_params as della_check
 from merging.operators.sparsify import sparsify
 
 
@@ -94,11 +94,6 @@ def generalized_task_arithmetic(
     if lambda_ != 1:
         mixed = mixed * lambda_
     return base + mixed
-
-
-def della_check(params: dict) -> str | None:
-    """One model's DELLA parameters, checked before any tensor is merged."""
-    return epsilon_problem(params["density"], params["epsilon"])
 
 
 def _method(name: str, sparsification: str | None, consensus: bool, normalize: bool,
