@@ -8,9 +8,10 @@ on small real checkpoints: it builds a tiny Llama base and three fine-tune-like 
 
 * deterministic methods (dtype float32): every tensor must agree to float32 rounding
   (|diff| <= rtol * max|tensor|, rtol = max(1e-6, eps of the output dtype));
-* the seeded DARE methods (their RNG streams differ): statistics - the fraction of
-  entries left equal to the base, mean and std of the delta from the base (per tensor,
-  averaged by size), the relative L2 difference; with one model also the rescale rule;
+* the seeded DARE and DELLA methods (their RNG streams differ): statistics - the
+  fraction of entries left equal to the base, mean and std of the delta from the base
+  (per tensor, averaged by size), the relative L2 difference; with one model also the
+  rescale rule and, for DELLA, the keep rates of the largest and smallest |delta|;
 * recipes whose dtype is below float32: mergekit computes in that dtype and evomerge in
   float32 (an intended difference, only reported); evomerge must then equal mergekit
   run with dtype float32 and out_dtype set to that dtype.
