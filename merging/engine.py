@@ -193,6 +193,11 @@ def _make_task(recipe: Recipe, method: MergeMethod, slice_: OutputSlice, out_nam
                               infos[model].name, t, f"model {model!r}, tensor {infos[model].name}")
             for model in input_models
         ]
+    if method.check_model_params:
+        for i, model in enumerate(input_models):
+            problem = method.check_model_params({name: params[name][i] for name in method.model_params})
+            if problem:
+                raise RecipeError(f"model {model!r}, tensor {infos[model].name}: {problem}")
     return TensorTask(
         output=TensorSpec(out_name, first.shape, dtype),
         base=TensorInput(base_model, infos[base_model].name) if base_model else None,

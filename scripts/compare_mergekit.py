@@ -8,9 +8,10 @@ on small real checkpoints: it builds a tiny Llama base and three fine-tune-like 
 
 * deterministic methods (dtype float32): every tensor must agree to float32 rounding
   (|diff| <= rtol * max|tensor|, rtol = max(1e-6, eps of the output dtype));
-* the seeded DARE methods (their RNG streams differ): statistics - the fraction of
-  entries left equal to the base, mean and std of the delta from the base (per tensor,
-  averaged by size), the relative L2 difference; with one model also the rescale rule;
+* the seeded DARE and DELLA methods (their RNG streams differ): statistics - the
+  fraction of entries left equal to the base, mean and std of the delta from the base
+  (per tensor, averaged by size), the relative L2 difference; with one model also the
+  rescale rule and, for DELLA, the keep rates of the largest and smallest |delta|;
 * recipes whose dtype is below float32: mergekit computes in that dtype and evomerge in
   float32 (an intended difference, only reported); evomerge must then equal mergekit
   run with dtype float32 and out_dtype set to that dtype.
@@ -41,7 +42,7 @@ from safetensors.torch import load_file
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = Path(__file__).resolve().parent / "mergekit_recipes"
 DEFAULT_MERGEKIT = "/opt/mergekit-venv/bin/mergekit-yaml"
-STATS_METHODS = {"dare_linear", "dare_ties"}
+STATS_METHODS = {"dare_linear", "dare_ties", "della", "della_linear"}
 LOW_PRECISION = {"bfloat16", "float16"}
 CONFIG_IGNORED = {"transformers_version"}
 """config.json keys that legitimately differ between the tools' outputs."""
@@ -222,11 +223,12 @@ def _compare_rescale(mk: dict, ev: dict, base: dict, keys: list[str], recipe: di
                      res: Result) -> list[str]:
     """With one non-base model, check that both tools follow the same rescale rule."""
     models = [m for m in recipe.get("models") or [] if m["model"] != recipe.get("base_model")]
-    if len(models) != 1 or recipe["merge_method"] != "dare_linear":
+    if len(models) != 1 or recipe["merge_method"] not in ("dare_linear", "della_linear"):
         return []
     params = models[0].get("parameters") or {}
     weight, lam = float(params["weight"]), float((recipe.get("parameters") or {}).get("lambda", 1.0))
     model = load_tensors(Path(models[0]["model"]))
+    problems = _compare_rank_keep(mk, ev, base, model, keys, res) if recipe["merge_method"] == "della_linear" else []
     bad: list[str] = []
     for key in keys:
         obs_mk, l1_mk = _implied_rescale(mk[key], base[key], model[key], weight, lam)
@@ -241,7 +243,30 @@ def _compare_rescale(mk: dict, ev: dict, base: dict, keys: list[str], recipe: di
                     f"= {l1_ev:.5f} (1/density = {1 / float(params['density']):.5f})")
     res.details.append(f"rescale factor = L1 norm ratio (mergekit's rule) in evomerge: "
                        f"{len(keys) - len(bad)}/{len(keys)} tensors")
-    return ["rescale rule"] if bad else []
+    return problems + (["rescale rule"] if bad else [])
+
+
+def _compare_rank_keep(mk: dict, ev: dict, base: dict, model: dict, keys: list[str],
+                       res: Result) -> list[str]:
+    """Single-model DELLA: the keep rate of the largest and the smallest fifth of each row's
+    |delta| (DARE would keep both at `density`; DELLA at about density +/- 0.8 epsilon)."""
+    rates = {}
+    for tool, out in (("mergekit", mk), ("evomerge", ev)):
+        top = bottom = count = 0.0
+        for key in keys:
+            delta = (model[key] - base[key]).double()
+            rows = delta.reshape(1, -1) if delta.dim() < 2 else delta
+            kept = (out[key].double() - base[key].double()).reshape(rows.shape) != 0
+            ranks = rows.abs().argsort(dim=1).argsort(dim=1)
+            fifth = rows.shape[1] // 5
+            top += kept[ranks >= rows.shape[1] - fifth].sum().item()
+            bottom += kept[ranks < fifth].sum().item()
+            count += fifth * rows.shape[0]
+        rates[tool] = (top / count, bottom / count)
+        res.details.append(f"{tool}: keep rate of the largest fifth of |delta| per row {top / count:.4f}, "
+                           f"of the smallest fifth {bottom / count:.4f}")
+    gap = max(abs(a - b) for a, b in zip(rates["mergekit"], rates["evomerge"]))
+    return ["keep rate by magnitude"] if gap > 0.01 else []
 
 
 def compare_configs(mk_dir: Path, ev_dir: Path, res: Result) -> None:

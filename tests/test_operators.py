@@ -168,6 +168,11 @@ EXPECTED = {  # name: (model params, global params, needs_base, random, min, max
     "arcee_fusion": ({}, {}, True, True, 1, 1),
     "ram": ({}, {"epsilon": 1e-5}, True, False, 1, None),
     "ramplus_tl": ({}, {"r": 0.1, "alpha": 0.2, "epsilon": 1e-5}, True, False, 1, None),
+    "della": ({"weight": REQUIRED, "density": 1.0, "epsilon": 0.15},
+              {"int8_mask": False, "normalize": True, "rescale": True, "lambda": 1.0}, True, True, 1, None),
+    "della_linear": ({"weight": REQUIRED, "density": 1.0, "epsilon": 0.15},
+                     {"int8_mask": False, "normalize": False, "rescale": True, "lambda": 1.0}, True, True, 1, None),
+    "sce": ({}, {"int8_mask": False, "select_topk": 1.0}, True, False, 1, None),
 }
 
 
@@ -465,6 +470,9 @@ PARAMS = {
     "arcee_fusion": dict(),
     "ram": dict(epsilon=0.03),
     "ramplus_tl": dict(r=0.5, alpha=1.0, epsilon=0.03),
+    "della": dict(weight=[0.6, 0.4], density=[0.5, 0.7], epsilon=[0.2, 0.1]),
+    "della_linear": dict(weight=[0.6, 0.4], density=[0.5, 0.7]),
+    "sce": dict(select_topk=0.4),
 }
 
 

@@ -16,6 +16,7 @@ from merging.operators.nearswap import NEARSWAP
 from merging.operators.nuslerp import NUSLERP
 from merging.operators.passthrough import PASSTHROUGH
 from merging.operators.ram import RAM_METHODS
+from merging.operators.sce import SCE
 from merging.operators.slerp import SLERP  # the tensor helper: merging.operators.slerp.slerp
 from merging.operators.task_arithmetic import TASK_ARITHMETIC_METHODS
 
@@ -28,6 +29,7 @@ METHODS: dict[str, MergeMethod] = {
     "nearswap": NEARSWAP,
     "arcee_fusion": ARCEE_FUSION,
     **RAM_METHODS,
+    "sce": SCE,
 }
 
 

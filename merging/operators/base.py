@@ -44,8 +44,10 @@ class MergeMethod:
     name to its default or ``REQUIRED``. ``needs_base``: a base model is mandatory
     (task-vector methods, slerp); ``optional_base``: one is used when the recipe names it
     (nuslerp's and multislerp's task-vector mode). Either way the base arrives as ``base``,
-    not among ``tensors``. ``random``: the method draws random numbers and is
-    given a seeded ``torch.Generator``.
+    not among ``tensors``. ``random``: the method draws random numbers and is given a
+    seeded ``torch.Generator``. ``check_model_params``: given one model's resolved
+    per-model parameters for one tensor, says why they cannot be merged (or None), so
+    that the plan refuses them before any tensor is computed.
     """
 
     name: str
@@ -57,6 +59,7 @@ class MergeMethod:
     optional_base: bool = False
     min_models: int = 1
     max_models: int | None = None
+    check_model_params: Callable[[dict[str, Any]], str | None] | None = None
 
     @property
     def takes_base(self) -> bool:

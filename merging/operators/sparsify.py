@@ -108,12 +108,16 @@ def magnitude_outliers(delta: torch.Tensor, density: float, *, gamma: float = 0.
 
 
 def sparsify(delta: torch.Tensor, method: str, density: float, *, rescale: bool = False,
-             gamma: float = 0.01, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Dispatch on mergekit's sparsification method name."""
+             gamma: float = 0.01, epsilon: float = 0.15,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+    """Dispatch on mergekit's sparsification method name (``della_magprune``: see ``della``)."""
     if method == "magnitude":
         return magnitude(delta, density, rescale=rescale)
     if method == "random":
         return random(delta, density, rescale=rescale, generator=generator)
     if method == "magnitude_outliers":
         return magnitude_outliers(delta, density, gamma=gamma, rescale=rescale)
+    if method == "della_magprune":
+        from merging.operators.della import magprune  # here: della imports rescale_l1 from this module
+        return magprune(delta, density, epsilon=epsilon, rescale=rescale, generator=generator)
     raise ValueError(f"unknown sparsification method {method!r}")

@@ -3,7 +3,8 @@
 All of these methods edit the base with task vectors ``delta_i = model_i - base`` and
 differ only in two choices, so (as in mergekit) one function covers them:
 
-1. sparsification of each delta (none, TIES magnitude, DARE random, Breadcrumbs);
+1. sparsification of each delta (none, TIES magnitude, DARE random, Breadcrumbs,
+   DELLA's magnitude-ranked random drop);
 2. sign consensus (TIES): per entry, elect the sign of ``sum_i w_i * delta_i`` (zero
    counts as +) and let only deltas of that sign contribute.
 
@@ -16,8 +17,13 @@ which a recipe written for it relies on:
   weights (replaced by 1 when its magnitude is below 1e-8);
 * ``int8_mask`` only chose mergekit's mask storage type; the mask is boolean either way,
   so it is accepted and has no numerical effect;
-* ``density`` is accepted by every method (task_arithmetic ignores it) and ``gamma`` by
-  the Breadcrumbs ones; mergekit's ``epsilon`` belongs to DELLA, which is not here.
+* ``density`` is accepted by every method (task_arithmetic ignores it), ``gamma`` by
+  the Breadcrumbs ones and ``epsilon`` (default 0.15) by the DELLA ones;
+* mergekit 0.1.5 builds these methods from a consensus method (``sum``, or ``count``:
+  the majority of signs, unweighted) and a sparsification method, but a recipe cannot
+  choose them: ``consensus_method`` / ``sparsification_method`` are not recipe
+  parameters there, so only the named methods below exist (and ``sum`` is the only
+  consensus any of them uses).
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ from typing import Sequence
 import torch
 
 from merging.operators.base import REQUIRED, MergeMethod, compute_dtype
+from merging.operators.della import check_model_params as della_check
 from merging.operators.sparsify import sparsify
 
 
@@ -44,6 +51,7 @@ def generalized_task_arithmetic(
     weight: Sequence[float],
     density: Sequence[float] | None = None,
     gamma: Sequence[float] | None = None,
+    epsilon: Sequence[float] | None = None,
     normalize: bool,
     rescale: bool,
     lambda_: float = 1.0,
@@ -59,11 +67,12 @@ def generalized_task_arithmetic(
         return base
     density = density if density is not None else [1.0] * len(tensors)
     gamma = gamma if gamma is not None else [0.01] * len(tensors)
+    epsilon = epsilon if epsilon is not None else [0.15] * len(tensors)
     deltas = []
-    for x, d, g in zip(tensors, density, gamma):
+    for x, d, g, e in zip(tensors, density, gamma, epsilon):
         delta = x.to(dtype) - base
         if sparsification:
-            delta = sparsify(delta, sparsification, d, rescale=rescale, gamma=g,
+            delta = sparsify(delta, sparsification, d, rescale=rescale, gamma=g, epsilon=e,
                              generator=generator)
         deltas.append(delta)
     deltas = torch.stack(deltas)
@@ -93,6 +102,8 @@ def _method(name: str, sparsification: str | None, consensus: bool, normalize: b
     model_params = {"weight": REQUIRED, "density": 1.0}
     if sparsification == "magnitude_outliers":
         model_params["gamma"] = 0.01
+    if sparsification == "della_magprune":
+        model_params["epsilon"] = 0.15
     return MergeMethod(
         name=name,
         function=partial(generalized_task_arithmetic, sparsification=sparsification,
@@ -101,7 +112,8 @@ def _method(name: str, sparsification: str | None, consensus: bool, normalize: b
         model_params=model_params,
         global_params={"int8_mask": False, "normalize": normalize, "rescale": rescale,
                        "lambda": 1.0},
-        random=sparsification == "random",
+        random=sparsification in ("random", "della_magprune"),
+        check_model_params=della_check if sparsification == "della_magprune" else None,
         min_models=1,
     )
 
@@ -116,5 +128,7 @@ TASK_ARITHMETIC_METHODS: dict[str, MergeMethod] = {
         "dare_linear": ("random", False, False, True),
         "breadcrumbs": ("magnitude_outliers", False, False, False),
         "breadcrumbs_ties": ("magnitude_outliers", True, False, False),
+        "della": ("della_magprune", True, True, True),
+        "della_linear": ("della_magprune", False, False, True),
     }.items()
 }
