@@ -29,6 +29,7 @@ from merging.checkpoint import (
 from merging.errors import CheckpointError, EvomergeError, RecipeError
 from merging.operators.base import MergeMethod
 from merging.recipe import DTYPES, OutputSlice, Recipe, output_slices, parameter_scopes, resolve_parameter
+from merging.tokenizer import check_vocabularies, resolve_chat_template, tokenizer_model, write_chat_template
 
 
 RECIPE_FILE = "recipe.yaml"
@@ -61,6 +62,10 @@ class MergePlan:
     tasks: list[TensorTask] = field(default_factory=list)
     layer_sources: list[tuple[str, int]] = field(default_factory=list)
     """For each output layer, the (model, layer) it descends from (layer stacking)."""
+    tokenizer_model: str = ""
+    """The model whose tokenizer files the output takes."""
+    chat_template: str | None = None
+    """The template the recipe's `chat_template` resolves to; None keeps the tokenizer's."""
 
     @property
     def num_layers(self) -> int:
@@ -98,6 +103,11 @@ def plan_merge(recipe: Recipe, checkpoints: dict[str, Checkpoint]) -> MergePlan:
     reference = slices[0].base_model or slices[0].sources[0].model
     arch = {ref: detect_architecture(ck.config) for ref, ck in checkpoints.items()}
     plan = MergePlan(recipe, method, checkpoints, reference)
+    merged = list(dict.fromkeys(s.model for slice_ in slices for s in slice_.sources))
+    plan.tokenizer_model = tokenizer_model(recipe, reference)
+    check_vocabularies(recipe, checkpoints, plan.tokenizer_model, merged)
+    polled = list(dict.fromkeys([recipe.base_model, *merged] if recipe.base_model else merged))
+    plan.chat_template = resolve_chat_template(recipe, checkpoints, polled)
     out_dtype = DTYPES.get(recipe.out_dtype or recipe.dtype or "")
 
     def add(slice_: OutputSlice, out_name: str, names: dict[str, str], t: float) -> None:
@@ -209,6 +219,10 @@ def describe_plan(plan: MergePlan) -> str:
         "models: " + ", ".join(f"{ref} ({ck.path})" for ref, ck in plan.checkpoints.items()),
         f"config from: {plan.reference}; output: {plan.num_layers} layers, {len(plan.tasks)} tensors, "
         f"{total / 2**30:.3f} GiB",
+        f"tokenizer from: {plan.tokenizer_model}; chat template: "
+        + ("the tokenizer's own" if plan.chat_template is None else
+           f"{plan.recipe.chat_template if plan.recipe.chat_template != plan.chat_template else 'as given'}"
+           f" ({len(plan.chat_template)} characters)"),
         "",
     ]
     for task in plan.tasks:
@@ -323,11 +337,10 @@ def merge_to_disk(plan: MergePlan, out_dir: str | Path, *, device: str | torch.d
             writer.write(name, tensor)
         writer.close()
         (staging / "config.json").write_text(json.dumps(output_config(plan), indent=2) + "\n")
-        tokenizer_model = _tokenizer_model(plan)
-        tokenizer_path = plan.checkpoints[tokenizer_model].path
+        tokenizer_path = plan.checkpoints[plan.tokenizer_model].path
         copied = copy_tokenizer(tokenizer_path, staging)
-        if plan.recipe.chat_template:
-            _set_chat_template(staging, plan.recipe.chat_template)
+        if plan.chat_template is not None:
+            write_chat_template(staging, plan.chat_template)
         generation = tokenizer_path / "generation_config.json"
         if not generation.is_file():
             generation = plan.checkpoints[plan.reference].path / "generation_config.json"
@@ -336,24 +349,8 @@ def merge_to_disk(plan: MergePlan, out_dir: str | Path, *, device: str | torch.d
         else:
             _write_generation_config(staging)
         (staging / RECIPE_FILE).write_text(plan.recipe.to_yaml())
-        (staging / "README.md").write_text(model_card(plan, tokenizer_model, copied, card_notes, seed=seed))
+        (staging / "README.md").write_text(model_card(plan, plan.tokenizer_model, copied, card_notes, seed=seed))
     return out_dir
-
-
-def _tokenizer_model(plan: MergePlan) -> str:
-    source = plan.recipe.tokenizer_source
-    if source in (None, "base"):
-        return plan.recipe.base_model or plan.reference
-    if source == "union":
-        raise RecipeError("tokenizer_source: union (vocabulary merging) is not supported; use base or a model")
-    return source
-
-
-def _set_chat_template(out_dir: Path, template: str) -> None:
-    config_file = out_dir / "tokenizer_config.json"
-    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
-    config["chat_template"] = template
-    config_file.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def _write_generation_config(out_dir: Path) -> None:

@@ -20,6 +20,7 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError
 
+from merging.chat_templates import template_problem
 from merging.errors import RecipeError, RecipeNote
 from merging.operators import METHODS
 from merging.operators.base import REQUIRED, MergeMethod
@@ -377,6 +378,10 @@ def _semantic_errors(recipe: Recipe):
         value = getattr(recipe, key)
         if value is not None and value not in DTYPES:
             yield (key,), f"unknown dtype {value!r}; use one of {', '.join(DTYPES)}"
+    yield from _tokenizer_errors(recipe)
+    if recipe.chat_template is not None and (problem := template_problem(recipe.chat_template)):
+        yield ("chat_template",), problem
+    yield from _repeated_models(recipe)
     allowed_model = set(method.model_params)
     allowed_any = allowed_model | set(method.global_params)
     scopes: list[tuple[tuple, Parameters, set[str]]] = [(("parameters",), recipe.parameters, allowed_any)]
@@ -416,6 +421,39 @@ def _semantic_errors(recipe: Recipe):
             yield loc, f"{recipe.merge_method} needs at least {method.min_models} non-base model(s), got {len(inputs)}"
         if method.max_models is not None and len(inputs) > method.max_models:
             yield loc, f"{recipe.merge_method} takes at most {method.max_models} non-base model(s), got {len(inputs)}"
+
+
+def _tokenizer_errors(recipe: Recipe):
+    """What of mergekit's tokenizer options evomerge can do is what needs no vocabulary
+    merging: the output takes one model's tokenizer, every merged model sharing its
+    vocabulary (checked against the models when the merge is planned)."""
+    if recipe.tokenizer and recipe.tokenizer_source:
+        yield ("tokenizer",), "give `tokenizer:` or `tokenizer_source:`, not both (mergekit refuses both)"
+        return
+    loc = ("tokenizer", "source") if recipe.tokenizer else ("tokenizer_source",)
+    if recipe.tokenizer_model_source == "union":
+        yield loc, f"`union`: {VOCABULARY_MERGE}"
+    if recipe.tokenizer and recipe.tokenizer.tokens:
+        yield ("tokenizer", "tokens"), f"`tokens:` (embeddings chosen per token): {VOCABULARY_MERGE}"
+    if recipe.tokenizer and recipe.tokenizer.pad_to_multiple_of is not None:
+        yield ("tokenizer", "pad_to_multiple_of"), \
+            "`pad_to_multiple_of` (embedding rows added to the vocabulary) is not supported yet"
+
+
+def _repeated_models(recipe: Recipe):
+    """The same model twice among the inputs of one merge: mergekit refuses it ("Duplicate
+    merge inputs"); merging it would silently use one of its entries only."""
+    groups = [(("models",), recipe.models or [])]
+    groups += [(("slices", i, "sources"), slice_.sources) for i, slice_ in enumerate(recipe.slices or [])]
+    for loc, sources in groups:
+        first: dict[str, int] = {}
+        for j, source in enumerate(sources):
+            if source.model in first:
+                where = "`models:`" if loc == ("models",) else "this slice"
+                yield loc + (j, "model"), (f"model {source.model!r} is listed twice in {where} (also as entry "
+                                           f"{first[source.model]}); mergekit refuses duplicate merge inputs. "
+                                           "List each model once (give it one weight)")
+            first.setdefault(source.model, j)
 
 
 def _find_key(data: Any, key: str, loc: tuple = ()) -> tuple | None:

@@ -1,0 +1,177 @@
+"""mergekit's YAML rules, its `tokenizer:` options and `chat_template`, as evomerge applies
+them: what mergekit accepts runs (with a note where a user may not mean it), what it
+refuses, or what evomerge cannot do yet, is refused before any tensor is computed."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from merging.chat_templates import TEMPLATES
+from merging.errors import RecipeError, RecipeNote
+from merging.recipe import parse_recipe
+from tests.conftest import write_recipe
+
+TWO = "merge_method: linear\nmodels:\n  - model: a\n  - model: b\n"
+
+
+def test_a_key_given_twice_takes_the_last_value_with_a_note_naming_both_lines():
+    with pytest.warns(RecipeNote, match=r"r\.yaml, line 3: key 'base_model' is given twice \(first on line 2\)"):
+        recipe = parse_recipe("merge_method: ties\nbase_model: a\nbase_model: c\nmodels:\n  - model: b\n",
+                              source="r.yaml")
+    assert recipe.base_model == "c"
+
+
+def test_keys_mergekit_ignores_are_ignored_with_a_note():
+    text = "name: my-merge\n" + TWO.replace("  - model: b\n", "  - model: b\n    license: mit\n")
+    with pytest.warns(RecipeNote) as notes:
+        recipe = parse_recipe(text, source="r.yaml")
+    messages = [str(n.message) for n in notes]
+    assert any(m.startswith("r.yaml, line 1: name: key 'name'") and "ignored" in m for m in messages)
+    assert any(m.startswith("r.yaml, line 6: models[1].license: key 'license'") for m in messages)
+    assert [m.model for m in recipe.models] == ["a", "b"]
+
+
+def test_a_misspelt_key_is_still_refused_not_ignored():
+    with pytest.raises(RecipeError, match=r"line 5: .*unknown key 'paramters'; did you mean 'parameters'"):
+        parse_recipe(TWO.replace("  - model: b\n", "  - model: b\n    paramters: {weight: 1}\n"))
+
+
+@pytest.mark.parametrize("text, line, where", [
+    (TWO + "  - model: a\n", 5, "`models:`"),
+    ("merge_method: linear\nslices:\n  - sources:\n      - {model: a, layer_range: [0, 2]}\n"
+     "      - {model: a, layer_range: [2, 4]}\n", 5, "this slice"),
+])
+def test_the_same_model_twice_in_one_merge_is_refused(text, line, where):
+    with pytest.raises(RecipeError, match=rf"r\.yaml, line {line}: .*model 'a' is listed twice in {where}"):
+        parse_recipe(text, source="r.yaml")
+
+
+@pytest.mark.parametrize("extra, line, pattern", [
+    ("tokenizer_source: union\n", 5, r"tokenizer_source: `union`: vocabulary merging"),
+    ("tokenizer:\n  source: union\n", 6, r"tokenizer\.source: `union`: vocabulary merging"),
+    ("tokenizer: {}\n", 5, r"`union`: vocabulary merging"),  # mergekit's default source is union
+    ("tokenizer:\n  source: base\n  tokens:\n    <|im_start|>: {source: a}\n", 7, r"tokenizer\.tokens: `tokens:`"),
+    ("tokenizer:\n  source: base\n  pad_to_multiple_of: 64\n", 7, r"pad_to_multiple_of"),
+    ("tokenizer: {source: base}\ntokenizer_source: base\n", 5, r"not both"),
+    ("chat_template: chatmI\n", 5, r"unknown chat template 'chatmI'; use one of auto, alpaca, chatml"),
+    ("chat_template: '{{ x }}'\n", 5, r"too short to be a Jinja template"),
+])
+def test_unsupported_tokenizer_and_template_settings_name_their_line(extra, line, pattern):
+    with pytest.raises(RecipeError, match=rf"r\.yaml, line {line}: .*{pattern}"):
+        parse_recipe(TWO + extra, source="r.yaml")
+
+
+def test_supported_tokenizer_settings_parse():
+    assert parse_recipe(TWO + "tokenizer:\n  source: base\n").tokenizer_model_source == "base"
+    recipe = parse_recipe(TWO + "tokenizer: {source: b}\nchat_template: llama3\n")
+    assert recipe.tokenizer_model_source == "b" and "b" in recipe.referenced_models()
+
+
+# --- against real model folders, through the CLI -----------------------------------------
+
+def _merge(tmp_path: Path, text: str, *flags: str) -> subprocess.CompletedProcess:
+    recipe = write_recipe(tmp_path, text)
+    return subprocess.run([sys.executable, "-m", "evomerge", "merge", str(recipe), str(tmp_path / "out"),
+                           "--no-progress", *flags], capture_output=True, text=True)
+
+
+def _linear(a: Path, b: Path, extra: str = "") -> str:
+    return f"merge_method: linear\nmodels:\n  - {{model: {a}, parameters: {{weight: 1.0}}}}\n" \
+           f"  - {{model: {b}, parameters: {{weight: 1.0}}}}\n{extra}"
+
+
+def _refused(result: subprocess.CompletedProcess, tmp_path: Path, pattern: str) -> None:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and re.search(pattern, result.stderr), result.stderr
+    assert not (tmp_path / "out").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def _with_swapped_tokens(source: Path, folder: Path) -> Path:
+    """A copy whose tokenizer gives two tokens each other's ids: same size, another vocabulary."""
+    shutil.copytree(source, folder)
+    tokenizer = json.loads((folder / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    first, second = sorted(vocab, key=vocab.get)[300:302]
+    vocab[first], vocab[second] = vocab[second], vocab[first]
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
+    return folder
+
+
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_union_is_refused_before_anything_is_computed(llama_family, tmp_path, dry_run):
+    text = _linear(llama_family["variant_1"], llama_family["variant_2"], "tokenizer_source: union\n")
+    _refused(_merge(tmp_path, text, *(["--dry-run"] if dry_run else [])), tmp_path,
+             r"line 5: tokenizer_source: `union`: vocabulary merging")
+
+
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_a_tokenizer_source_with_another_vocabulary_is_refused_naming_the_model(llama_family, tmp_path, dry_run):
+    other = _with_swapped_tokens(llama_family["variant_2"], tmp_path / "swapped")
+    text = _linear(llama_family["variant_1"], other, "tokenizer:\n  source: base\n")
+    _refused(_merge(tmp_path, text, *(["--dry-run"] if dry_run else [])), tmp_path,
+             r"line 6: tokenizer\.source: model '.*swapped' has another vocabulary .*2 at other ids")
+
+
+def test_tokenizer_source_base_copies_the_base_tokenizer(llama_family, tmp_path):
+    text = _linear(llama_family["variant_1"], llama_family["variant_2"], "tokenizer: {source: base}\n")
+    result = _merge(tmp_path, text)
+    assert result.returncode == 0, result.stderr
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (tmp_path / "out" / name).read_bytes() == (llama_family["variant_1"] / name).read_bytes()
+
+
+def test_a_named_chat_template_is_written_where_transformers_reads_it_and_wins(llama_family, tmp_path):
+    from transformers import AutoTokenizer
+
+    source = tmp_path / "templated"
+    shutil.copytree(llama_family["variant_1"], source)
+    (source / "chat_template.jinja").write_text("{{ 'SOURCE' }}")
+    result = _merge(tmp_path, _linear(source, llama_family["variant_2"], "chat_template: chatml\n"))
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "out"
+    assert (out / "chat_template.jinja").read_text() == TEMPLATES["chatml"]
+    assert "chat_template" not in json.loads((out / "tokenizer_config.json").read_text())
+    rendered = AutoTokenizer.from_pretrained(out).apply_chat_template(
+        [{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
+    assert rendered == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_without_a_recipe_template_the_source_template_file_is_kept(llama_family, tmp_path):
+    source = tmp_path / "templated"
+    shutil.copytree(llama_family["variant_1"], source)
+    (source / "chat_template.jinja").write_text("{{ 'SOURCE' }}")
+    assert _merge(tmp_path, _linear(source, llama_family["variant_2"])).returncode == 0
+    assert (tmp_path / "out" / "chat_template.jinja").read_text() == "{{ 'SOURCE' }}"
+
+
+def test_auto_takes_the_template_most_sources_share(llama_family, tmp_path):
+    """Two sources carry template X (one as chat_template.jinja, one in tokenizer_config.json),
+    the base carries Y: auto picks X, although the output's tokenizer is the base's."""
+    shared, other = "{% for m in messages %}{{ m.content }}|{% endfor %}", "{{ 'BASE ONLY TEMPLATE' }}"
+    base, first, second = (tmp_path / n for n in ("base", "first", "second"))
+    for folder, model in ((base, "base"), (first, "variant_1"), (second, "variant_2")):
+        shutil.copytree(llama_family[model], folder)
+    (base / "chat_template.jinja").write_text(other)
+    (first / "chat_template.jinja").write_text(shared + "\n")
+    config = json.loads((second / "tokenizer_config.json").read_text())
+    (second / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": shared}))
+    text = (f"merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n"
+            f"  - {{model: {first}, parameters: {{weight: 0.5}}}}\n  - {{model: {second}, parameters: {{weight: 0.5}}}}\n"
+            "chat_template: auto\n")
+    result = _merge(tmp_path, text)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "out" / "chat_template.jinja").read_text() == shared
+
+
+def test_notes_reach_the_user_and_the_merge_runs(llama_family, tmp_path):
+    text = "name: demo\n" + _linear(llama_family["variant_1"], llama_family["variant_2"])
+    result = _merge(tmp_path, text, "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert "evomerge: note: " in result.stderr and "line 1: name: key 'name'" in result.stderr
+    assert "Traceback" not in result.stderr
