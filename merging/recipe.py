@@ -293,6 +293,8 @@ def validate_recipe(data: Any, root: yaml.Node, source: str) -> Recipe:
         message = error["msg"]
         if error["type"] == "extra_forbidden":
             message = unknown_key_message(Recipe, error["loc"])
+            if error["loc"][-1] in _parameter_names() and "did you mean" not in message:
+                message += "; a merge parameter goes under `parameters:`"
         raise fail(loc, message) from None
     for loc, message in _semantic_errors(recipe):
         raise fail(loc, message)
@@ -302,19 +304,24 @@ def validate_recipe(data: Any, root: yaml.Node, source: str) -> Recipe:
     return recipe
 
 
+def _parameter_names() -> set[str]:
+    return {name for method in METHODS.values() for name in (*method.model_params, *method.global_params)}
+
+
 def _ignored_keys(data: Any, loc: tuple = ()) -> list[tuple]:
     """Keys mergekit's schema does not have, which it ignores (its pydantic models take
     pydantic's default, `extra="ignore"`), e.g. `name:`. They are removed from `data`
     (the caller notes each). A key close to one the schema has at that place is kept,
     so that validation refuses it as the typo it most likely is (`paramters:` would
-    otherwise drop every parameter without a word)."""
+    otherwise drop every parameter without a word); so is a parameter name set outside
+    `parameters:` (`- model: a` then `weight: 1`), which mergekit would drop too."""
     found: list[tuple] = []
     if isinstance(data, dict):
         allowed = schema_keys_at(Recipe, loc)
         for key in list(data):
             if not allowed or key in allowed:
                 found.extend(_ignored_keys(data[key], loc + (key,)))
-            elif not (isinstance(key, str) and did_you_mean(key, allowed)):
+            elif not (isinstance(key, str) and (did_you_mean(key, allowed) or key in _parameter_names())):
                 found.append(loc + (key,))
                 del data[key]
     elif isinstance(data, list):

@@ -175,3 +175,10 @@ def test_notes_reach_the_user_and_the_merge_runs(llama_family, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "evomerge: note: " in result.stderr and "line 1: name: key 'name'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_parameter_set_outside_parameters_is_refused_not_ignored():
+    """mergekit would drop `weight: 1` placed beside `model:` and merge without it."""
+    with pytest.raises(RecipeError, match=r"line 5: models\[1\]\.weight: unknown key 'weight'; a merge parameter "
+                                          r"goes under `parameters:`"):
+        parse_recipe(TWO.replace("  - model: b\n", "  - model: b\n    weight: 1\n"))
