@@ -49,7 +49,9 @@ def add_merge_parser(subparsers) -> None:
         description=(
             "Merge Hugging Face checkpoints as RECIPE (mergekit's YAML: merge_method, base_model, "
             "models or slices, parameters, dtype) says, and write OUT_DIR: sharded safetensors with an "
-            "index, config.json, generation_config.json, the tokenizer files of the tokenizer source, "
+            "index, config.json, generation_config.json, the tokenizer files of the tokenizer source (and "
+            "chat_template.jinja when the recipe sets `chat_template`: auto, alpaca, chatml, exaone, llama3, "
+            "mistral or a Jinja template), "
             "recipe.yaml and a README.md model card with the recipe. Tensors stream one at a time, so memory "
             "stays at a few tensors. Models are local folders (relative paths: current directory first, then "
             "the recipe's folder), zoo:NAME (with --zoo) or Hub ids (org/name[@revision]) when a network "

@@ -13,6 +13,7 @@ written to chat_template.jinja, which transformers reads before tokenizer_config
 from __future__ import annotations
 
 import json
+from functools import lru_cache
 from pathlib import Path
 
 from merging.chat_templates import TEMPLATES, most_common_template
@@ -59,10 +60,17 @@ def check_vocabularies(recipe: Recipe, checkpoints: dict[str, Checkpoint], sourc
 
 
 def _vocabulary(checkpoint: Checkpoint) -> dict[str, int] | None:
+    return _folder_vocabulary(str(checkpoint.path.resolve()))
+
+
+@lru_cache(maxsize=16)
+def _folder_vocabulary(folder: str) -> dict[str, int] | None:
+    """A folder's vocabulary (token -> id), or None. Cached: an evolution run plans a
+    merge per candidate from the same sources, and loading a tokenizer takes a second."""
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(checkpoint.path).get_vocab()
+        return AutoTokenizer.from_pretrained(folder).get_vocab()
     except Exception:  # no tokenizer files, or none transformers can read
         return None
 
