@@ -93,8 +93,8 @@ class Recipe(_Strict):
     tokenizer: Optional[TokenizerSpec] = None
     chat_template: Optional[str] = None
     _where: dict[str, str] = PrivateAttr(default_factory=dict)
-    """`recipe.yaml, line 7: tokenizer.source` for the keys checked against the models
-    (tokenizer, chat_template): their errors come at planning and still name the line."""
+    """`recipe.yaml, line 7: tokenizer.source`: the tokenizer source is checked against the
+    models when the merge is planned, and that error still names the line."""
 
     @property
     def method(self) -> MergeMethod:
@@ -106,7 +106,7 @@ class Recipe(_Strict):
         return self.tokenizer.source if self.tokenizer else self.tokenizer_source
 
     def where(self, key: str) -> str:
-        """Where `key` (tokenizer, chat_template) is set: the recipe line, or the key."""
+        """Where `key` (tokenizer) is set: the recipe line, or the key."""
         return self._where.get(key, key)
 
     def referenced_models(self) -> list[str]:
@@ -298,9 +298,9 @@ def validate_recipe(data: Any, root: yaml.Node, source: str) -> Recipe:
         raise fail(loc, message) from None
     for loc, message in _semantic_errors(recipe):
         raise fail(loc, message)
-    for key, loc in (("tokenizer", ("tokenizer", "source") if recipe.tokenizer else ("tokenizer_source",)),
-                     ("chat_template", ("chat_template",))):
-        recipe._where[key] = located(root, loc, source)
+    if recipe.tokenizer_model_source is not None:  # only then: recipes compare equal by their keys
+        loc = ("tokenizer", "source") if recipe.tokenizer else ("tokenizer_source",)
+        recipe._where["tokenizer"] = located(root, loc, source)
     return recipe
 
 
