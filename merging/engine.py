@@ -29,7 +29,9 @@ from merging.checkpoint import (
 from merging.errors import CheckpointError, EvomergeError, RecipeError
 from merging.operators.base import MergeMethod
 from merging.recipe import DTYPES, OutputSlice, Recipe, output_slices, parameter_scopes, resolve_parameter
-from merging.tokenizer import check_vocabularies, resolve_chat_template, tokenizer_model, write_chat_template
+from merging.tokenizer import (
+    Vocabulary, VocabularyRows, plan_vocabulary, resolve_chat_template, tokenizer_model, write_chat_template,
+)
 
 
 RECIPE_FILE = "recipe.yaml"
@@ -50,6 +52,8 @@ class TensorTask:
     base: TensorInput | None
     inputs: list[TensorInput]
     params: dict[str, Any]
+    vocabulary: VocabularyRows | None = None
+    """For embeddings and head under a tokenizer source: the rows each input is rebuilt to."""
 
 
 @dataclass
@@ -66,6 +70,8 @@ class MergePlan:
     """The model whose tokenizer files the output takes."""
     chat_template: str | None = None
     """The template the recipe's `chat_template` resolves to; None keeps the tokenizer's."""
+    vocabulary: Vocabulary | None = None
+    """The tokenizer source's vocabulary, when the models' rows must be rebuilt to it."""
 
     @property
     def num_layers(self) -> int:
@@ -105,20 +111,23 @@ def plan_merge(recipe: Recipe, checkpoints: dict[str, Checkpoint]) -> MergePlan:
     plan = MergePlan(recipe, method, checkpoints, reference)
     merged = list(dict.fromkeys(s.model for slice_ in slices for s in slice_.sources))
     plan.tokenizer_model = tokenizer_model(recipe, reference)
-    check_vocabularies(recipe, checkpoints, plan.tokenizer_model, merged)
+    plan.vocabulary = plan_vocabulary(recipe, checkpoints, plan.tokenizer_model, merged,
+                                      recipe.base_model or reference)
     polled = list(dict.fromkeys([recipe.base_model, *merged] if recipe.base_model else merged))
     plan.chat_template = resolve_chat_template(recipe, checkpoints, polled)
     out_dtype = DTYPES.get(recipe.out_dtype or recipe.dtype or "")
 
-    def add(slice_: OutputSlice, out_name: str, names: dict[str, str], t: float) -> None:
-        plan.tasks.append(_make_task(recipe, method, slice_, out_name, names, t, checkpoints, out_dtype))
+    def add(slice_: OutputSlice, out_name: str, names: dict[str, str], t: float,
+            vocabulary: Vocabulary | None = None) -> None:
+        plan.tasks.append(_make_task(recipe, method, slice_, out_name, names, t, checkpoints, out_dtype,
+                                     vocabulary))
 
     first, last = slices[0], slices[-1]
     by_layer = {ref: _tensors_by_layer(ck, arch[ref]) for ref, ck in checkpoints.items()}
     head = first.sources[0].model
     _check_same_tensors({s.model: by_layer[s.model]["pre"] for s in first.sources}, head, "before the layers")
     for name in by_layer[head]["pre"]:
-        add(first, name, {s.model: name for s in first.sources}, 0.0)
+        add(first, name, {s.model: name for s in first.sources}, 0.0, plan.vocabulary)
     for slice_ in slices:
         ranges = {}
         for source in slice_.sources:
@@ -146,7 +155,7 @@ def plan_merge(recipe: Recipe, checkpoints: dict[str, Checkpoint]) -> MergePlan:
     tail = last.sources[0].model
     _check_same_tensors({s.model: by_layer[s.model]["post"] for s in last.sources}, tail, "after the layers")
     for name in by_layer[tail]["post"]:
-        add(last, name, {s.model: name for s in last.sources}, 0.0)
+        add(last, name, {s.model: name for s in last.sources}, 0.0, plan.vocabulary)
     return plan
 
 
@@ -177,7 +186,7 @@ def _check_same_tensors(names: dict[str, list[str]], lead: str, where: str) -> N
 
 def _make_task(recipe: Recipe, method: MergeMethod, slice_: OutputSlice, out_name: str,
                names: dict[str, str], t: float, checkpoints: dict[str, Checkpoint],
-               out_dtype: torch.dtype | None) -> TensorTask:
+               out_dtype: torch.dtype | None, vocabulary: Vocabulary | None = None) -> TensorTask:
     base_model = slice_.base_model if method.needs_base else None
     input_models = [s.model for s in slice_.sources if s.model != base_model]
     involved = ([base_model] if base_model else []) + input_models
@@ -188,11 +197,19 @@ def _make_task(recipe: Recipe, method: MergeMethod, slice_: OutputSlice, out_nam
             raise CheckpointError(f"tensor {names.get(model, out_name)} is missing in model {model!r}")
         infos[model] = info
     shapes = {m: i.shape for m, i in infos.items()}
-    if len(set(shapes.values())) > 1:
+    by_token = vocabulary is not None and all(
+        len(i.shape) == 2 and i.shape[0] == checkpoints[m].config.get("vocab_size") for m, i in infos.items())
+    if len({s[1:] if by_token else s for s in shapes.values()}) > 1:
         listing = ", ".join(f"{m!r} has {list(s)}" for m, s in shapes.items())
         raise CheckpointError(f"shape mismatch for tensor {out_name}: {listing}")
     first = infos[involved[0]]
+    shape = (vocabulary.size, *first.shape[1:]) if by_token else first.shape
+    rows = vocabulary.rows_for([s.model for s in slice_.sources if s.model in infos], slice_.base_model) \
+        if by_token else None
     dtype = out_dtype if (out_dtype is not None and first.dtype.is_floating_point) else first.dtype
+    if by_token and out_dtype is None:  # mergekit rebuilds the rows in the promoted input dtype
+        for info in infos.values():
+            dtype = torch.promote_types(dtype, info.dtype)
     params: dict[str, Any] = {}
     for name, default in method.global_params.items():
         params[name] = resolve_parameter(name, default, parameter_scopes(recipe, slice_, None),
@@ -204,10 +221,11 @@ def _make_task(recipe: Recipe, method: MergeMethod, slice_: OutputSlice, out_nam
             for model in input_models
         ]
     return TensorTask(
-        output=TensorSpec(out_name, first.shape, dtype),
+        output=TensorSpec(out_name, shape, dtype),
         base=TensorInput(base_model, infos[base_model].name) if base_model else None,
         inputs=[TensorInput(m, infos[m].name) for m in input_models],
         params=params,
+        vocabulary=rows,
     )
 
 
@@ -271,6 +289,12 @@ def execute_task(plan: MergePlan, task: TensorTask, device: torch.device, seed: 
 
     tensors = [load(ref) for ref in task.inputs]
     base = load(task.base) if task.base else None
+    if task.vocabulary is not None:
+        rebuilt = task.vocabulary.apply({ref.model: tensor for ref, tensor in
+                                         zip([*task.inputs, *([task.base] if task.base else [])],
+                                             [*tensors, *([base] if base is not None else [])])})
+        tensors = [rebuilt[ref.model] for ref in task.inputs]
+        base = rebuilt[task.base.model] if task.base else None
     if not tensors[0].is_floating_point():
         return tensors[0].to(task.output.dtype)  # integer buffers are copied, not merged
     generator = tensor_generator(seed, task.output.name, device) if plan.method.random else None
@@ -311,6 +335,8 @@ def output_config(plan: MergePlan) -> dict:
     """The reference model's config, with the output depth and dtype."""
     config = json.loads(json.dumps(plan.checkpoints[plan.reference].config))
     config[num_layers_key(config)] = plan.num_layers
+    if plan.vocabulary is not None:
+        config["vocab_size"] = plan.vocabulary.size
     if isinstance(config.get("layer_types"), list):
         layer_types = {ref: ck.config.get("layer_types") for ref, ck in plan.checkpoints.items()}
         config["layer_types"] = [layer_types[m][i] for m, i in plan.layer_sources]

@@ -35,9 +35,8 @@ UNSUPPORTED_KEYS = {
     "modules": "multi-module merges (`modules:`) are not supported; use `models:` or `slices:`",
     "residual_weight": "`residual_weight` is not supported",
 }
-VOCABULARY_MERGE = ("vocabulary merging (a union vocabulary, or embedding rows permuted to another "
-                    "model's tokens) is not supported yet; use `source: base` or a model whose "
-                    "vocabulary every merged model shares")
+VOCABULARY_MERGE = ("merging vocabularies into their union is not supported yet; use `source: base` or "
+                    "a model (the output takes its tokenizer; every model's embedding rows are rebuilt to it)")
 
 
 class _Strict(BaseModel):

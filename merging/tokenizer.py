@@ -1,10 +1,9 @@
 """The output's tokenizer and chat template, decided before any tensor is computed.
 
 A recipe's `tokenizer_source` / `tokenizer.source` names the model whose tokenizer the
-output takes. mergekit then rebuilds every model's embedding and head rows in that
-tokenizer's order; evomerge copies the tokenizer as it is, which gives the same tensors
-exactly when every merged model has that vocabulary, token for token, and one embedding
-row per token. Anything else needs vocabulary merging, refused here with the recipe line.
+output takes (its files are copied). mergekit then rebuilds every model's embedding and
+head rows in that tokenizer's order, and so does evomerge (`Vocabulary`); a union of
+vocabularies is refused at validation (merging/recipe.py).
 
 `chat_template` is resolved as mergekit resolves it: `auto` (the template most sources
 share), a name (merging/chat_templates.py) or a Jinja template given literally. It is
@@ -13,13 +12,16 @@ written to chat_template.jinja, which transformers reads before tokenizer_config
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+
+import torch
 
 from merging.chat_templates import TEMPLATES, most_common_template
 from merging.checkpoint import Checkpoint
 from merging.errors import RecipeError
-from merging.recipe import VOCABULARY_MERGE, Recipe
+from merging.recipe import Recipe
 
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
@@ -31,32 +33,99 @@ def tokenizer_model(recipe: Recipe, reference: str) -> str:
     return recipe.base_model or reference if source in (None, "base") else source
 
 
-def check_vocabularies(recipe: Recipe, checkpoints: dict[str, Checkpoint], source: str,
-                       merged: list[str]) -> None:
-    """When the recipe asks for a tokenizer source, every merged model must hold that
-    tokenizer's vocabulary (same tokens, same ids) in as many embedding rows; then
-    mergekit's row permutation is the identity and copying the tokenizer is exact."""
+@dataclass
+class VocabularyRows:
+    """For one vocabulary-indexed tensor (embeddings, head): the output's row count, each
+    model's row for every output token (-1 where it lacks the token), and the rows averaged
+    for a token some model lacks (mergekit's `PermutedVocabulary`: the one model that has
+    it, else the base's row, else the mean over the models that have it; none: zeros)."""
+
+    size: int
+    index: dict[str, list[int]]
+    fill: dict[int, list[tuple[str, int]]]
+
+    def apply(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Each model's rows rebuilt in the output vocabulary's order, in mergekit's dtype
+        (the promoted input dtype) and order of summation."""
+        first = next(iter(tensors.values()))
+        dtype = first.dtype
+        for tensor in tensors.values():
+            dtype = torch.promote_types(dtype, tensor.dtype)
+        tensors = {m: t.to(dtype) for m, t in tensors.items()}
+        defaults = {}
+        for token, pairs in self.fill.items():
+            if len(pairs) == 1:
+                defaults[token] = tensors[pairs[0][0]][pairs[0][1]]
+                continue
+            row = torch.zeros(first.shape[1:], dtype=dtype, device=first.device)
+            for model, source_row in pairs:
+                row = row + tensors[model][source_row]
+            defaults[token] = row / len(pairs) if pairs else row
+        result = {}
+        for model, tensor in tensors.items():
+            index = torch.tensor(self.index[model], device=tensor.device)
+            out = torch.zeros((self.size, *tensor.shape[1:]), dtype=dtype, device=tensor.device)
+            present = index >= 0
+            out[present] = tensor[index[present]]
+            for token in torch.nonzero(~present).flatten().tolist():
+                out[token] = defaults[token]
+            result[model] = out
+        return result
+
+
+@dataclass
+class Vocabulary:
+    """The output vocabulary (the tokenizer source's) and every merged model's row for
+    each of its tokens (-1: the model lacks the token)."""
+
+    size: int
+    rows: dict[str, list[int]]
+
+    def rows_for(self, models: list[str], base: str | None) -> VocabularyRows:
+        """The rows of one tensor merged from `models` (a slice's sources, in order)."""
+        fill: dict[int, list[tuple[str, int]]] = {}
+        for token in range(self.size):
+            having = [(m, self.rows[m][token]) for m in models if self.rows[m][token] >= 0]
+            if len(having) == len(models):
+                continue
+            if len(having) > 1 and base in models and self.rows[base][token] >= 0:
+                having = [(base, self.rows[base][token])]
+            fill[token] = having
+        return VocabularyRows(self.size, {m: self.rows[m] for m in models}, fill)
+
+
+def plan_vocabulary(recipe: Recipe, checkpoints: dict[str, Checkpoint], source: str,
+                    merged: list[str], base: str) -> Vocabulary | None:
+    """When the recipe names a tokenizer source, the output takes that tokenizer and every
+    merged model's embedding and head rows are rebuilt in its order, as mergekit does
+    (mergekit/tokenizer/build.py). None when nothing changes: no source named, or every
+    model has the source's vocabulary in as many rows (then the tensors are copied as is).
+    `base`: whose vocabulary a model without a tokenizer is taken to have (mergekit's)."""
     if recipe.tokenizer_model_source is None:
-        return
+        return None
     vocabulary = _vocabulary(checkpoints[source])
     if vocabulary is None:
         raise RecipeError(f"{recipe.where('tokenizer')}: model {source!r} has no tokenizer that "
                           "transformers can load")
+    size = len(vocabulary)
+    if sorted(vocabulary.values()) != list(range(size)):
+        raise RecipeError(f"{recipe.where('tokenizer')}: the tokenizer of {source!r} does not number its "
+                          f"{size} tokens 0..{size - 1}")
+    source_rows = checkpoints[source].config.get("vocab_size", size)
+    if recipe.tokenizer_model_source == "base" and source_rows < size:
+        raise RecipeError(f"{recipe.where('tokenizer')}: the tokenizer of {source!r} has {size} tokens for "
+                          f"{source_rows} embedding rows; mergekit drops the extra tokens, which evomerge does "
+                          "not do yet")
+    by_id = sorted(vocabulary, key=vocabulary.get)
+    rows: dict[str, list[int]] = {}
     for model in merged:
-        theirs = vocabulary if model == source else _vocabulary(checkpoints[model])
-        rows = checkpoints[model].config.get("vocab_size")
-        if theirs is None:
-            continue  # mergekit takes a model without a tokenizer to have the source's
-        if theirs != vocabulary:
-            missing = len(set(vocabulary) - set(theirs))
-            moved = sum(1 for token, index in theirs.items() if vocabulary.get(token, index) != index)
-            raise RecipeError(f"{recipe.where('tokenizer')}: model {model!r} has another vocabulary than "
-                              f"{source!r} ({len(theirs)} vs {len(vocabulary)} tokens, {missing} missing, "
-                              f"{moved} at other ids); {VOCABULARY_MERGE}")
-        if rows is not None and rows != len(vocabulary):
-            raise RecipeError(f"{recipe.where('tokenizer')}: model {model!r} has {rows} embedding rows for "
-                              f"{len(vocabulary)} tokens; mergekit resizes them to the tokenizer, which "
-                              "evomerge does not do yet (leave the tokenizer source out to keep the rows)")
+        theirs = _vocabulary(checkpoints[model]) or _vocabulary(checkpoints[base]) or vocabulary
+        limit = checkpoints[model].config.get("vocab_size", len(theirs))
+        rows[model] = [theirs[token] if theirs.get(token, limit) < limit else -1 for token in by_id]
+    identity = list(range(size))
+    if all(rows[m] == identity and checkpoints[m].config.get("vocab_size", size) == size for m in merged):
+        return None
+    return Vocabulary(size, rows)
 
 
 def _vocabulary(checkpoint: Checkpoint) -> dict[str, int] | None:

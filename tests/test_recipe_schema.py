@@ -53,9 +53,9 @@ def test_the_same_model_twice_in_one_merge_is_refused(text, line, where):
 
 
 @pytest.mark.parametrize("extra, line, pattern", [
-    ("tokenizer_source: union\n", 5, r"tokenizer_source: `union`: vocabulary merging"),
-    ("tokenizer:\n  source: union\n", 6, r"tokenizer\.source: `union`: vocabulary merging"),
-    ("tokenizer: {}\n", 5, r"`union`: vocabulary merging"),  # mergekit's default source is union
+    ("tokenizer_source: union\n", 5, r"tokenizer_source: `union`: merging vocabularies into their union"),
+    ("tokenizer:\n  source: union\n", 6, r"tokenizer\.source: `union`: merging vocabularies"),
+    ("tokenizer: {}\n", 5, r"`union`: merging vocabularies"),  # mergekit's default source is union
     ("tokenizer:\n  source: base\n  tokens:\n    <|im_start|>: {source: a}\n", 7, r"tokenizer\.tokens: `tokens:`"),
     ("tokenizer:\n  source: base\n  pad_to_multiple_of: 64\n", 7, r"pad_to_multiple_of"),
     ("tokenizer: {source: base}\ntokenizer_source: base\n", 5, r"not both"),
@@ -107,15 +107,48 @@ def _with_swapped_tokens(source: Path, folder: Path) -> Path:
 def test_union_is_refused_before_anything_is_computed(llama_family, tmp_path, dry_run):
     text = _linear(llama_family["variant_1"], llama_family["variant_2"], "tokenizer_source: union\n")
     _refused(_merge(tmp_path, text, *(["--dry-run"] if dry_run else [])), tmp_path,
-             r"line 5: tokenizer_source: `union`: vocabulary merging")
+             r"line 5: tokenizer_source: `union`: merging vocabularies into their union")
 
 
-@pytest.mark.parametrize("dry_run", [False, True])
-def test_a_tokenizer_source_with_another_vocabulary_is_refused_naming_the_model(llama_family, tmp_path, dry_run):
+def test_a_tokenizer_source_rebuilds_the_rows_of_a_model_with_another_vocabulary(llama_family, tmp_path):
+    """Two tokens swapped in the second model's tokenizer: its embedding and head rows are
+    taken in the first model's (the source's) order before the linear merge, as mergekit does."""
+    import torch
+    from safetensors.torch import load_file
+
     other = _with_swapped_tokens(llama_family["variant_2"], tmp_path / "swapped")
-    text = _linear(llama_family["variant_1"], other, "tokenizer:\n  source: base\n")
-    _refused(_merge(tmp_path, text, *(["--dry-run"] if dry_run else [])), tmp_path,
-             r"line 6: tokenizer\.source: model '.*swapped' has another vocabulary .*2 at other ids")
+    result = _merge(tmp_path, _linear(llama_family["variant_1"], other, "tokenizer:\n  source: base\n"))
+    assert result.returncode == 0, result.stderr
+    merged, first, second = (load_file(f / "model.safetensors") for f in (tmp_path / "out", llama_family["variant_1"], other))
+    order = list(range(first["model.embed_tokens.weight"].shape[0]))
+    order[300], order[301] = 301, 300
+    vocabulary_indexed = [n for n in merged if n in ("model.embed_tokens.weight", "lm_head.weight")]
+    assert vocabulary_indexed
+    for name in merged:
+        rows = second[name][order] if name in vocabulary_indexed else second[name]
+        torch.testing.assert_close(merged[name], (first[name] + rows) / 2, rtol=0, atol=1e-6)
+    assert not torch.equal(merged["model.embed_tokens.weight"], (first["model.embed_tokens.weight"] +
+                                                                 second["model.embed_tokens.weight"]) / 2)
+
+
+def test_rows_a_model_lacks_follow_mergekits_rules():
+    """Token 0: all have it. 1: only b (its row for everyone). 2: a and the base c (c's).
+    3: a and b, no base (their mean). 4: nobody (zeros)."""
+    import torch
+
+    from merging.tokenizer import Vocabulary
+
+    vocabulary = Vocabulary(5, {"a": [0, -1, 1, 2, -1], "b": [0, 1, -1, 2, -1], "c": [0, -1, 1, -1, -1]})
+    tensors = {m: torch.arange(6, dtype=torch.float32).reshape(3, 2) + 10 * i for i, m in enumerate("abc")}
+    out = vocabulary.rows_for(["a", "b", "c"], "c").apply(tensors)
+    b1, c1, mean3 = tensors["b"][1], tensors["c"][1], (tensors["a"][2] + tensors["b"][2]) / 2
+    expected = {
+        "a": [tensors["a"][0], b1, tensors["a"][1], tensors["a"][2], torch.zeros(2)],
+        "b": [tensors["b"][0], b1, c1, tensors["b"][2], torch.zeros(2)],
+        "c": [tensors["c"][0], b1, tensors["c"][1], mean3, torch.zeros(2)],
+    }
+    for model, rows in expected.items():
+        torch.testing.assert_close(out[model], torch.stack(rows), rtol=0, atol=0)
 
 
 def test_tokenizer_source_base_copies_the_base_tokenizer(llama_family, tmp_path):
