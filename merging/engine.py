@@ -237,10 +237,7 @@ def describe_plan(plan: MergePlan) -> str:
         "models: " + ", ".join(f"{ref} ({ck.path})" for ref, ck in plan.checkpoints.items()),
         f"config from: {plan.reference}; output: {plan.num_layers} layers, {len(plan.tasks)} tensors, "
         f"{total / 2**30:.3f} GiB",
-        f"tokenizer from: {plan.tokenizer_model}; chat template: "
-        + ("the tokenizer's own" if plan.chat_template is None else
-           f"{plan.recipe.chat_template if plan.recipe.chat_template != plan.chat_template else 'as given'}"
-           f" ({len(plan.chat_template)} characters)"),
+        _tokenizer_line(plan),
         "",
     ]
     for task in plan.tasks:
@@ -250,6 +247,21 @@ def describe_plan(plan: MergePlan) -> str:
         lines.append(f"{task.output.name} {list(task.output.shape)} {str(task.output.dtype).removeprefix('torch.')}"
                      f" <- [{sources}]{base} {params}".rstrip())
     return "\n".join(lines)
+
+
+def _tokenizer_line(plan: MergePlan) -> str:
+    """What the output's tokenizer and chat template will be, for the dry run's summary."""
+    union = plan.vocabulary is not None and plan.vocabulary.tokenizer is not None
+    tokenizer = (f"the union of the models' vocabularies ({plan.vocabulary.size} tokens)" if union
+                 else f"from {plan.tokenizer_model}")
+    if plan.vocabulary is not None:
+        tokenizer += "; embedding and head rows rebuilt to it"
+    template = plan.recipe.chat_template
+    if plan.chat_template is None:
+        chosen = "the tokenizer's own"
+    else:
+        chosen = f"{template if template != plan.chat_template else 'as given'} ({len(plan.chat_template)} characters)"
+    return f"tokenizer: {tokenizer}; chat template: {chosen}"
 
 
 def _short(value: Any) -> str:
@@ -364,7 +376,10 @@ def merge_to_disk(plan: MergePlan, out_dir: str | Path, *, device: str | torch.d
         writer.close()
         (staging / "config.json").write_text(json.dumps(output_config(plan), indent=2) + "\n")
         tokenizer_path = plan.checkpoints[plan.tokenizer_model].path
-        copied = copy_tokenizer(tokenizer_path, staging)
+        if plan.vocabulary is not None and plan.vocabulary.tokenizer is not None:  # a union vocabulary
+            copied = sorted(Path(f).name for f in plan.vocabulary.tokenizer.save_pretrained(staging))
+        else:
+            copied = copy_tokenizer(tokenizer_path, staging)
         if plan.chat_template is not None:
             write_chat_template(staging, plan.chat_template)
         generation = tokenizer_path / "generation_config.json"

@@ -35,8 +35,6 @@ UNSUPPORTED_KEYS = {
     "modules": "multi-module merges (`modules:`) are not supported; use `models:` or `slices:`",
     "residual_weight": "`residual_weight` is not supported",
 }
-VOCABULARY_MERGE = ("merging vocabularies into their union is not supported yet; use `source: base` or "
-                    "a model (the output takes its tokenizer; every model's embedding rows are rebuilt to it)")
 
 
 class _Strict(BaseModel):
@@ -430,17 +428,14 @@ def _semantic_errors(recipe: Recipe):
 
 
 def _tokenizer_errors(recipe: Recipe):
-    """What of mergekit's tokenizer options evomerge can do is what needs no vocabulary
-    merging: the output takes one model's tokenizer, every merged model sharing its
-    vocabulary (checked against the models when the merge is planned)."""
+    """mergekit's tokenizer options evomerge does not do yet: `tokens:` overrides and
+    `pad_to_multiple_of` (the sources themselves are checked when the merge is planned)."""
     if recipe.tokenizer and recipe.tokenizer_source:
         yield ("tokenizer",), "give `tokenizer:` or `tokenizer_source:`, not both (mergekit refuses both)"
         return
-    loc = ("tokenizer", "source") if recipe.tokenizer else ("tokenizer_source",)
-    if recipe.tokenizer_model_source == "union":
-        yield loc, f"`union`: {VOCABULARY_MERGE}"
     if recipe.tokenizer and recipe.tokenizer.tokens:
-        yield ("tokenizer", "tokens"), f"`tokens:` (embeddings chosen per token): {VOCABULARY_MERGE}"
+        yield ("tokenizer", "tokens"), ("`tokens:` (embeddings chosen per token) is not supported yet; "
+                                        "leave it out to get mergekit's default rows")
     if recipe.tokenizer and recipe.tokenizer.pad_to_multiple_of is not None:
         yield ("tokenizer", "pad_to_multiple_of"), \
             "`pad_to_multiple_of` (embedding rows added to the vocabulary) is not supported yet"

@@ -15,6 +15,7 @@ import json
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -28,9 +29,9 @@ CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
 def tokenizer_model(recipe: Recipe, reference: str) -> str:
     """The model whose tokenizer files the output takes: the named one, else the base
-    model, else `reference` (the config donor)."""
+    model, else `reference` (the config donor); for `union`, the one the union starts from."""
     source = recipe.tokenizer_model_source
-    return recipe.base_model or reference if source in (None, "base") else source
+    return recipe.base_model or reference if source in (None, "base", "union") else source
 
 
 @dataclass
@@ -80,6 +81,9 @@ class Vocabulary:
 
     size: int
     rows: dict[str, list[int]]
+    tokenizer: Any = None
+    """For `union`: the tokenizer built (transformers), which the output saves; else None
+    (the source's files are copied)."""
 
     def rows_for(self, models: list[str], base: str | None) -> VocabularyRows:
         """The rows of one tensor merged from `models` (a slice's sources, in order)."""
@@ -103,7 +107,12 @@ def plan_vocabulary(recipe: Recipe, checkpoints: dict[str, Checkpoint], source: 
     `base`: whose vocabulary a model without a tokenizer is taken to have (mergekit's)."""
     if recipe.tokenizer_model_source is None:
         return None
-    vocabulary = _vocabulary(checkpoints[source])
+    union = None
+    if recipe.tokenizer_model_source == "union":
+        union = union_tokenizer(recipe, checkpoints, base, merged)
+        vocabulary = union.get_vocab()
+    else:
+        vocabulary = _vocabulary(checkpoints[source])
     if vocabulary is None:
         raise RecipeError(f"{recipe.where('tokenizer')}: model {source!r} has no tokenizer that "
                           "transformers can load")
@@ -112,7 +121,7 @@ def plan_vocabulary(recipe: Recipe, checkpoints: dict[str, Checkpoint], source: 
         raise RecipeError(f"{recipe.where('tokenizer')}: the tokenizer of {source!r} does not number its "
                           f"{size} tokens 0..{size - 1}")
     source_rows = checkpoints[source].config.get("vocab_size", size)
-    if recipe.tokenizer_model_source == "base" and source_rows < size:
+    if recipe.tokenizer_model_source != "union" and source_rows < size:
         raise RecipeError(f"{recipe.where('tokenizer')}: the tokenizer of {source!r} has {size} tokens for "
                           f"{source_rows} embedding rows; mergekit drops the extra tokens, which evomerge does "
                           "not do yet")
@@ -123,9 +132,47 @@ def plan_vocabulary(recipe: Recipe, checkpoints: dict[str, Checkpoint], source: 
         limit = checkpoints[model].config.get("vocab_size", len(theirs))
         rows[model] = [theirs[token] if theirs.get(token, limit) < limit else -1 for token in by_id]
     identity = list(range(size))
-    if all(rows[m] == identity and checkpoints[m].config.get("vocab_size", size) == size for m in merged):
+    if union is None and all(rows[m] == identity and checkpoints[m].config.get("vocab_size", size) == size
+                             for m in merged):
         return None
-    return Vocabulary(size, rows)
+    return Vocabulary(size, rows, union)
+
+
+def union_tokenizer(recipe: Recipe, checkpoints: dict[str, Checkpoint], base: str, merged: list[str]) -> Any:
+    """mergekit's union vocabulary (build_union_tokenizer): the base's tokenizer, then the
+    tokens only other models have, added in recipe order, each model's in id order (mergekit
+    takes the models in a set's order, so its new ids vary between runs), then every added
+    (special) token, the first model's settings winning. Tokens at ids beyond a model's
+    embedding rows are left out."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(checkpoints[base].path)
+    except Exception:
+        raise RecipeError(f"{recipe.where('tokenizer')}: the base model {base!r} has no tokenizer that "
+                          "transformers can load") from None
+    known = set(tokenizer.get_vocab())
+    new: dict[str, None] = {}
+    special: dict[str, Any] = {}
+    for model in dict.fromkeys([base, *merged]):
+        try:
+            theirs = tokenizer if model == base else AutoTokenizer.from_pretrained(checkpoints[model].path)
+        except Exception:
+            continue  # mergekit takes a model without a tokenizer to have the base's
+        limit = checkpoints[model].config.get("vocab_size", len(theirs))
+        added = theirs.added_tokens_decoder
+        for token, index in sorted(theirs.get_vocab().items(), key=lambda item: item[1]):
+            if index < limit and index not in added and token not in known:
+                new.setdefault(token)
+        for index, info in sorted(added.items()):
+            if index < limit:
+                special.setdefault(info.content, info)
+    for token in new:
+        if token not in special:
+            tokenizer.add_tokens(token)
+    for info in special.values():
+        tokenizer.add_tokens(info)
+    return tokenizer
 
 
 def _vocabulary(checkpoint: Checkpoint) -> dict[str, int] | None:

@@ -53,9 +53,6 @@ def test_the_same_model_twice_in_one_merge_is_refused(text, line, where):
 
 
 @pytest.mark.parametrize("extra, line, pattern", [
-    ("tokenizer_source: union\n", 5, r"tokenizer_source: `union`: merging vocabularies into their union"),
-    ("tokenizer:\n  source: union\n", 6, r"tokenizer\.source: `union`: merging vocabularies"),
-    ("tokenizer: {}\n", 5, r"`union`: merging vocabularies"),  # mergekit's default source is union
     ("tokenizer:\n  source: base\n  tokens:\n    <|im_start|>: {source: a}\n", 7, r"tokenizer\.tokens: `tokens:`"),
     ("tokenizer:\n  source: base\n  pad_to_multiple_of: 64\n", 7, r"pad_to_multiple_of"),
     ("tokenizer: {source: base}\ntokenizer_source: base\n", 5, r"not both"),
@@ -69,6 +66,7 @@ def test_unsupported_tokenizer_and_template_settings_name_their_line(extra, line
 
 def test_supported_tokenizer_settings_parse():
     assert parse_recipe(TWO + "tokenizer:\n  source: base\n").tokenizer_model_source == "base"
+    assert parse_recipe(TWO + "tokenizer: {}\n").tokenizer_model_source == "union"  # mergekit's default
     recipe = parse_recipe(TWO + "tokenizer: {source: b}\nchat_template: llama3\n")
     assert recipe.tokenizer_model_source == "b" and "b" in recipe.referenced_models()
 
@@ -103,11 +101,53 @@ def _with_swapped_tokens(source: Path, folder: Path) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("dry_run", [False, True])
-def test_union_is_refused_before_anything_is_computed(llama_family, tmp_path, dry_run):
-    text = _linear(llama_family["variant_1"], llama_family["variant_2"], "tokenizer_source: union\n")
-    _refused(_merge(tmp_path, text, *(["--dry-run"] if dry_run else [])), tmp_path,
-             r"line 5: tokenizer_source: `union`: merging vocabularies into their union")
+def _with_an_extra_token(source: Path, folder: Path) -> Path:
+    """A copy with one token more (`<|extra|>`, last id) and an embedding and head row for it."""
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoTokenizer
+
+    shutil.copytree(source, folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.add_tokens(["<|extra|>"])
+    tokenizer.save_pretrained(folder)
+    state = load_file(folder / "model.safetensors")
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        if name in state:
+            state[name] = torch.cat([state[name], torch.full_like(state[name][:1], 0.25)])
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "vocab_size": config["vocab_size"] + 1}))
+    return folder
+
+
+@pytest.mark.parametrize("form", ["tokenizer_source: union\n", "tokenizer: {}\n"])
+def test_union_adds_the_tokens_only_one_model_has_with_that_models_row(llama_family, tmp_path, form):
+    """The output vocabulary is the first model's plus `<|extra|>`; its row is the extra
+    model's for every model (the only one that has it), so the linear merge keeps it."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    extra = _with_an_extra_token(llama_family["variant_2"], tmp_path / "extra")
+    result = _merge(tmp_path, _linear(llama_family["variant_1"], extra, form))
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "out"
+    size = json.loads((llama_family["variant_1"] / "config.json").read_text())["vocab_size"]
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == size + 1
+    assert AutoTokenizer.from_pretrained(out).convert_tokens_to_ids("<|extra|>") == size
+    merged, first, second = (load_file(f / "model.safetensors") for f in (out, llama_family["variant_1"], extra))
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        if name in merged:
+            torch.testing.assert_close(merged[name][:size], (first[name] + second[name][:size]) / 2, rtol=0, atol=1e-6)
+            assert torch.equal(merged[name][size], second[name][size])
+    assert AutoModelForCausalLM_loads(out)
+
+
+def AutoModelForCausalLM_loads(folder: Path) -> bool:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder) is not None
 
 
 def test_a_tokenizer_source_rebuilds_the_rows_of_a_model_with_another_vocabulary(llama_family, tmp_path):
