@@ -203,7 +203,7 @@ def _make_task(recipe: Recipe, method: MergeMethod, slice_: OutputSlice, out_nam
         listing = ", ".join(f"{m!r} has {list(s)}" for m, s in shapes.items())
         raise CheckpointError(f"shape mismatch for tensor {out_name}: {listing}")
     first = infos[involved[0]]
-    shape = (vocabulary.size, *first.shape[1:]) if by_token else first.shape
+    shape = (vocabulary.padded, *first.shape[1:]) if by_token else first.shape
     rows = vocabulary.rows_for([s.model for s in slice_.sources if s.model in infos], slice_.base_model) \
         if by_token else None
     dtype = out_dtype if (out_dtype is not None and first.dtype.is_floating_point) else first.dtype
@@ -348,7 +348,7 @@ def output_config(plan: MergePlan) -> dict:
     config = json.loads(json.dumps(plan.checkpoints[plan.reference].config))
     config[num_layers_key(config)] = plan.num_layers
     if plan.vocabulary is not None:
-        config["vocab_size"] = plan.vocabulary.size
+        config["vocab_size"] = plan.vocabulary.padded
     if isinstance(config.get("layer_types"), list):
         layer_types = {ref: ck.config.get("layer_types") for ref, ck in plan.checkpoints.items()}
         config["layer_types"] = [layer_types[m][i] for m, i in plan.layer_sources]

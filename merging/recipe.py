@@ -428,17 +428,16 @@ def _semantic_errors(recipe: Recipe):
 
 
 def _tokenizer_errors(recipe: Recipe):
-    """mergekit's tokenizer options evomerge does not do yet: `tokens:` overrides and
-    `pad_to_multiple_of` (the sources themselves are checked when the merge is planned)."""
+    """mergekit's tokenizer options evomerge does not do yet (`tokens:` overrides) or that
+    cannot work (the sources themselves are checked when the merge is planned)."""
     if recipe.tokenizer and recipe.tokenizer_source:
         yield ("tokenizer",), "give `tokenizer:` or `tokenizer_source:`, not both (mergekit refuses both)"
         return
     if recipe.tokenizer and recipe.tokenizer.tokens:
         yield ("tokenizer", "tokens"), ("`tokens:` (embeddings chosen per token) is not supported yet; "
                                         "leave it out to get mergekit's default rows")
-    if recipe.tokenizer and recipe.tokenizer.pad_to_multiple_of is not None:
-        yield ("tokenizer", "pad_to_multiple_of"), \
-            "`pad_to_multiple_of` (embedding rows added to the vocabulary) is not supported yet"
+    if recipe.tokenizer and recipe.tokenizer.pad_to_multiple_of is not None and recipe.tokenizer.pad_to_multiple_of < 1:
+        yield ("tokenizer", "pad_to_multiple_of"), "`pad_to_multiple_of` must be a positive whole number"
 
 
 def _repeated_models(recipe: Recipe):

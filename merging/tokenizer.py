@@ -44,6 +44,8 @@ class VocabularyRows:
     size: int
     index: dict[str, list[int]]
     fill: dict[int, list[tuple[str, int]]]
+    padded: int = 0
+    """Rows in all (`pad_to_multiple_of`); those past `size` get the mean of the others."""
 
     def apply(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Each model's rows rebuilt in the output vocabulary's order, in mergekit's dtype
@@ -65,11 +67,13 @@ class VocabularyRows:
         result = {}
         for model, tensor in tensors.items():
             index = torch.tensor(self.index[model], device=tensor.device)
-            out = torch.zeros((self.size, *tensor.shape[1:]), dtype=dtype, device=tensor.device)
+            out = torch.zeros((max(self.size, self.padded), *tensor.shape[1:]), dtype=dtype, device=tensor.device)
             present = index >= 0
-            out[present] = tensor[index[present]]
+            out[:self.size][present] = tensor[index[present]]
             for token in torch.nonzero(~present).flatten().tolist():
                 out[token] = defaults[token]
+            if self.padded > self.size:  # as mergekit: https://nlp.stanford.edu/~johnhew/vocab-expansion.html
+                out[self.size:] = torch.mean(out[:self.size], dim=0)
             result[model] = out
         return result
 
@@ -81,6 +85,8 @@ class Vocabulary:
 
     size: int
     rows: dict[str, list[int]]
+    padded: int
+    """The output's rows: `size` rounded up to `pad_to_multiple_of`."""
     tokenizer: Any = None
     """For `union`: the tokenizer built (transformers), which the output saves; else None
     (the source's files are copied)."""
@@ -95,7 +101,7 @@ class Vocabulary:
             if len(having) > 1 and base in models and self.rows[base][token] >= 0:
                 having = [(base, self.rows[base][token])]
             fill[token] = having
-        return VocabularyRows(self.size, {m: self.rows[m] for m in models}, fill)
+        return VocabularyRows(self.size, {m: self.rows[m] for m in models}, fill, self.padded)
 
 
 def plan_vocabulary(recipe: Recipe, checkpoints: dict[str, Checkpoint], source: str,
@@ -131,11 +137,13 @@ def plan_vocabulary(recipe: Recipe, checkpoints: dict[str, Checkpoint], source: 
         theirs = _vocabulary(checkpoints[model]) or _vocabulary(checkpoints[base]) or vocabulary
         limit = checkpoints[model].config.get("vocab_size", len(theirs))
         rows[model] = [theirs[token] if theirs.get(token, limit) < limit else -1 for token in by_id]
+    multiple = recipe.tokenizer.pad_to_multiple_of if recipe.tokenizer else None
+    padded = -(-size // multiple) * multiple if multiple else size
     identity = list(range(size))
-    if union is None and all(rows[m] == identity and checkpoints[m].config.get("vocab_size", size) == size
-                             for m in merged):
+    if union is None and padded == size and all(
+            rows[m] == identity and checkpoints[m].config.get("vocab_size", size) == size for m in merged):
         return None
-    return Vocabulary(size, rows, union)
+    return Vocabulary(size, rows, padded, union)
 
 
 def union_tokenizer(recipe: Recipe, checkpoints: dict[str, Checkpoint], base: str, merged: list[str]) -> Any:

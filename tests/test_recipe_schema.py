@@ -54,7 +54,7 @@ def test_the_same_model_twice_in_one_merge_is_refused(text, line, where):
 
 @pytest.mark.parametrize("extra, line, pattern", [
     ("tokenizer:\n  source: base\n  tokens:\n    <|im_start|>: {source: a}\n", 7, r"tokenizer\.tokens: `tokens:`"),
-    ("tokenizer:\n  source: base\n  pad_to_multiple_of: 64\n", 7, r"pad_to_multiple_of"),
+    ("tokenizer:\n  source: base\n  pad_to_multiple_of: 0\n", 7, r"pad_to_multiple_of` must be a positive"),
     ("tokenizer: {source: base}\ntokenizer_source: base\n", 5, r"not both"),
     ("chat_template: chatmI\n", 5, r"unknown chat template 'chatmI'; use one of auto, alpaca, chatml"),
     ("chat_template: '{{ x }}'\n", 5, r"too short to be a Jinja template"),
@@ -171,6 +171,27 @@ def test_a_tokenizer_source_rebuilds_the_rows_of_a_model_with_another_vocabulary
                                                                  second["model.embed_tokens.weight"]) / 2)
 
 
+def test_pad_to_multiple_of_adds_rows_holding_the_mean_row(llama_family, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    text = _linear(llama_family["variant_1"], llama_family["variant_2"], "tokenizer:\n  source: base\n"
+                   "  pad_to_multiple_of: 100\n")
+    result = _merge(tmp_path, text)
+    assert result.returncode == 0, result.stderr
+    size = json.loads((llama_family["variant_1"] / "config.json").read_text())["vocab_size"]
+    padded = -(-size // 100) * 100
+    assert padded > size and json.loads((tmp_path / "out" / "config.json").read_text())["vocab_size"] == padded
+    merged, first, second = (load_file(f / "model.safetensors")
+                             for f in (tmp_path / "out", llama_family["variant_1"], llama_family["variant_2"]))
+    embed = merged["model.embed_tokens.weight"]
+    assert embed.shape[0] == padded
+    torch.testing.assert_close(embed[:size], (first["model.embed_tokens.weight"] + second["model.embed_tokens.weight"]) / 2,
+                               rtol=0, atol=1e-6)
+    mean = (first["model.embed_tokens.weight"].mean(0) + second["model.embed_tokens.weight"].mean(0)) / 2
+    torch.testing.assert_close(embed[size:], mean.expand(padded - size, -1), rtol=0, atol=1e-6)
+
+
 def test_rows_a_model_lacks_follow_mergekits_rules():
     """Token 0: all have it. 1: only b (its row for everyone). 2: a and the base c (c's).
     3: a and b, no base (their mean). 4: nobody (zeros)."""
@@ -178,7 +199,7 @@ def test_rows_a_model_lacks_follow_mergekits_rules():
 
     from merging.tokenizer import Vocabulary
 
-    vocabulary = Vocabulary(5, {"a": [0, -1, 1, 2, -1], "b": [0, 1, -1, 2, -1], "c": [0, -1, 1, -1, -1]})
+    vocabulary = Vocabulary(5, {"a": [0, -1, 1, 2, -1], "b": [0, 1, -1, 2, -1], "c": [0, -1, 1, -1, -1]}, 5)
     tensors = {m: torch.arange(6, dtype=torch.float32).reshape(3, 2) + 10 * i for i, m in enumerate("abc")}
     out = vocabulary.rows_for(["a", "b", "c"], "c").apply(tensors)
     b1, c1, mean3 = tensors["b"][1], tensors["c"][1], (tensors["a"][2] + tensors["b"][2]) / 2
