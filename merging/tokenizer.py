@@ -1,9 +1,10 @@
 """The output's tokenizer and chat template, decided before any tensor is computed.
 
-A recipe's `tokenizer_source` / `tokenizer.source` names the model whose tokenizer the
-output takes (its files are copied). mergekit then rebuilds every model's embedding and
-head rows in that tokenizer's order, and so does evomerge (`Vocabulary`); a union of
-vocabularies is refused at validation (merging/recipe.py).
+A recipe's `tokenizer_source` / `tokenizer.source` names the tokenizer the output takes:
+a model's (its files are copied) or `union` (the base's plus the tokens only other
+models have, saved through transformers). mergekit then rebuilds every model's embedding
+and head rows in that tokenizer's order, and so does evomerge (`Vocabulary`), before the
+merge; when nothing would change, the rows are read as they are.
 
 `chat_template` is resolved as mergekit resolves it: `auto` (the template most sources
 share), a name (merging/chat_templates.py) or a Jinja template given literally. It is
