@@ -49,7 +49,9 @@ def add_merge_parser(subparsers) -> None:
         description=(
             "Merge Hugging Face checkpoints as RECIPE (mergekit's YAML: merge_method, base_model, "
             "models or slices, parameters, dtype) says, and write OUT_DIR: sharded safetensors with an "
-            "index, config.json, generation_config.json, the tokenizer files of the tokenizer source, "
+            "index, config.json, generation_config.json, the tokenizer files of the tokenizer source (and "
+            "chat_template.jinja when the recipe sets `chat_template`: auto, alpaca, chatml, exaone, llama3, "
+            "mistral or a Jinja template), "
             "recipe.yaml and a README.md model card with the recipe. Tensors stream one at a time, so memory "
             "stays at a few tensors. Models are local folders (relative paths: current directory first, then "
             "the recipe's folder), zoo:NAME (with --zoo) or Hub ids (org/name[@revision]) when a network "
@@ -76,15 +78,34 @@ def add_merge_parser(subparsers) -> None:
     parser.set_defaults(run=run_merge)
 
 
+def load_recipe_with_notes(path: Path):
+    """The recipe; what mergekit accepts but a user may not mean (a key given twice, a
+    key mergekit ignores) is printed as `evomerge: note: ...` on stderr."""
+    import sys
+    import warnings
+
+    from merging.errors import RecipeNote
+    from merging.recipe import load_recipe
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RecipeNote)
+        recipe = load_recipe(path)
+    for warning in caught:
+        if issubclass(warning.category, RecipeNote):
+            print(f"evomerge: note: {warning.message}", file=sys.stderr)
+        else:
+            warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
+    return recipe
+
+
 def run_merge(args: argparse.Namespace) -> None:
     """`args.zoo` is a zoo folder (the dispatcher resolved a size name) or None."""
     from merging.checkpoint import check_output_dir, parse_size
     from merging.engine import describe_plan, merge_to_disk, open_models, plan_merge, resolve_device
-    from merging.recipe import load_recipe
 
     device = None if args.dry_run else resolve_device(args.device)  # a dry run computes nothing
     shard_bytes = parse_size(args.out_shard_size)
-    recipe = load_recipe(args.recipe)
+    recipe = load_recipe_with_notes(args.recipe)
     if not args.dry_run:
         check_output_dir(args.out_dir, args.overwrite)
     plan = plan_merge(recipe, open_models(recipe, allow_pickle=args.allow_pickle,

@@ -29,6 +29,9 @@ from merging.checkpoint import (
 from merging.errors import CheckpointError, EvomergeError, RecipeError
 from merging.operators.base import MergeMethod
 from merging.recipe import DTYPES, OutputSlice, Recipe, output_slices, parameter_scopes, resolve_parameter
+from merging.tokenizer import (
+    Vocabulary, VocabularyRows, plan_vocabulary, resolve_chat_template, tokenizer_model, write_chat_template,
+)
 
 
 RECIPE_FILE = "recipe.yaml"
@@ -49,6 +52,8 @@ class TensorTask:
     base: TensorInput | None
     inputs: list[TensorInput]
     params: dict[str, Any]
+    vocabulary: VocabularyRows | None = None
+    """For embeddings and head under a tokenizer source: the rows each input is rebuilt to."""
 
 
 @dataclass
@@ -61,6 +66,12 @@ class MergePlan:
     tasks: list[TensorTask] = field(default_factory=list)
     layer_sources: list[tuple[str, int]] = field(default_factory=list)
     """For each output layer, the (model, layer) it descends from (layer stacking)."""
+    tokenizer_model: str = ""
+    """The model whose tokenizer files the output takes."""
+    chat_template: str | None = None
+    """The template the recipe's `chat_template` resolves to; None keeps the tokenizer's."""
+    vocabulary: Vocabulary | None = None
+    """The tokenizer source's vocabulary, when the models' rows must be rebuilt to it."""
 
     @property
     def num_layers(self) -> int:
@@ -98,17 +109,25 @@ def plan_merge(recipe: Recipe, checkpoints: dict[str, Checkpoint]) -> MergePlan:
     reference = slices[0].base_model or slices[0].sources[0].model
     arch = {ref: detect_architecture(ck.config) for ref, ck in checkpoints.items()}
     plan = MergePlan(recipe, method, checkpoints, reference)
+    merged = list(dict.fromkeys(s.model for slice_ in slices for s in slice_.sources))
+    plan.tokenizer_model = tokenizer_model(recipe, reference)
+    plan.vocabulary = plan_vocabulary(recipe, checkpoints, plan.tokenizer_model, merged,
+                                      recipe.base_model or reference)
+    polled = list(dict.fromkeys([recipe.base_model, *merged] if recipe.base_model else merged))
+    plan.chat_template = resolve_chat_template(recipe, checkpoints, polled)
     out_dtype = DTYPES.get(recipe.out_dtype or recipe.dtype or "")
 
-    def add(slice_: OutputSlice, out_name: str, names: dict[str, str], t: float) -> None:
-        plan.tasks.append(_make_task(recipe, method, slice_, out_name, names, t, checkpoints, out_dtype))
+    def add(slice_: OutputSlice, out_name: str, names: dict[str, str], t: float,
+            vocabulary: Vocabulary | None = None) -> None:
+        plan.tasks.append(_make_task(recipe, method, slice_, out_name, names, t, checkpoints, out_dtype,
+                                     vocabulary))
 
     first, last = slices[0], slices[-1]
     by_layer = {ref: _tensors_by_layer(ck, arch[ref]) for ref, ck in checkpoints.items()}
     head = first.sources[0].model
     _check_same_tensors({s.model: by_layer[s.model]["pre"] for s in first.sources}, head, "before the layers")
     for name in by_layer[head]["pre"]:
-        add(first, name, {s.model: name for s in first.sources}, 0.0)
+        add(first, name, {s.model: name for s in first.sources}, 0.0, plan.vocabulary)
     for slice_ in slices:
         ranges = {}
         for source in slice_.sources:
@@ -136,7 +155,7 @@ def plan_merge(recipe: Recipe, checkpoints: dict[str, Checkpoint]) -> MergePlan:
     tail = last.sources[0].model
     _check_same_tensors({s.model: by_layer[s.model]["post"] for s in last.sources}, tail, "after the layers")
     for name in by_layer[tail]["post"]:
-        add(last, name, {s.model: name for s in last.sources}, 0.0)
+        add(last, name, {s.model: name for s in last.sources}, 0.0, plan.vocabulary)
     return plan
 
 
@@ -167,7 +186,7 @@ def _check_same_tensors(names: dict[str, list[str]], lead: str, where: str) -> N
 
 def _make_task(recipe: Recipe, method: MergeMethod, slice_: OutputSlice, out_name: str,
                names: dict[str, str], t: float, checkpoints: dict[str, Checkpoint],
-               out_dtype: torch.dtype | None) -> TensorTask:
+               out_dtype: torch.dtype | None, vocabulary: Vocabulary | None = None) -> TensorTask:
     base_model = slice_.base_model if method.takes_base else None
     input_models = [s.model for s in slice_.sources if s.model != base_model]
     involved = ([base_model] if base_model else []) + input_models
@@ -178,11 +197,19 @@ def _make_task(recipe: Recipe, method: MergeMethod, slice_: OutputSlice, out_nam
             raise CheckpointError(f"tensor {names.get(model, out_name)} is missing in model {model!r}")
         infos[model] = info
     shapes = {m: i.shape for m, i in infos.items()}
-    if len(set(shapes.values())) > 1:
+    by_token = vocabulary is not None and all(
+        len(i.shape) == 2 and i.shape[0] == checkpoints[m].config.get("vocab_size") for m, i in infos.items())
+    if len({s[1:] if by_token else s for s in shapes.values()}) > 1:
         listing = ", ".join(f"{m!r} has {list(s)}" for m, s in shapes.items())
         raise CheckpointError(f"shape mismatch for tensor {out_name}: {listing}")
     first = infos[involved[0]]
+    shape = (vocabulary.padded, *first.shape[1:]) if by_token else first.shape
+    rows = vocabulary.rows_for([s.model for s in slice_.sources if s.model in infos], slice_.base_model) \
+        if by_token else None
     dtype = out_dtype if (out_dtype is not None and first.dtype.is_floating_point) else first.dtype
+    if by_token and out_dtype is None:  # mergekit rebuilds the rows in the promoted input dtype
+        for info in infos.values():
+            dtype = torch.promote_types(dtype, info.dtype)
     params: dict[str, Any] = {}
     for name, default in method.global_params.items():
         params[name] = resolve_parameter(name, default, parameter_scopes(recipe, slice_, None),
@@ -199,10 +226,11 @@ def _make_task(recipe: Recipe, method: MergeMethod, slice_: OutputSlice, out_nam
             if problem:
                 raise RecipeError(f"model {model!r}, tensor {infos[model].name}: {problem}")
     return TensorTask(
-        output=TensorSpec(out_name, first.shape, dtype),
+        output=TensorSpec(out_name, shape, dtype),
         base=TensorInput(base_model, infos[base_model].name) if base_model else None,
         inputs=[TensorInput(m, infos[m].name) for m in input_models],
         params=params,
+        vocabulary=rows,
     )
 
 
@@ -214,6 +242,7 @@ def describe_plan(plan: MergePlan) -> str:
         "models: " + ", ".join(f"{ref} ({ck.path})" for ref, ck in plan.checkpoints.items()),
         f"config from: {plan.reference}; output: {plan.num_layers} layers, {len(plan.tasks)} tensors, "
         f"{total / 2**30:.3f} GiB",
+        _tokenizer_line(plan),
         "",
     ]
     for task in plan.tasks:
@@ -223,6 +252,21 @@ def describe_plan(plan: MergePlan) -> str:
         lines.append(f"{task.output.name} {list(task.output.shape)} {str(task.output.dtype).removeprefix('torch.')}"
                      f" <- [{sources}]{base} {params}".rstrip())
     return "\n".join(lines)
+
+
+def _tokenizer_line(plan: MergePlan) -> str:
+    """What the output's tokenizer and chat template will be, for the dry run's summary."""
+    union = plan.vocabulary is not None and plan.vocabulary.tokenizer is not None
+    tokenizer = (f"the union of the models' vocabularies ({plan.vocabulary.size} tokens)" if union
+                 else f"from {plan.tokenizer_model}")
+    if plan.vocabulary is not None:
+        tokenizer += "; embedding and head rows rebuilt to it"
+    template = plan.recipe.chat_template
+    if plan.chat_template is None:
+        chosen = "the tokenizer's own"
+    else:
+        chosen = f"{template if template != plan.chat_template else 'as given'} ({len(plan.chat_template)} characters)"
+    return f"tokenizer: {tokenizer}; chat template: {chosen}"
 
 
 def _short(value: Any) -> str:
@@ -262,6 +306,12 @@ def execute_task(plan: MergePlan, task: TensorTask, device: torch.device, seed: 
 
     tensors = [load(ref) for ref in task.inputs]
     base = load(task.base) if task.base else None
+    if task.vocabulary is not None:
+        rebuilt = task.vocabulary.apply({ref.model: tensor for ref, tensor in
+                                         zip([*task.inputs, *([task.base] if task.base else [])],
+                                             [*tensors, *([base] if base is not None else [])])})
+        tensors = [rebuilt[ref.model] for ref in task.inputs]
+        base = rebuilt[task.base.model] if task.base else None
     if not tensors[0].is_floating_point():
         return tensors[0].to(task.output.dtype)  # integer buffers are copied, not merged
     generator = tensor_generator(seed, task.output.name, device) if plan.method.random else None
@@ -302,6 +352,8 @@ def output_config(plan: MergePlan) -> dict:
     """The reference model's config, with the output depth and dtype."""
     config = json.loads(json.dumps(plan.checkpoints[plan.reference].config))
     config[num_layers_key(config)] = plan.num_layers
+    if plan.vocabulary is not None:
+        config["vocab_size"] = plan.vocabulary.padded
     if isinstance(config.get("layer_types"), list):
         layer_types = {ref: ck.config.get("layer_types") for ref, ck in plan.checkpoints.items()}
         config["layer_types"] = [layer_types[m][i] for m, i in plan.layer_sources]
@@ -328,11 +380,13 @@ def merge_to_disk(plan: MergePlan, out_dir: str | Path, *, device: str | torch.d
             writer.write(name, tensor)
         writer.close()
         (staging / "config.json").write_text(json.dumps(output_config(plan), indent=2) + "\n")
-        tokenizer_model = _tokenizer_model(plan)
-        tokenizer_path = plan.checkpoints[tokenizer_model].path
-        copied = copy_tokenizer(tokenizer_path, staging)
-        if plan.recipe.chat_template:
-            _set_chat_template(staging, plan.recipe.chat_template)
+        tokenizer_path = plan.checkpoints[plan.tokenizer_model].path
+        if plan.vocabulary is not None and plan.vocabulary.tokenizer is not None:  # a union vocabulary
+            copied = sorted(Path(f).name for f in plan.vocabulary.tokenizer.save_pretrained(staging))
+        else:
+            copied = copy_tokenizer(tokenizer_path, staging)
+        if plan.chat_template is not None:
+            write_chat_template(staging, plan.chat_template)
         generation = tokenizer_path / "generation_config.json"
         if not generation.is_file():
             generation = plan.checkpoints[plan.reference].path / "generation_config.json"
@@ -341,24 +395,8 @@ def merge_to_disk(plan: MergePlan, out_dir: str | Path, *, device: str | torch.d
         else:
             _write_generation_config(staging)
         (staging / RECIPE_FILE).write_text(plan.recipe.to_yaml())
-        (staging / "README.md").write_text(model_card(plan, tokenizer_model, copied, card_notes, seed=seed))
+        (staging / "README.md").write_text(model_card(plan, plan.tokenizer_model, copied, card_notes, seed=seed))
     return out_dir
-
-
-def _tokenizer_model(plan: MergePlan) -> str:
-    source = plan.recipe.tokenizer_source
-    if source in (None, "base"):
-        return plan.recipe.base_model or plan.reference
-    if source == "union":
-        raise RecipeError("tokenizer_source: union (vocabulary merging) is not supported; use base or a model")
-    return source
-
-
-def _set_chat_template(out_dir: Path, template: str) -> None:
-    config_file = out_dir / "tokenizer_config.json"
-    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
-    config["chat_template"] = template
-    config_file.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def _write_generation_config(out_dir: Path) -> None:

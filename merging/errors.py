@@ -15,3 +15,8 @@ class RecipeError(EvomergeError):
 
 class CheckpointError(EvomergeError):
     """A model folder, Hub id or tensor file that cannot be used."""
+
+
+class RecipeNote(UserWarning):
+    """Something in a recipe that mergekit accepts and evomerge follows, but that a user
+    may not mean (a key given twice, a key mergekit ignores). The CLI prints it as a note."""

@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import difflib
 import types
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Iterable, Optional, Union, get_args, get_origin
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError
 
-from merging.errors import RecipeError
+from merging.chat_templates import template_problem
+from merging.errors import RecipeError, RecipeNote
 from merging.operators import METHODS
 from merging.operators.base import REQUIRED, MergeMethod
 
@@ -31,7 +33,6 @@ DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.flo
 """The dtype names a recipe's `dtype` / `out_dtype` may give: the one table of the project."""
 UNSUPPORTED_KEYS = {
     "modules": "multi-module merges (`modules:`) are not supported; use `models:` or `slices:`",
-    "tokenizer": "vocabulary merging (`tokenizer:`) is not supported; use `tokenizer_source: base` or a model",
     "residual_weight": "`residual_weight` is not supported",
 }
 
@@ -68,6 +69,15 @@ class Slice(_Strict):
     parameters: Parameters = None
 
 
+class TokenizerSpec(_Strict):
+    """mergekit's `tokenizer:` block. `tokens` entries are kept as given: any entry means
+    embedding rows made per token, which evomerge refuses (see `_semantic_errors`)."""
+
+    source: str = "union"
+    tokens: Optional[dict[str, Any]] = None
+    pad_to_multiple_of: Optional[int] = None
+
+
 class Recipe(_Strict):
     merge_method: str
     base_model: Optional[str] = None
@@ -77,11 +87,24 @@ class Recipe(_Strict):
     dtype: Optional[str] = None
     out_dtype: Optional[str] = None
     tokenizer_source: Optional[str] = None
+    tokenizer: Optional[TokenizerSpec] = None
     chat_template: Optional[str] = None
+    _where: dict[str, str] = PrivateAttr(default_factory=dict)
+    """`recipe.yaml, line 7: tokenizer.source`: the tokenizer source is checked against the
+    models when the merge is planned, and that error still names the line."""
 
     @property
     def method(self) -> MergeMethod:
         return METHODS[self.merge_method]
+
+    @property
+    def tokenizer_model_source(self) -> str | None:
+        """`base`, `union`, a model, or None (no tokenizer asked for: the donor's is copied)."""
+        return self.tokenizer.source if self.tokenizer else self.tokenizer_source
+
+    def where(self, key: str) -> str:
+        """Where `key` (tokenizer) is set: the recipe line, or the key."""
+        return self._where.get(key, key)
 
     def referenced_models(self) -> list[str]:
         """Every model the recipe names, in first-mention order."""
@@ -91,8 +114,8 @@ class Recipe(_Strict):
         for slice_ in self.slices or []:
             names.extend([slice_.base_model] if slice_.base_model else [])
             names.extend(s.model for s in slice_.sources)
-        if self.tokenizer_source not in (None, "base", "union"):
-            names.append(self.tokenizer_source)
+        if self.tokenizer_model_source not in (None, "base", "union"):
+            names.append(self.tokenizer_model_source)
         return list(dict.fromkeys(names))
 
     def to_yaml(self) -> str:
@@ -196,12 +219,16 @@ def load_recipe(path: str | Path) -> Recipe:
 
 
 def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
-    data, root = load_yaml(text, source)
+    data, root = load_yaml(text, source, duplicates="last")
     return validate_recipe(data, root, source)
 
 
-def load_yaml(text: str, source: str) -> tuple[Any, yaml.Node]:
-    """The YAML's data and its node tree (for line numbers); a YAML error names its line."""
+def load_yaml(text: str, source: str, *, duplicates: str = "refuse") -> tuple[Any, yaml.Node]:
+    """The YAML's data and its node tree (for line numbers); a YAML error names its line.
+
+    A key given twice in one mapping: YAML keeps the last without a word. A recipe
+    (`duplicates="last"`) follows mergekit, which reads recipes with PyYAML: the last
+    value wins, with a note naming both lines. evomerge's own files refuse it."""
     try:
         data = yaml.safe_load(text)
         root = yaml.compose(text)
@@ -212,26 +239,28 @@ def load_yaml(text: str, source: str) -> tuple[Any, yaml.Node]:
         started = f" (in the {exc.context.split()[-1]} that starts on line {context.line + 1})" \
             if context is not None and exc.context and context.line != mark.line else ""
         raise RecipeError(f"{where}: invalid YAML: {getattr(exc, 'problem', exc)}{started}") from exc
-    _refuse_duplicate_keys(root, source)
+    for key, line, first in _duplicate_keys(root):
+        message = f"{source}, line {line}: key {key!r} is given twice (first on line {first})"
+        if duplicates == "refuse":
+            raise RecipeError(message)
+        warnings.warn(RecipeNote(f"{message}; the last value is used, as mergekit does"), stacklevel=2)
     return data, root
 
 
-def _refuse_duplicate_keys(node: yaml.Node | None, source: str) -> None:
-    """YAML keeps the last of two equal keys without a word; in a recipe that silently
-    drops a setting (two `base_model:` lines, say), so it is an error naming both lines."""
+def _duplicate_keys(node: yaml.Node | None) -> Iterable[tuple[str, int, int]]:
+    """(key, its line, the line of its first occurrence) for every repeated mapping key."""
     if isinstance(node, yaml.MappingNode):
         seen: dict[str, int] = {}
         for key, value in node.value:
             if isinstance(key, yaml.ScalarNode):
                 line = key.start_mark.line + 1
                 if key.value in seen:
-                    raise RecipeError(f"{source}, line {line}: key {key.value!r} is given twice "
-                                      f"(first on line {seen[key.value]})")
-                seen[key.value] = line
-            _refuse_duplicate_keys(value, source)
+                    yield key.value, line, seen[key.value]
+                seen.setdefault(key.value, line)
+            yield from _duplicate_keys(value)
     elif isinstance(node, yaml.SequenceNode):
         for item in node.value:
-            _refuse_duplicate_keys(item, source)
+            yield from _duplicate_keys(item)
 
 
 def validate_recipe(data: Any, root: yaml.Node, source: str) -> Recipe:
@@ -248,6 +277,9 @@ def validate_recipe(data: Any, root: yaml.Node, source: str) -> Recipe:
         found = _find_key(data, key)
         if found is not None:
             raise fail(found, message)
+    for loc in _ignored_keys(data):
+        warnings.warn(RecipeNote(f"{located(root, loc, source)}: key {loc[-1]!r} is not part of "
+                                 "mergekit's recipe schema; ignored, as mergekit does"), stacklevel=2)
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
@@ -258,10 +290,41 @@ def validate_recipe(data: Any, root: yaml.Node, source: str) -> Recipe:
         message = error["msg"]
         if error["type"] == "extra_forbidden":
             message = unknown_key_message(Recipe, error["loc"])
+            if error["loc"][-1] in _parameter_names() and "did you mean" not in message:
+                message += "; a merge parameter goes under `parameters:`"
         raise fail(loc, message) from None
     for loc, message in _semantic_errors(recipe):
         raise fail(loc, message)
+    if recipe.tokenizer_model_source is not None:  # only then: recipes compare equal by their keys
+        loc = ("tokenizer", "source") if recipe.tokenizer else ("tokenizer_source",)
+        recipe._where["tokenizer"] = located(root, loc, source)
     return recipe
+
+
+def _parameter_names() -> set[str]:
+    return {name for method in METHODS.values() for name in (*method.model_params, *method.global_params)}
+
+
+def _ignored_keys(data: Any, loc: tuple = ()) -> list[tuple]:
+    """Keys mergekit's schema does not have, which it ignores (its pydantic models take
+    pydantic's default, `extra="ignore"`), e.g. `name:`. They are removed from `data`
+    (the caller notes each). A key close to one the schema has at that place is kept,
+    so that validation refuses it as the typo it most likely is (`paramters:` would
+    otherwise drop every parameter without a word); so is a parameter name set outside
+    `parameters:` (`- model: a` then `weight: 1`), which mergekit would drop too."""
+    found: list[tuple] = []
+    if isinstance(data, dict):
+        allowed = schema_keys_at(Recipe, loc)
+        for key in list(data):
+            if not allowed or key in allowed:
+                found.extend(_ignored_keys(data[key], loc + (key,)))
+            elif not (isinstance(key, str) and (did_you_mean(key, allowed) or key in _parameter_names())):
+                found.append(loc + (key,))
+                del data[key]
+    elif isinstance(data, list):
+        for index, item in enumerate(data):
+            found.extend(_ignored_keys(item, loc + (index,)))
+    return found
 
 
 def did_you_mean(word: str, known: Iterable[str]) -> str:
@@ -319,6 +382,10 @@ def _semantic_errors(recipe: Recipe):
         value = getattr(recipe, key)
         if value is not None and value not in DTYPES:
             yield (key,), f"unknown dtype {value!r}; use one of {', '.join(DTYPES)}"
+    yield from _tokenizer_errors(recipe)
+    if recipe.chat_template is not None and (problem := template_problem(recipe.chat_template)):
+        yield ("chat_template",), problem
+    yield from _repeated_models(recipe)
     allowed_model = set(method.model_params)
     allowed_any = allowed_model | set(method.global_params)
     scopes: list[tuple[tuple, Parameters, set[str]]] = [(("parameters",), recipe.parameters, allowed_any)]
@@ -360,6 +427,35 @@ def _semantic_errors(recipe: Recipe):
             yield loc, f"{recipe.merge_method} takes at most {method.max_models} non-base model(s), got {len(inputs)}"
 
 
+def _tokenizer_errors(recipe: Recipe):
+    """mergekit's tokenizer options evomerge does not do yet (`tokens:` overrides) or that
+    cannot work (the sources themselves are checked when the merge is planned)."""
+    if recipe.tokenizer and recipe.tokenizer_source:
+        yield ("tokenizer",), "give `tokenizer:` or `tokenizer_source:`, not both (mergekit refuses both)"
+        return
+    if recipe.tokenizer and recipe.tokenizer.tokens:
+        yield ("tokenizer", "tokens"), ("`tokens:` (embeddings chosen per token) is not supported yet; "
+                                        "leave it out to get mergekit's default rows")
+    if recipe.tokenizer and recipe.tokenizer.pad_to_multiple_of is not None and recipe.tokenizer.pad_to_multiple_of < 1:
+        yield ("tokenizer", "pad_to_multiple_of"), "`pad_to_multiple_of` must be a positive whole number"
+
+
+def _repeated_models(recipe: Recipe):
+    """The same model twice among the inputs of one merge: mergekit refuses it ("Duplicate
+    merge inputs"); merging it would silently use one of its entries only."""
+    groups = [(("models",), recipe.models or [])]
+    groups += [(("slices", i, "sources"), slice_.sources) for i, slice_ in enumerate(recipe.slices or [])]
+    for loc, sources in groups:
+        first: dict[str, int] = {}
+        for j, source in enumerate(sources):
+            if source.model in first:
+                where = "`models:`" if loc == ("models",) else "this slice"
+                yield loc + (j, "model"), (f"model {source.model!r} is listed twice in {where} (also as entry "
+                                           f"{first[source.model]}); mergekit refuses duplicate merge inputs. "
+                                           "List each model once (give it one weight)")
+            first.setdefault(source.model, j)
+
+
 def _find_key(data: Any, key: str, loc: tuple = ()) -> tuple | None:
     if isinstance(data, dict):
         if key in data:
@@ -393,7 +489,8 @@ def _line_of(node: yaml.Node, loc: tuple) -> int:
     """The 1-based line of the YAML node at `loc` (as deep as the path exists)."""
     for depth, part in enumerate(loc):
         if isinstance(node, yaml.MappingNode):
-            match = next(((k, v) for k, v in node.value if k.value == part), None)
+            # a key given twice: the last occurrence is the one in effect
+            match = next(((k, v) for k, v in reversed(node.value) if k.value == part), None)
             if match is None:
                 break
             node = match[0] if depth == len(loc) - 1 else match[1]
