@@ -1,6 +1,6 @@
 """evomerge against mergekit itself: every recipe of scripts/mergekit_recipes/.
 
-Slow (two tools x 17 recipes, ~3 minutes) and needs mergekit in its own venv (see
+Slow (two tools x every recipe there, several minutes) and needs mergekit in its own venv (see
 docs/mergekit-compat.md), so it is marked slow and skipped where mergekit-yaml is absent;
 the default suite never needs mergekit. MERGEKIT_YAML overrides the binary's path.
 """
