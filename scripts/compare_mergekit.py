@@ -62,8 +62,10 @@ class Result:
     details: list[str] = field(default_factory=list)
 
 
-def build_models(work_dir: Path, seed: int) -> dict[str, Path]:
-    """Base + variant_1..3, tiny Llama, float32; reused when already in work_dir."""
+def build_models(work_dir: Path, seed: int, family: str = "llama", dtype: str = "float32",
+                 tied: bool = False) -> dict[str, Path]:
+    """Base + variant_1..3 of a tiny `family` (merging.synthetic) in `dtype`, with tied
+    embeddings if `tied`; reused when already in work_dir."""
     models = work_dir / "models"
     names = ["base", "variant_1", "variant_2", "variant_3"]
     if all((models / n / "config.json").exists() for n in names):
@@ -71,7 +73,8 @@ def build_models(work_dir: Path, seed: int) -> dict[str, Path]:
     sys.path.insert(0, str(REPO))
     from merging.synthetic import build_family
 
-    return build_family(models, family="llama", variants=3, seed=seed, dtype=torch.float32)
+    return build_family(models, family=family, variants=3, seed=seed, dtype=getattr(torch, dtype),
+                        tie_word_embeddings=tied)
 
 
 def render(recipe: Path, paths: dict[str, Path], out: Path) -> dict:
@@ -370,6 +373,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--only", action="append", default=None,
                         help="run only recipes whose name matches this glob (repeatable)")
     parser.add_argument("--seed", type=int, default=0, help="model seed and both tools' merge seed")
+    parser.add_argument("--family", default="llama",
+                        help="architecture of the tiny models (merging.synthetic.TINY_CONFIGS: llama, mistral, qwen2, "
+                             "gemma (tied embeddings), ...)")
+    parser.add_argument("--source-dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="dtype the tiny models are stored in (the recipes say what the merge computes in)")
+    parser.add_argument("--tied", action="store_true",
+                        help="tie the models' embeddings and head (no lm_head tensor stored), as Gemma's are")
     parser.add_argument("--rtol", type=float, default=1e-6,
                         help="allowed |diff| relative to the tensor's max |value| (float32 rounding)")
     parser.add_argument("--details", action="store_true", help="print details of agreeing recipes too")
@@ -384,7 +394,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     with tempfile.TemporaryDirectory(prefix="evomerge-mkcompat-") as tmp:
         work = (args.work_dir or Path(tmp)).resolve()
         work.mkdir(parents=True, exist_ok=True)
-        paths = build_models(work, args.seed)
+        paths = build_models(work, args.seed, args.family, args.source_dtype, args.tied)
         base_tensors = load_tensors(paths["base"])
         results = []
         for recipe in recipes:
