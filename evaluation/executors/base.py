@@ -174,7 +174,7 @@ class DriverExecutor(Executor):
             return None
         twins = [hit.twin for hit in hits.values() if hit.twin]
         return JobResult({name: list(hit.result.scores) for name, hit in hits.items()}, key,
-                         twins[0] if twins else None, keys, 0.0, None)
+                         twins[0] if twins else None, 0.0, None)
 
     def _account(self, worker: int, result: JobResult, job: Job, keys: dict[str, str]) -> None:
         """Cache a finished candidate's scores and count the worker's time and restarts."""

@@ -91,7 +91,7 @@ class RayExecutor(DriverExecutor):
         try:
             result = ray.get(done)
         except ray.exceptions.RayError as exc:  # the actor died twice on this candidate, or for good
-            result = JobResult({}, None, None, {}, 0.0, worker, error=f"ray worker {worker} died: {_ray_cause(exc)}")
+            result = JobResult({}, None, None, 0.0, worker, error=f"ray worker {worker} died: {_ray_cause(exc)}")
             if not self._alive(worker):
                 return worker, index, result
         self._free.append(worker)

@@ -63,7 +63,6 @@ class JobResult:
     candidate failed before it was planned."""
     twin: Optional[str]
     """The functional twin whose scores were reused (None: scored, or cached)."""
-    task_keys: dict[str, str]
     seconds: float
     worker: Optional[int]
     """The worker that scored it (None: answered by the driver's score cache)."""
@@ -148,11 +147,11 @@ class Worker:
         except Exception as exc:  # noqa: BLE001 - the candidate's failure, logged by the caller
             key = self.harness.last_candidate
             self._recover()
-            return JobResult({}, key, None, {}, time.perf_counter() - start, self.index,
+            return JobResult({}, key, None, time.perf_counter() - start, self.index,
                              error=f"{type(exc).__name__}: {exc}", process=os.getpid(), placement=self.placement)
         return JobResult({t.name: list(results[t.name].scores) for t in job.tasks}, self.harness.last_candidate,
-                         self.harness.last_twin, self.task_keys(job.tasks, job.limit), time.perf_counter() - start,
-                         self.index, process=os.getpid(), placement=self.placement)
+                         self.harness.last_twin, time.perf_counter() - start, self.index, process=os.getpid(),
+                         placement=self.placement)
 
     def _recover(self) -> None:
         """After a failed candidate: free what the failure left on the GPU, and build the
