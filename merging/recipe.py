@@ -14,7 +14,7 @@ import types
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Iterable, Optional, Union, get_args, get_origin
+from typing import Annotated, Any, Iterable, Iterator, Optional, Union, get_args, get_origin
 
 import torch
 import yaml
@@ -33,7 +33,6 @@ DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.flo
 """The dtype names a recipe's `dtype` / `out_dtype` may give: the one table of the project."""
 UNSUPPORTED_KEYS = {
     "modules": "multi-module merges (`modules:`) are not supported; use `models:` or `slices:`",
-    "residual_weight": "`residual_weight` is not supported",
 }
 
 
@@ -67,6 +66,8 @@ class Slice(_Strict):
     sources: list[SliceSource]
     base_model: Optional[str] = None
     parameters: Parameters = None
+    residual_weight: Optional[float] = None
+    """In mergekit 0.1.5's schema, but no merge reads it: accepted and ignored, with a note."""
 
 
 class TokenizerSpec(_Strict):
@@ -263,10 +264,17 @@ def _duplicate_keys(node: yaml.Node | None) -> Iterable[tuple[str, int, int]]:
             yield from _duplicate_keys(item)
 
 
-def validate_recipe(data: Any, root: yaml.Node, source: str) -> Recipe:
+def validate_recipe(data: Any, root: yaml.Node, source: str, *, strict_parameters: bool = False) -> Recipe:
     """Recipe data (parsed YAML) to a Recipe; errors name the line in `root` at fault.
     Shared with recipe templates (niches/genome.py), whose free markers are replaced
-    before validation."""
+    before validation.
+
+    A parameter the method does not take is ignored with a note, as mergekit 0.1.5 ignores
+    it (recipes on model cards often keep `normalize` or `int8_mask` from another
+    method), unless its name is close to one the method takes (`densty`): that is refused
+    as the typo it most likely is, like a misspelt key. `strict_parameters` refuses every
+    unknown parameter: a search template must not spend a gene on a parameter that does
+    nothing."""
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: a recipe is a YAML mapping with at least `merge_method`")
 
@@ -293,12 +301,47 @@ def validate_recipe(data: Any, root: yaml.Node, source: str) -> Recipe:
             if error["loc"][-1] in _parameter_names() and "did you mean" not in message:
                 message += "; a merge parameter goes under `parameters:`"
         raise fail(loc, message) from None
+    for i, slice_ in enumerate(recipe.slices or []):
+        if slice_.residual_weight is not None:
+            warnings.warn(RecipeNote(f"{located(root, ('slices', i, 'residual_weight'), source)}: "
+                                     "`residual_weight` has no effect in mergekit 0.1.5; ignored"), stacklevel=2)
+    for loc, params, allowed in _parameter_scopes(recipe) if recipe.merge_method in METHODS else ():
+        for name in [name for name in params or {} if name not in allowed]:
+            message = unknown_parameter_message(recipe.merge_method, name, allowed)
+            if strict_parameters:
+                raise fail(loc + (name,), message)
+            if did_you_mean(name, allowed):
+                raise fail(loc + (name,), f"{message} (mergekit would ignore it and use the default; "
+                                          "evomerge refuses a likely typo)")
+            warnings.warn(RecipeNote(f"{located(root, loc + (name,), source)}: {message}; ignored, as mergekit "
+                                     "does"), stacklevel=2)
+            del params[name]
     for loc, message in _semantic_errors(recipe):
         raise fail(loc, message)
     if recipe.tokenizer_model_source is not None:  # only then: recipes compare equal by their keys
         loc = ("tokenizer", "source") if recipe.tokenizer else ("tokenizer_source",)
         recipe._where["tokenizer"] = located(root, loc, source)
     return recipe
+
+
+def unknown_parameter_message(method: str, name: str, allowed: set[str]) -> str:
+    hint = (f"{did_you_mean(name, allowed)}; {method} takes {', '.join(sorted(allowed))}"
+            if allowed else f"; {method} takes no parameters here")
+    return f"unknown parameter {name!r}{hint}"
+
+
+def _parameter_scopes(recipe: Recipe) -> Iterator[tuple[tuple, Parameters, set[str]]]:
+    """Every `parameters:` mapping of a recipe: its location, itself, and the names the
+    method takes there (per model: its model parameters; elsewhere: all of them)."""
+    allowed_model = set(recipe.method.model_params)
+    allowed_any = allowed_model | set(recipe.method.global_params)
+    yield ("parameters",), recipe.parameters, allowed_any
+    for i, source in enumerate(recipe.models or []):
+        yield ("models", i, "parameters"), source.parameters, allowed_model
+    for i, slice_ in enumerate(recipe.slices or []):
+        yield ("slices", i, "parameters"), slice_.parameters, allowed_any
+        for j, source in enumerate(slice_.sources):
+            yield ("slices", i, "sources", j, "parameters"), source.parameters, allowed_model
 
 
 def _parameter_names() -> set[str]:
@@ -386,15 +429,8 @@ def _semantic_errors(recipe: Recipe):
     if recipe.chat_template is not None and (problem := template_problem(recipe.chat_template)):
         yield ("chat_template",), problem
     yield from _repeated_models(recipe)
-    allowed_model = set(method.model_params)
-    allowed_any = allowed_model | set(method.global_params)
-    scopes: list[tuple[tuple, Parameters, set[str]]] = [(("parameters",), recipe.parameters, allowed_any)]
-    for i, source in enumerate(recipe.models or []):
-        scopes.append((("models", i, "parameters"), source.parameters, allowed_model))
     for i, slice_ in enumerate(recipe.slices or []):
-        scopes.append((("slices", i, "parameters"), slice_.parameters, allowed_any))
         for j, source in enumerate(slice_.sources):
-            scopes.append((("slices", i, "sources", j, "parameters"), source.parameters, allowed_model))
             if source.layer_range[0] < 0 or source.layer_range[1] <= source.layer_range[0]:
                 yield ("slices", i, "sources", j, "layer_range"), f"layer_range {list(source.layer_range)} is empty or negative"
         lengths = {s.layer_range[1] - s.layer_range[0] for s in slice_.sources}
@@ -402,12 +438,6 @@ def _semantic_errors(recipe: Recipe):
             yield ("slices", i, "sources"), "all sources of a slice must span the same number of layers"
         if not slice_.sources:
             yield ("slices", i, "sources"), "a slice needs at least one source"
-    for loc, params, allowed in scopes:
-        for name in params or {}:
-            if name not in allowed:
-                hint = (f"{did_you_mean(name, allowed)}; {recipe.merge_method} takes {', '.join(sorted(allowed))}"
-                        if allowed else f"; {recipe.merge_method} takes no parameters here")
-                yield loc + (name,), f"unknown parameter {name!r}{hint}"
     for i, slice_ in enumerate(output_slices(recipe)):
         loc = ("models",) if recipe.models else ("slices", i)
         base = slice_.base_model
