@@ -70,7 +70,7 @@ def add_merge_parser(subparsers) -> None:
     parser.add_argument("--allow-pickle", action="store_true",
                         help="allow pickled .bin weights (loaded with torch.load(weights_only=True))")
     parser.add_argument("--seed", type=int, default=0,
-                        help="seed of the random methods (dare_*); the same seed gives the same tensors")
+                        help="seed of the random methods (dare_*, della*); the same seed gives the same tensors")
     parser.add_argument("--out-shard-size", default="5GB",
                         help="largest safetensors shard, in bytes or with a unit (default 5GB)")
     parser.add_argument("--zoo", default=None, help=ZOO_HELP)
