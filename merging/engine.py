@@ -5,9 +5,10 @@ tensors (model, name), the operator and the parameters resolved for that tensor,
 the output shape and dtype, and it checks shapes, missing tensors and architectures
 before any data is read, so bad input fails in seconds with a precise message.
 
-Execution visits the plan one tensor at a time: read each input (memory-mapped), move
-it to the device, run the operator in float32, cast, hand the result on. Peak memory
-is therefore a few tensors, not a model. `iter_merged` yields the tensors (the harness
+Execution visits the plan one tensor at a time: read each input (a positioned read, no
+memory map), move it to the device, run the operator in float32, cast, hand the result
+on; a reader thread reads the next tensor's inputs and a writer thread writes the
+previous output meanwhile. Peak memory is therefore a few tensors, not a model. `iter_merged` yields the tensors (the harness
 loads them into a resident model); `merge_to_disk` streams them into a checkpoint.
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -299,13 +301,25 @@ def tensor_generator(seed: int, name: str, device: torch.device) -> torch.Genera
     return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
-def execute_task(plan: MergePlan, task: TensorTask, device: torch.device, seed: int) -> torch.Tensor:
-    """Compute one output tensor on `device` and cast it to its output dtype."""
-    def load(ref: TensorInput) -> torch.Tensor:
-        return plan.checkpoints[ref.model].read(ref.name).to(device)
+TaskInputs = tuple[list[torch.Tensor], "torch.Tensor | None"]
+"""One task's input tensors and base tensor, read and on the merge device."""
 
-    tensors = [load(ref) for ref in task.inputs]
-    base = load(task.base) if task.base else None
+
+def read_inputs(plan: MergePlan, task: TensorTask, device: torch.device) -> TaskInputs:
+    """Read one task's inputs and move them to `device` (through pinned host memory and
+    an asynchronous copy on a GPU, so that the copy overlaps the previous task's merge)."""
+    def load(ref: TensorInput) -> torch.Tensor:
+        tensor = plan.checkpoints[ref.model].read(ref.name, pinned=device.type == "cuda")
+        return tensor.to(device, non_blocking=tensor.is_pinned())
+
+    return [load(ref) for ref in task.inputs], (load(task.base) if task.base else None)
+
+
+def execute_task(plan: MergePlan, task: TensorTask, device: torch.device, seed: int,
+                 inputs: TaskInputs | None = None) -> torch.Tensor:
+    """Compute one output tensor on `device` and cast it to its output dtype (`inputs`:
+    the task's tensors when already read, see `read_inputs`)."""
+    tensors, base = inputs if inputs is not None else read_inputs(plan, task, device)
     if task.vocabulary is not None:
         rebuilt = task.vocabulary.apply({ref.model: tensor for ref, tensor in
                                          zip([*task.inputs, *([task.base] if task.base else [])],
@@ -321,19 +335,35 @@ def execute_task(plan: MergePlan, task: TensorTask, device: torch.device, seed: 
 
 def iter_merged(plan: MergePlan, *, device: str | torch.device = "cpu", seed: int = 0,
                 progress: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, tensor) for every output tensor, in plan order, one at a time."""
-    device = torch.device(device)
-    tasks = plan.tasks
-    if progress:
-        from tqdm.auto import tqdm
+    """Yield (name, tensor) for every output tensor, in plan order, one at a time.
 
-        tasks = tqdm(tasks, desc="merging", unit="tensor")
+    A reader thread reads the next task's inputs while this one merges (file reads and
+    torch kernels release the GIL), so reading and computing overlap; at most two tasks'
+    inputs are held at once."""
+    device = torch.device(device)
     releases = _last_reads(plan)
-    with torch.no_grad():
-        for index, task in enumerate(tasks):
-            yield task.output.name, execute_task(plan, task, device, seed)
+    bar = _progress_bar(plan) if progress else None
+    with torch.no_grad(), ThreadPoolExecutor(1, thread_name_prefix="evomerge-read") as reader:
+        pending = reader.submit(read_inputs, plan, plan.tasks[0], device) if plan.tasks else None
+        for index, task in enumerate(plan.tasks):
+            inputs = pending.result()
             for model, file in releases.get(index, ()):
                 plan.checkpoints[model].release(file)
+            if index + 1 < len(plan.tasks):
+                pending = reader.submit(read_inputs, plan, plan.tasks[index + 1], device)
+            yield task.output.name, execute_task(plan, task, device, seed, inputs)
+            if bar is not None:
+                bar.update(task.output.nbytes)
+    if bar is not None:
+        bar.close()
+
+
+def _progress_bar(plan: MergePlan):
+    """A bar over the output's bytes: it shows MB/s written and the time left."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=sum(task.output.nbytes for task in plan.tasks), desc="merging", unit="B",
+                unit_scale=True, unit_divisor=1024)
 
 
 def _last_reads(plan: MergePlan) -> dict[int, list[tuple[str, str]]]:
@@ -376,8 +406,14 @@ def merge_to_disk(plan: MergePlan, out_dir: str | Path, *, device: str | torch.d
     out_dir = Path(out_dir)
     with atomic_output_dir(out_dir, overwrite=overwrite) as staging:
         writer = ShardedWriter(staging, [t.output for t in plan.tasks], max_shard_bytes)
-        for name, tensor in iter_merged(plan, device=device, seed=seed, progress=progress):
-            writer.write(name, tensor)
+        with ThreadPoolExecutor(1, thread_name_prefix="evomerge-write") as background:
+            written = None  # the previous tensor's write, overlapping this one's merge
+            for name, tensor in iter_merged(plan, device=device, seed=seed, progress=progress):
+                if written is not None:
+                    written.result()
+                written = background.submit(writer.write, name, tensor)
+            if written is not None:
+                written.result()
         writer.close()
         (staging / "config.json").write_text(json.dumps(output_config(plan), indent=2) + "\n")
         tokenizer_path = plan.checkpoints[plan.tokenizer_model].path
