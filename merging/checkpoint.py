@@ -338,6 +338,8 @@ def all_finite(tensor: torch.Tensor) -> bool:
     """True when no entry is NaN or +-Inf. The min and max carry any NaN or Inf through,
     and `aminmax` is one pass without the full boolean mask `isfinite` builds (~50x faster
     on a 32000 x 2048 bfloat16 embedding)."""
+    if tensor.dtype.itemsize == 1:  # float8: no aminmax kernel; bfloat16 holds every value, NaN included
+        tensor = tensor.to(torch.bfloat16)
     low, high = torch.aminmax(tensor)
     return bool(torch.isfinite(low) and torch.isfinite(high))
 

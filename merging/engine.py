@@ -16,7 +16,8 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -334,26 +335,39 @@ def execute_task(plan: MergePlan, task: TensorTask, device: torch.device, seed: 
 
 
 def iter_merged(plan: MergePlan, *, device: str | torch.device = "cpu", seed: int = 0,
-                progress: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, tensor) for every output tensor, in plan order, one at a time.
+                progress: bool = False, threads: int = 1) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) for every output tensor, in plan order.
 
-    A reader thread reads the next task's inputs while this one merges (file reads and
-    torch kernels release the GIL), so reading and computing overlap; at most two tasks'
-    inputs are held at once."""
+    A reader thread reads inputs ahead, in plan order (file reads and torch kernels
+    release the GIL, so reading overlaps merging), and `threads` tensors merge at once:
+    selections and sorts (TIES' trim) run on one core each, so a second tensor is what
+    keeps a second core busy. At most `threads + 1` tasks' inputs are held at once. The
+    tensors do not depend on `threads`: each is computed by the same kernels with the
+    same intra-op thread count, and random methods draw from a generator per tensor."""
     device = torch.device(device)
     releases = _last_reads(plan)
     bar = _progress_bar(plan) if progress else None
-    with torch.no_grad(), ThreadPoolExecutor(1, thread_name_prefix="evomerge-read") as reader:
-        pending = reader.submit(read_inputs, plan, plan.tasks[0], device) if plan.tasks else None
+
+    def read(index: int) -> TaskInputs:
+        inputs = read_inputs(plan, plan.tasks[index], device)
+        for model, file in releases.get(index, ()):
+            plan.checkpoints[model].release(file)
+        return inputs
+
+    def merge(index: int, inputs: Future) -> torch.Tensor:
+        with torch.no_grad():
+            return execute_task(plan, plan.tasks[index], device, seed, inputs.result())
+
+    with ThreadPoolExecutor(1, thread_name_prefix="evomerge-read") as reader, \
+            ThreadPoolExecutor(threads, thread_name_prefix="evomerge-merge") as mergers:
+        ahead: deque[tuple[TensorTask, Future]] = deque()
         for index, task in enumerate(plan.tasks):
-            inputs = pending.result()
-            for model, file in releases.get(index, ()):
-                plan.checkpoints[model].release(file)
-            if index + 1 < len(plan.tasks):
-                pending = reader.submit(read_inputs, plan, plan.tasks[index + 1], device)
-            yield task.output.name, execute_task(plan, task, device, seed, inputs)
-            if bar is not None:
-                bar.update(task.output.nbytes)
+            ahead.append((task, mergers.submit(merge, index, reader.submit(read, index))))
+            while len(ahead) > threads or (ahead and index == len(plan.tasks) - 1):
+                done, merged = ahead.popleft()
+                yield done.output.name, merged.result()
+                if bar is not None:
+                    bar.update(done.output.nbytes)
     if bar is not None:
         bar.close()
 
@@ -395,7 +409,7 @@ def output_config(plan: MergePlan) -> dict:
 
 def merge_to_disk(plan: MergePlan, out_dir: str | Path, *, device: str | torch.device = "cpu",
                   seed: int = 0, overwrite: bool = False, max_shard_bytes: int = 5 * 10**9,
-                  progress: bool = False, card_notes: str = "") -> Path:
+                  progress: bool = False, card_notes: str = "", threads: int = 1) -> Path:
     """Write the merged checkpoint folder: weights, config, generation config, tokenizer
     files of the tokenizer source, the recipe (recipe.yaml, as mergekit writes its config,
     so `evomerge merge recipe.yaml` remakes the folder) and a model card (with
@@ -408,7 +422,7 @@ def merge_to_disk(plan: MergePlan, out_dir: str | Path, *, device: str | torch.d
         writer = ShardedWriter(staging, [t.output for t in plan.tasks], max_shard_bytes)
         with ThreadPoolExecutor(1, thread_name_prefix="evomerge-write") as background:
             written = None  # the previous tensor's write, overlapping this one's merge
-            for name, tensor in iter_merged(plan, device=device, seed=seed, progress=progress):
+            for name, tensor in iter_merged(plan, device=device, seed=seed, progress=progress, threads=threads):
                 if written is not None:
                     written.result()
                 written = background.submit(writer.write, name, tensor)
@@ -444,7 +458,7 @@ def _write_generation_config(out_dir: Path) -> None:
 
 def run_recipe(recipe_path: str | Path, out_dir: str | Path, *, device: str = "cpu", seed: int = 0,
                overwrite: bool = False, allow_pickle: bool = False, max_shard_bytes: int = 5 * 10**9,
-               progress: bool = False) -> Path:
+               progress: bool = False, threads: int = 1) -> Path:
     """Load a recipe file and merge it to `out_dir` (what `evomerge merge` does)."""
     from merging.recipe import load_recipe
 
@@ -454,7 +468,7 @@ def run_recipe(recipe_path: str | Path, out_dir: str | Path, *, device: str = "c
                                           recipe_dir=Path(recipe_path).parent))
     try:
         return merge_to_disk(plan, out_dir, device=device, seed=seed, overwrite=overwrite,
-                             max_shard_bytes=max_shard_bytes, progress=progress)
+                             max_shard_bytes=max_shard_bytes, progress=progress, threads=threads)
     finally:
         plan.close()
 

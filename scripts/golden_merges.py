@@ -32,7 +32,7 @@ SETUPS = [("llama", "float32", False), ("llama", "bfloat16", True), ("qwen2", "b
 """(family, source dtype, tied embeddings): float32 and 16-bit sources, tied and untied heads."""
 
 
-def fingerprints(work: Path, device: str) -> dict[str, dict[str, str]]:
+def fingerprints(work: Path, device: str, threads: int) -> dict[str, dict[str, str]]:
     """setup/recipe -> tensor name -> "dtype shape sha256" (or the error a recipe raised)."""
     from merging.engine import run_recipe
     from merging.errors import EvomergeError
@@ -49,7 +49,7 @@ def fingerprints(work: Path, device: str) -> dict[str, dict[str, str]]:
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    run_recipe(rendered, out, device=device, overwrite=True)
+                    run_recipe(rendered, out, device=device, overwrite=True, threads=threads)
             except EvomergeError as exc:
                 found[key] = {"error": str(exc).replace(str(work), "WORK")}
                 continue
@@ -66,9 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     action.add_argument("--write", type=Path, help="record the fingerprints in this JSON file")
     action.add_argument("--check", type=Path, help="compare against the fingerprints in this JSON file")
     parser.add_argument("--device", default="cpu", help="where the merges run")
+    parser.add_argument("--threads", type=int, default=2, help="tensors merged at once")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        found = fingerprints(Path(tmp), args.device)
+        found = fingerprints(Path(tmp), args.device, args.threads)
     if args.write:
         args.write.write_text(json.dumps(found, indent=1, sort_keys=True))
         print(f"wrote {len(found)} merges to {args.write}")

@@ -78,7 +78,7 @@ def generalized_task_arithmetic(
     deltas = torch.stack(deltas)
     weights = torch.tensor(list(weight), dtype=dtype, device=base.device)
     weights = weights.reshape(-1, *([1] * base.dim()))
-    deltas = deltas * weights
+    deltas.mul_(weights)  # in place: the stack is this function's own copy
 
     if consensus:
         mask = sign_consensus(deltas)
