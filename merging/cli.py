@@ -103,7 +103,8 @@ def load_recipe_with_notes(path: Path):
 
 def merge_threads(requested: int | None, device) -> int:
     """How many tensors merge at once: as asked, else 2 on a CPU with 2 or more cores (the
-    trim's selection and sort use one core each) and 1 on a GPU (its kernels fill it)."""
+    trim's selection and sort use one core each) and 1 on a GPU (its kernels fill it).
+    `device` None: a dry run, which plans for the CPU."""
     import os
 
     from merging.errors import EvomergeError
@@ -112,7 +113,7 @@ def merge_threads(requested: int | None, device) -> int:
         if requested < 1:
             raise EvomergeError(f"--threads must be 1 or more, got {requested}")
         return requested
-    return 1 if device.type == "cuda" else min(2, os.cpu_count() or 1)
+    return 1 if device is not None and device.type == "cuda" else min(2, os.cpu_count() or 1)
 
 
 def run_merge(args: argparse.Namespace) -> None:
@@ -129,7 +130,7 @@ def run_merge(args: argparse.Namespace) -> None:
                                           recipe_dir=args.recipe.parent, zoo_dir=args.zoo))
     try:
         if args.dry_run:
-            print(describe_plan(plan))
+            print(describe_plan(plan, merge_threads(args.threads, None)))
             return
         merge_to_disk(plan, args.out_dir, device=device, seed=args.seed, overwrite=args.overwrite,
                       max_shard_bytes=shard_bytes, progress=not args.no_progress,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -237,7 +238,34 @@ def _make_task(recipe: Recipe, method: MergeMethod, slice_: OutputSlice, out_nam
     )
 
 
-def describe_plan(plan: MergePlan) -> str:
+PROCESS_BYTES = 450 * 2**20
+"""Resident memory of the merging process before any tensor: Python, torch, tokenizers
+(measured: `evomerge merge --dry-run` peaks at about 400 MiB)."""
+
+
+def expected_peak_bytes(plan: MergePlan, threads: int) -> int:
+    """An upper estimate of a CPU merge's peak resident memory: the process, plus, for the
+    `threads` consecutive tasks merging at once, their inputs and float32 working set (about
+    two copies per input and four more: the stacked deltas, masks, the trim's sort
+    buffers), plus the next task's inputs being read; the largest such window counts. Measured against /usr/bin/time
+    (scripts/bench_merge.py): a TIES merge of a 160M float32 Llama peaks at 2.2-2.5 GiB
+    where this says 2.2 GiB for one thread."""
+    def inputs(task: TensorTask) -> int:
+        return sum(plan.checkpoints[ref.model].tensors[ref.name].nbytes
+                   for ref in [*task.inputs, *([task.base] if task.base else [])])
+
+    def working(task: TensorTask) -> int:
+        count = len(task.inputs) + (1 if task.base else 0)
+        return 4 * math.prod(task.output.shape) * (2 * count + 4)
+
+    sizes = [(inputs(task), inputs(task) + working(task)) for task in plan.tasks]
+    windows = (sum(total for _, total in sizes[start:start + threads])
+               + (sizes[start + threads][0] if start + threads < len(sizes) else 0)
+               for start in range(len(sizes)))
+    return PROCESS_BYTES + max(windows, default=0)
+
+
+def describe_plan(plan: MergePlan, threads: int = 1) -> str:
     """A human-readable plan: the summary, then one line per output tensor."""
     total = sum(task.output.nbytes for task in plan.tasks)
     lines = [
@@ -245,6 +273,8 @@ def describe_plan(plan: MergePlan) -> str:
         "models: " + ", ".join(f"{ref} ({ck.path})" for ref, ck in plan.checkpoints.items()),
         f"config from: {plan.reference}; output: {plan.num_layers} layers, {len(plan.tasks)} tensors, "
         f"{total / 2**30:.3f} GiB",
+        f"expected peak memory: about {expected_peak_bytes(plan, threads) / 2**30:.2f} GiB on a CPU with "
+        f"{threads} thread{'s' if threads > 1 else ''} (--threads)",
         _tokenizer_line(plan),
         "",
     ]
