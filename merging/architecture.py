@@ -73,6 +73,14 @@ class Architecture:
 
 def num_layers_key(config: dict) -> str:
     """The config.json key that holds the depth (`num_hidden_layers`, GPT-2's `n_layer`, ...)."""
+    key = num_layers_key_or_none(config)
+    if key is None:
+        raise CheckpointError(f"config of model_type {config.get('model_type')!r} states no number of layers")
+    return key
+
+
+def num_layers_key_or_none(config: dict) -> str | None:
+    """`num_layers_key`, or None where the config states no depth (a multi-module model's)."""
     from transformers import AutoConfig
 
     try:
@@ -84,7 +92,7 @@ def num_layers_key(config: dict) -> str:
         for candidate in ("num_hidden_layers", "n_layer", "num_layers", "n_layers"):
             if candidate in config:
                 return candidate
-        raise CheckpointError(f"config of model_type {config.get('model_type')!r} states no number of layers")
+        return None
     return key
 
 
@@ -183,6 +191,11 @@ DEFAULT_MODULE = "default"
 def model_modules(config: dict) -> dict[str, Module]:
     """The modules of a model, from its config.json dict, in mergekit's order."""
     table = MODULES.get(config.get("model_type"))
+    parts = [key for key, value in config.items() if isinstance(value, dict) and "model_type" in value]
+    if table is None and parts and num_layers_key_or_none(config) is None:
+        raise CheckpointError(f"model_type {config.get('model_type')!r} is made of several models ({', '.join(parts)}) "
+                              f"whose modules evomerge does not know; multi-module types it merges: "
+                              f"{', '.join(MODULES)}")
     if table is None:
         return {DEFAULT_MODULE: Module(DEFAULT_MODULE, "", None, detect_architecture(config))}
     modules = {}

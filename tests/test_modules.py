@@ -272,14 +272,27 @@ MERGEKIT = os.environ.get("MERGEKIT_YAML", "/opt/mergekit-venv/bin/mergekit-yaml
 
 @pytest.mark.slow
 @pytest.mark.skipif(not Path(MERGEKIT).exists(), reason=f"mergekit-yaml not found at {MERGEKIT}")
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_modules_recipes_give_mergekits_tensors(dtype, tmp_path):
+@pytest.mark.parametrize("dtype, tied", [("float32", []), ("bfloat16", ["--tied"])])
+def test_modules_recipes_give_mergekits_tensors(dtype, tied, tmp_path):
     """scripts/mergekit_recipes/modules-*.yaml through mergekit 0.1.5 and evomerge, on the tiny VLM."""
     repo = Path(__file__).resolve().parent.parent
     proc = subprocess.run(
         [sys.executable, str(repo / "scripts" / "compare_mergekit.py"), "--work-dir", str(tmp_path),
-         "--mergekit-bin", MERGEKIT, "--family", "mistral3", "--source-dtype", dtype, "--only", "modules-*"],
+         "--mergekit-bin", MERGEKIT, "--family", "mistral3", "--source-dtype", dtype, *tied],
         capture_output=True, text=True, cwd=repo,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     assert proc.stdout.count("| match |") >= 2, proc.stdout
+
+
+def test_a_multi_module_type_without_known_modules_is_refused_by_name():
+    """LLaVA: mergekit 0.1.5 has no definition of its modules either (it guesses them from
+    tensor-name prefixes, under names like `model.language_model.layers`)."""
+    from merging.architecture import model_modules
+    from merging.errors import CheckpointError
+
+    config = {"model_type": "llava", "text_config": {"model_type": "llama", "num_hidden_layers": 2},
+              "vision_config": {"model_type": "clip_vision_model", "num_hidden_layers": 2}}
+    with pytest.raises(CheckpointError, match=r"model_type 'llava' is made of several models \(text_config, "
+                                              r"vision_config\) whose modules evomerge does not know; .*mistral3"):
+        model_modules(config)
