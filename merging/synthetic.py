@@ -7,7 +7,7 @@ plus variants that differ from it by low-rank and sparse deltas, the shape of ch
 fine-tuning makes. They carry no skill (the trained zoo does that); they exist so that
 merges, shapes, dtypes and file layouts are real.
 
-    python -m merging.synthetic OUT_DIR [--family llama] [--variants 2] [--seed 0]
+    python -m merging.synthetic OUT_DIR [--family llama|...|mistral3] [--variants 2] [--seed 0]
 """
 from __future__ import annotations
 
@@ -120,6 +120,7 @@ def build_family(
                            max_shard_size=max_shard_size, family=family, dtype=str(dtype))
 
 
+VLM_FAMILY = "mistral3"
 VLM_IMAGE_TOKEN = "[IMG]"
 
 
@@ -187,7 +188,8 @@ def main(argv: list[str] | None = None) -> None:
         description="Build a tiny random base model and fine-tune-like variants (offline, seeded).",
     )
     parser.add_argument("out_dir", help="folder to create: OUT_DIR/base, OUT_DIR/variant_1, ...")
-    parser.add_argument("--family", default="llama", choices=sorted(TINY_CONFIGS))
+    parser.add_argument("--family", default="llama", choices=[*sorted(TINY_CONFIGS), VLM_FAMILY],
+                        help=f"{VLM_FAMILY}: a tiny VLM (build_vlm_family), for `modules:` recipes")
     parser.add_argument("--variants", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--layers", type=int, default=None, help="override the number of layers")
@@ -198,8 +200,11 @@ def main(argv: list[str] | None = None) -> None:
         overrides["num_hidden_layers"] = args.layers
     if args.hidden_size is not None:
         overrides["hidden_size"] = args.hidden_size
-    for name, path in build_family(args.out_dir, family=args.family, variants=args.variants,
-                                   seed=args.seed, **overrides).items():
+    if args.family == VLM_FAMILY and overrides:
+        parser.error(f"--layers and --hidden-size do not apply to {VLM_FAMILY}")
+    paths = (build_vlm_family(args.out_dir, variants=args.variants, seed=args.seed) if args.family == VLM_FAMILY
+             else build_family(args.out_dir, family=args.family, variants=args.variants, seed=args.seed, **overrides))
+    for name, path in paths.items():
         print(f"{name}: {path}")
 
 
