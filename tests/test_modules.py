@@ -296,3 +296,53 @@ def test_a_multi_module_type_without_known_modules_is_refused_by_name():
     with pytest.raises(CheckpointError, match=r"model_type 'llava' is made of several models \(text_config, "
                                               r"vision_config\) whose modules evomerge does not know; .*mistral3"):
         model_modules(config)
+
+
+GENOME_TEMPLATE = """\
+merge_method: task_arithmetic
+base_model: {base}
+modules:
+  text_decoder:
+    models:
+      - model: {v1}
+        parameters: {{weight: {{free: [0.0, 1.0], init: 0.25}}}}
+  vision_tower:
+    models:
+      - model: {v1}
+    parameters: {{weight: {{free: [0.0, 2.0]}}}}
+  multi_modal_projector:
+    slices:
+      - sources:
+          - {{model: {base}, layer_range: [0, 0]}}
+          - {{model: {v1}, layer_range: [0, 0], parameters: {{weight: {{free: [-1.0, 1.0], init: 0.5}}}}}}
+"""
+
+
+def test_an_evolve_template_may_free_module_parameters():
+    """The genome walks modules too: global markers in a module's parameters, its models
+    and its slices' sources; a genome decodes into the recipe and encodes back."""
+    from niches.genome import RecipeGenome
+
+    genome = RecipeGenome.from_text(GENOME_TEMPLATE.format(base="b", v1="v"), "t.yaml")
+    assert genome.labels == ["v:weight@all", "*:weight@all", "v:weight@all"]
+    assert genome.x0.tolist() == [0.25, 0.5, 0.75]
+    recipe = genome.decode([0.5, 0.25, 1.0])
+    assert recipe.modules["text_decoder"].models[0].parameters == {"weight": 0.5}
+    assert recipe.modules["vision_tower"].parameters == {"weight": 0.5}
+    assert recipe.modules["multi_modal_projector"].slices[0].sources[1].parameters == {"weight": 1.0}
+    assert genome.encode(recipe).tolist() == [0.5, 0.25, 1.0]
+
+
+def test_module_templates_refuse_per_layer_markers_and_evolve_refuses_a_vlm(vlm):
+    """Per-layer genes follow one layer layout, which a module does not share; and evolve
+    scores language models, so a VLM's layout is refused by name, not by a stack trace."""
+    from merging.checkpoint import Checkpoint
+    from niches.genome import LayerLayout, RecipeGenome
+
+    text = GENOME_TEMPLATE.format(base="b", v1="v").replace("init: 0.25}", "granularity: layer}")
+    with pytest.raises(EvomergeError, match=r"t.yaml, line 7: modules.text_decoder.models\[0\].parameters.weight: "
+                                            r"a marker inside `modules:` takes granularity global only"):
+        RecipeGenome.from_text(text, "t.yaml")
+    with pytest.raises(EvomergeError, match=r"is a mistral3 of several modules \(text_decoder, vision_tower, "
+                                            r"multi_modal_projector\); evolve searches recipes of language models"):
+        LayerLayout.of(Checkpoint("vlm", vlm["base"]))
