@@ -111,8 +111,13 @@ class Recipe(_Strict):
     tokenizer: Optional[TokenizerSpec] = None
     chat_template: Optional[str] = None
     _where: dict[str, str] = PrivateAttr(default_factory=dict)
-    """`recipe.yaml, line 7: tokenizer.source`: the tokenizer source is checked against the
-    models when the merge is planned, and that error still names the line."""
+    """`recipe.yaml, line 7: tokenizer.source`: the tokenizer source, `slices:` and the
+    module names are checked against the models when the merge is planned, and those
+    errors still name the line."""
+
+    def __eq__(self, other: object) -> bool:
+        """Recipes are equal by their keys; where they were read from is no part of them."""
+        return isinstance(other, Recipe) and self.model_dump() == other.model_dump()
 
     @property
     def method(self) -> MergeMethod:
@@ -361,13 +366,12 @@ def validate_recipe(data: Any, root: yaml.Node, source: str) -> Recipe:
         raise fail(loc, message) from None
     for loc, message in _semantic_errors(recipe):
         raise fail(loc, message)
-    if recipe.tokenizer_model_source is not None:  # only then: recipes compare equal by their keys
+    if recipe.tokenizer_model_source is not None:
         loc = ("tokenizer", "source") if recipe.tokenizer else ("tokenizer_source",)
         recipe._where["tokenizer"] = located(root, loc, source)
-    if recipe.modules is not None:  # module names are checked against the model when the merge is planned
-        recipe._where["modules"] = located(root, ("modules",), source)
-        for name in recipe.modules:
-            recipe._where[f"modules.{name}"] = located(root, ("modules", name), source)
+    modules = ["modules", *(f"modules.{name}" for name in recipe.modules)] if recipe.modules else []
+    for key in (["slices"] if recipe.slices else []) + modules:
+        recipe._where[key] = located(root, tuple(key.split(".")), source)
     return recipe
 
 

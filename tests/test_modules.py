@@ -229,7 +229,7 @@ def _bad_case(name: str, vlm: dict[str, Path], tmp: Path) -> tuple[str, str]:
             r"line 1: recipe: give exactly one of `models:`, `slices:` or `modules:`"
     if name == "slices of a VLM":
         return (f"merge_method: passthrough\nslices:\n  - sources:\n      - {{model: {vlm['base']}, "
-                "layer_range: [0, 2]}\n"), r"model '.*base' has 3 modules .*give the layer slices of each under `modules:`"
+                "layer_range: [0, 2]}\n"), r"line 2: slices: model '.*base' has 3 modules .*give the layer slices of each under `modules:`"
     if name == "module missing a tensor":
         missing = "vision_tower.transformer.layers.1.attention.q_proj.weight"
         broken = _without(vlm["variant_2"], tmp / "broken", missing)
