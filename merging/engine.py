@@ -21,7 +21,7 @@ from typing import Any, Iterator
 
 import torch
 
-from merging.architecture import DEFAULT_MODULE, MODULES, Architecture, Module, model_modules, num_layers_key
+from merging.architecture import DEFAULT_MODULE, MODULES, Module, model_modules, num_layers_key
 from merging.checkpoint import (
     Checkpoint, ShardedWriter, TensorSpec, atomic_output_dir, check_output_dir, copy_tokenizer,
     resolve_model_path,
@@ -155,7 +155,7 @@ def _plan_module(plan: MergePlan, name: str, slices: list[OutputSlice], modules:
                                      vocabulary))
 
     first, last = slices[0], slices[-1]
-    by_layer = {ref: _tensors_by_layer(ck, arch[ref], modules[ref]) for ref, ck in checkpoints.items()}
+    by_layer = {ref: _tensors_by_layer(ck, modules[ref]) for ref, ck in checkpoints.items()}
     head = first.sources[0].model
     _check_same_tensors({s.model: by_layer[s.model]["pre"] for s in first.sources}, head, "before the layers")
     for tensor in by_layer[head]["pre"]:
@@ -191,9 +191,10 @@ def _plan_module(plan: MergePlan, name: str, slices: list[OutputSlice], modules:
         add(last, tensor, {s.model: tensor for s in last.sources}, 0.0, plan.vocabulary)
 
 
-def _tensors_by_layer(checkpoint: Checkpoint, arch: Architecture, module: Module) -> dict[int | str, list[str]]:
+def _tensors_by_layer(checkpoint: Checkpoint, module: Module) -> dict[int | str, list[str]]:
     """The module's tensor names grouped by layer index, plus "pre" (embeddings) and "post"
     (final norm, head), in file order: one pass over the names instead of one per layer."""
+    arch = module.arch
     groups: dict[int | str, list[str]] = {"pre": [], "post": []}
     for name in filter(module.owns, checkpoint.tensors):
         layer = arch.layer_of(name)

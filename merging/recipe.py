@@ -369,9 +369,12 @@ def validate_recipe(data: Any, root: yaml.Node, source: str) -> Recipe:
     if recipe.tokenizer_model_source is not None:
         loc = ("tokenizer", "source") if recipe.tokenizer else ("tokenizer_source",)
         recipe._where["tokenizer"] = located(root, loc, source)
-    modules = ["modules", *(f"modules.{name}" for name in recipe.modules)] if recipe.modules else []
-    for key in (["slices"] if recipe.slices else []) + modules:
-        recipe._where[key] = located(root, tuple(key.split(".")), source)
+    places: dict[str, tuple] = {"slices": ("slices",)} if recipe.slices else {}
+    if recipe.modules:
+        places["modules"] = ("modules",)
+        places.update({f"modules.{name}": ("modules", name) for name in recipe.modules})
+    for key, loc in places.items():
+        recipe._where[key] = located(root, loc, source)
     return recipe
 
 
@@ -510,11 +513,11 @@ def _semantic_errors(recipe: Recipe):
                 yield (loc + ("sources",)), (f"{recipe.merge_method} subtracts the base model {base!r}, so list it "
                                              "among this slice's sources with the layer_range to subtract")
                 continue
-            inputs = [s.model for s in slice_.sources if not (method.takes_base and s.model == base)]
-            if len(inputs) < method.min_models:
-                yield loc, f"{recipe.merge_method} needs at least {method.min_models} non-base model(s), got {len(inputs)}"
-            if method.max_models is not None and len(inputs) > method.max_models:
-                yield loc, f"{recipe.merge_method} takes at most {method.max_models} non-base model(s), got {len(inputs)}"
+            count = sum(1 for s in slice_.sources if not (method.takes_base and s.model == base))
+            if count < method.min_models:
+                yield loc, f"{recipe.merge_method} needs at least {method.min_models} non-base model(s), got {count}"
+            if method.max_models is not None and count > method.max_models:
+                yield loc, f"{recipe.merge_method} takes at most {method.max_models} non-base model(s), got {count}"
 
 
 def _parts(recipe: Recipe) -> list[tuple[tuple, list[ModelSource] | None, list[Slice] | None, Parameters]]:

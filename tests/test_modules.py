@@ -229,15 +229,17 @@ def _bad_case(name: str, vlm: dict[str, Path], tmp: Path) -> tuple[str, str]:
             r"line 1: recipe: give exactly one of `models:`, `slices:` or `modules:`"
     if name == "slices of a VLM":
         return (f"merge_method: passthrough\nslices:\n  - sources:\n      - {{model: {vlm['base']}, "
-                "layer_range: [0, 2]}\n"), r"line 2: slices: model '.*base' has 3 modules .*give the layer slices of each under `modules:`"
+                "layer_range: [0, 2]}\n"), \
+            r"line 2: slices: model '.*base' has 3 modules .*give the layer slices of each under `modules:`"
     if name == "module missing a tensor":
         missing = "vision_tower.transformer.layers.1.attention.q_proj.weight"
         broken = _without(vlm["variant_2"], tmp / "broken", missing)
         return good.replace(str(vlm["variant_2"]), str(broken)), rf"{missing} is missing in model '.*broken'"
     if name == "language model into a VLM":
         mistral = build_family(tmp / "mistral", family="mistral", variants=0)["base"]
-        text = good.replace(f"model: {vlm['variant_2']}\n            layer_range", f"model: {mistral}\n            layer_range")
-        return text, r"different architectures: .*'.*mistral/base' is mistral,.*; a language model cannot be merged into"
+        in_text_decoder = "\n            layer_range"
+        text = good.replace(f"model: {vlm['variant_2']}{in_text_decoder}", f"model: {mistral}{in_text_decoder}")
+        return text, r"different architectures: .*'.*mistral/base' is mistral,.*; a language model cannot be merged"
     raise AssertionError(name)
 
 
