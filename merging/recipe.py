@@ -83,7 +83,7 @@ class ModuleSpec(_Strict):
 
 MODULE_KEYS_MERGEKIT_IGNORES = {
     "merge_method": "mergekit merges every module with the recipe's top-level `merge_method`",
-    "base_model": "mergekit takes a module's base from the top-level `base_model` (or a slice's `base_model`)",
+    "base_model": "mergekit takes a module's base from the top-level `base_model`, or from a slice's",
 }
 """Keys a user may expect in a module that mergekit's schema lacks (so it ignores them): the
 note says what happens instead."""

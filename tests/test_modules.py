@@ -207,6 +207,15 @@ def test_a_module_merge_method_is_ignored_with_a_note_as_mergekit_does(vlm, merg
     assert all(torch.equal(a[n], b[n]) for n in a)
 
 
+def test_a_module_base_model_is_ignored_with_a_note_not_taken_for_a_typo():
+    """`base_model` is close to the module key `models`, yet it is no typo of it."""
+    text = "merge_method: linear\nmodules:\n  default:\n    base_model: x\n    models: [{model: a}]\n"
+    with pytest.warns(Warning, match=r"r.yaml, line 4: modules.default.base_model: .* ignored, as mergekit does "
+                                     r"\(mergekit takes a module's base from the top-level `base_model`"):
+        recipe = parse_recipe(text, "r.yaml")
+    assert recipe.base_model is None and recipe.referenced_models() == ["a"]
+
+
 def _without(source: Path, folder: Path, tensor: str) -> Path:
     shutil.copytree(source, folder)
     state = load_file(folder / "model.safetensors")
