@@ -1,9 +1,13 @@
 """Checkpoint I/O: open model folders or Hub ids lazily, stream merged tensors to disk.
 
-Reading: headers first (names, shapes, dtypes, from safetensors metadata, no data), one
-tensor at a time on demand through `safe_open`'s memory map, so peak memory is a few
-tensors rather than a model. Pickled `.bin` weights are refused unless the caller opts
-in, and then loaded with `weights_only=True`.
+Reading: headers first (names, shapes, dtypes and byte offsets, parsed from each
+safetensors header, no data), then one tensor at a time on demand, with a positioned
+read (`os.preadv`) straight into a fresh tensor. Nothing is memory-mapped: mapped input
+pages would stay resident in the process (counted in its RSS, which is what a user and a
+job scheduler see) until the map is dropped, while pages read this way live only in the
+kernel's page cache. Peak memory is therefore a few tensors rather than a model. Pickled
+`.bin` weights are refused unless the caller opts in, and then loaded with
+`weights_only=True`.
 
 Writing: `ShardedWriter` writes each shard's header before its data, which is possible
 because the merge plan knows every output shape and dtype before any tensor is
@@ -25,7 +29,6 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import torch
-from safetensors import safe_open
 
 from merging.errors import CheckpointError, EvomergeError
 
@@ -57,6 +60,12 @@ class TensorInfo:
     shape: tuple[int, ...]
     dtype: torch.dtype
     file: str
+    offset: int = -1
+    """Where the tensor's bytes start in a safetensors `file` (-1 in a pickle)."""
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 ZOO_PREFIX = "zoo:"
@@ -140,7 +149,8 @@ class Checkpoint:
             self.config: dict = json.loads(config_file.read_text())
         except json.JSONDecodeError as exc:
             raise CheckpointError(f"model {reference!r}: config.json is not valid JSON ({exc})") from exc
-        self._safetensors: dict[str, object] = {}
+        self._files: dict[str, int] = {}
+        """Open descriptors of the safetensors files read so far."""
         self._pickled: dict[str, dict[str, torch.Tensor]] = {}
         self._kept: dict[str, torch.Tensor] | None = None
         self.tensors: dict[str, TensorInfo] = {}
@@ -191,14 +201,16 @@ class Checkpoint:
         full = self.path / file
         if not full.is_file():
             raise CheckpointError(f"model {self.reference!r}: weight file {file} is listed but missing")
-        handle = self._open_safetensors(file)
-        for name in handle.keys():
-            view = handle.get_slice(name)
-            dtype = SAFETENSORS_DTYPES.get(view.get_dtype())
+        try:
+            entries = safetensors_header(full)
+        except ValueError as exc:
+            raise CheckpointError(f"model {self.reference!r}: {file} is not a valid safetensors file "
+                                  f"(truncated or corrupt: {exc})") from None
+        for name, (dtype_name, shape, offset) in sorted(entries.items()):  # name order, as safe_open lists them
+            dtype = SAFETENSORS_DTYPES.get(dtype_name)
             if dtype is None:
-                raise CheckpointError(
-                    f"model {self.reference!r}: tensor {name} has unsupported dtype {view.get_dtype()}")
-            self._add(TensorInfo(name, tuple(view.get_shape()), dtype, file))
+                raise CheckpointError(f"model {self.reference!r}: tensor {name} has unsupported dtype {dtype_name}")
+            self._add(TensorInfo(name, shape, dtype, file, offset))
 
     def _index_pickle(self, file: str) -> None:
         try:
@@ -211,19 +223,26 @@ class Checkpoint:
         for name, tensor in state.items():
             self._add(TensorInfo(name, tuple(tensor.shape), tensor.dtype, file))
 
-    def _open_safetensors(self, file: str):
-        """The open handle (a memory map) of one safetensors file, opened on first use."""
-        handle = self._safetensors.get(file)
-        if handle is None:
-            try:
-                handle = safe_open(str(self.path / file), framework="pt")
-            except Exception as exc:
-                raise CheckpointError(
-                    f"model {self.reference!r}: {file} is not a valid safetensors file "
-                    f"(truncated or corrupt: {exc})"
-                ) from exc
-            self._safetensors[file] = handle
-        return handle
+    def _descriptor(self, file: str) -> int:
+        """The open file descriptor of one safetensors file, opened on first use."""
+        descriptor = self._files.get(file)
+        if descriptor is None:
+            descriptor = self._files[file] = os.open(self.path / file, os.O_RDONLY)
+        return descriptor
+
+    def _read_bytes(self, info: TensorInfo, pinned: bool) -> torch.Tensor:
+        """The tensor's bytes, read into a fresh tensor of its dtype and shape (in pinned,
+        page-locked memory when `pinned`, for an asynchronous copy to a GPU)."""
+        data = torch.empty(info.nbytes, dtype=torch.uint8, pin_memory=pinned)
+        view, done = memoryview(data.numpy()), 0
+        descriptor = self._descriptor(info.file)
+        while done < info.nbytes:
+            count = os.preadv(descriptor, [view[done:]], info.offset + done)
+            if count == 0:
+                raise CheckpointError(f"model {self.reference!r}: {info.file} ends inside tensor {info.name} "
+                                      "(truncated)")
+            done += count
+        return data.view(info.dtype).reshape(info.shape)
 
     @property
     def nbytes(self) -> int:
@@ -239,11 +258,12 @@ class Checkpoint:
         stay the source's."""
         self._kept = None
         kept = {name: self.read(name).to(device) for name in self.tensors}
-        self._safetensors.clear()
+        self.close_files()
         self._kept = kept
 
-    def read(self, name: str) -> torch.Tensor:
-        """Read one tensor; refuse NaN or Inf, which would silently poison a merge."""
+    def read(self, name: str, *, pinned: bool = False) -> torch.Tensor:
+        """Read one tensor; refuse NaN or Inf, which would silently poison a merge.
+        `pinned` reads it into page-locked memory (see `_read_bytes`)."""
         info = self.tensors.get(name)
         if info is None:
             raise CheckpointError(f"model {self.reference!r} has no tensor {name}")
@@ -253,7 +273,7 @@ class Checkpoint:
             if info.file in self._pickled:
                 tensor = self._pickled[info.file][name]
             else:
-                tensor = self._open_safetensors(info.file).get_tensor(name)
+                tensor = self._read_bytes(info, pinned)
         except CheckpointError:
             raise
         except Exception as exc:
@@ -263,23 +283,63 @@ class Checkpoint:
         return tensor
 
     def release(self, file: str) -> None:
-        """Drop the memory map of one safetensors file (reopened if read again).
+        """Close one safetensors file (reopened if read again): the engine calls this after
+        the last planned read from a shard, so a merge of many shards holds few files open."""
+        descriptor = self._files.pop(file, None)
+        if descriptor is not None:
+            os.close(descriptor)
 
-        The engine calls this after the last planned read from a shard, so the pages read
-        from it leave the process's resident memory instead of piling up to the size of
-        every input model."""
-        self._safetensors.pop(file, None)
+    def close_files(self) -> None:
+        for file in list(self._files):
+            self.release(file)
 
     def close(self) -> None:
-        self._safetensors.clear()
+        self.close_files()
         self._pickled.clear()
         self._kept = None
+
+
+def safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...], int]]:
+    """name -> (dtype name, shape, absolute byte offset of its data) from a safetensors
+    file's header, checked against the file's size so that a truncated or corrupt file
+    is named when it is opened, not halfway through a merge. ValueError says what is wrong."""
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise ValueError("shorter than its 8-byte header length")
+        (length,) = struct.unpack("<Q", prefix)
+        if length > min(size - 8, 100 << 20):
+            raise ValueError(f"header length {length} exceeds the file")
+        try:
+            header = json.loads(handle.read(length))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"header is not JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise ValueError("header is not a JSON object")
+    start, entries = 8 + length, {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype_name, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+        except (TypeError, KeyError, ValueError):
+            raise ValueError(f"tensor {name}: malformed header entry") from None
+        itemsize = SAFETENSORS_DTYPES[dtype_name].itemsize if dtype_name in SAFETENSORS_DTYPES else None
+        if itemsize is not None and end - begin != math.prod(shape) * itemsize:
+            raise ValueError(f"tensor {name}: {end - begin} bytes for shape {list(shape)} {dtype_name}")
+        if not 0 <= begin <= end or start + end > size:
+            raise ValueError(f"tensor {name}: data ends at byte {start + end}, the file has {size}")
+        entries[name] = (dtype_name, shape, start + begin)
+    return entries
 
 
 def all_finite(tensor: torch.Tensor) -> bool:
     """True when no entry is NaN or +-Inf. The min and max carry any NaN or Inf through,
     and `aminmax` is one pass without the full boolean mask `isfinite` builds (~50x faster
     on a 32000 x 2048 bfloat16 embedding)."""
+    if tensor.dtype.itemsize == 1:  # float8: no aminmax kernel; bfloat16 holds every value, NaN included
+        tensor = tensor.to(torch.bfloat16)
     low, high = torch.aminmax(tensor)
     return bool(torch.isfinite(low) and torch.isfinite(high))
 

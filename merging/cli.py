@@ -70,10 +70,13 @@ def add_merge_parser(subparsers) -> None:
     parser.add_argument("--allow-pickle", action="store_true",
                         help="allow pickled .bin weights (loaded with torch.load(weights_only=True))")
     parser.add_argument("--seed", type=int, default=0,
-                        help="seed of the random methods (dare_*); the same seed gives the same tensors")
+                        help="seed of the random methods (dare_*, della*); the same seed gives the same tensors")
     parser.add_argument("--out-shard-size", default="5GB",
                         help="largest safetensors shard, in bytes or with a unit (default 5GB)")
     parser.add_argument("--zoo", default=None, help=ZOO_HELP)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="tensors merged at once on the CPU (default: 2 on a machine with 2 or more "
+                             "cores, else 1); more uses more cores and memory, the tensors are the same")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.set_defaults(run=run_merge)
 
@@ -98,6 +101,21 @@ def load_recipe_with_notes(path: Path):
     return recipe
 
 
+def merge_threads(requested: int | None, device) -> int:
+    """How many tensors merge at once: as asked, else 2 on a CPU with 2 or more cores (the
+    trim's selection and sort use one core each) and 1 on a GPU (its kernels fill it).
+    `device` None: a dry run, which plans for the CPU."""
+    import os
+
+    from merging.errors import EvomergeError
+
+    if requested is not None:
+        if requested < 1:
+            raise EvomergeError(f"--threads must be 1 or more, got {requested}")
+        return requested
+    return 1 if device is not None and device.type == "cuda" else min(2, os.cpu_count() or 1)
+
+
 def run_merge(args: argparse.Namespace) -> None:
     """`args.zoo` is a zoo folder (the dispatcher resolved a size name) or None."""
     from merging.checkpoint import check_output_dir, parse_size
@@ -112,10 +130,11 @@ def run_merge(args: argparse.Namespace) -> None:
                                           recipe_dir=args.recipe.parent, zoo_dir=args.zoo))
     try:
         if args.dry_run:
-            print(describe_plan(plan))
+            print(describe_plan(plan, merge_threads(args.threads, None)))
             return
         merge_to_disk(plan, args.out_dir, device=device, seed=args.seed, overwrite=args.overwrite,
-                      max_shard_bytes=shard_bytes, progress=not args.no_progress)
+                      max_shard_bytes=shard_bytes, progress=not args.no_progress,
+                      threads=merge_threads(args.threads, device))
     finally:
         plan.close()
     print(f"wrote {args.out_dir} ({len(plan.tasks)} tensors, {plan.num_layers} layers)")

@@ -5,16 +5,20 @@ tensors (model, name), the operator and the parameters resolved for that tensor,
 the output shape and dtype, and it checks shapes, missing tensors and architectures
 before any data is read, so bad input fails in seconds with a precise message.
 
-Execution visits the plan one tensor at a time: read each input (memory-mapped), move
-it to the device, run the operator in float32, cast, hand the result on. Peak memory
-is therefore a few tensors, not a model. `iter_merged` yields the tensors (the harness
+Execution visits the plan one tensor at a time: read each input (a positioned read, no
+memory map), move it to the device, run the operator in float32, cast, hand the result
+on; a reader thread reads the next tensor's inputs and a writer thread writes the
+previous output meanwhile. Peak memory is therefore a few tensors, not a model. `iter_merged` yields the tensors (the harness
 loads them into a resident model); `merge_to_disk` streams them into a checkpoint.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -267,7 +271,34 @@ def _make_task(recipe: Recipe, method: MergeMethod, slice_: OutputSlice, out_nam
     )
 
 
-def describe_plan(plan: MergePlan) -> str:
+PROCESS_BYTES = 450 * 2**20
+"""Resident memory of the merging process before any tensor: Python, torch, tokenizers
+(measured: `evomerge merge --dry-run` peaks at about 400 MiB)."""
+
+
+def expected_peak_bytes(plan: MergePlan, threads: int) -> int:
+    """An upper estimate of a CPU merge's peak resident memory: the process, plus, for the
+    `threads` consecutive tasks merging at once, their inputs and float32 working set (about
+    two copies per input and four more: the stacked deltas, masks, the trim's sort
+    buffers), plus the next task's inputs being read; the largest such window counts. Measured against /usr/bin/time
+    (scripts/bench_merge.py): a TIES merge of a 160M float32 Llama peaks at 2.2-2.5 GiB
+    where this says 2.2 GiB for one thread."""
+    def inputs(task: TensorTask) -> int:
+        return sum(plan.checkpoints[ref.model].tensors[ref.name].nbytes
+                   for ref in [*task.inputs, *([task.base] if task.base else [])])
+
+    def working(task: TensorTask) -> int:
+        count = len(task.inputs) + (1 if task.base else 0)
+        return 4 * math.prod(task.output.shape) * (2 * count + 4)
+
+    sizes = [(inputs(task), inputs(task) + working(task)) for task in plan.tasks]
+    windows = (sum(total for _, total in sizes[start:start + threads])
+               + (sizes[start + threads][0] if start + threads < len(sizes) else 0)
+               for start in range(len(sizes)))
+    return PROCESS_BYTES + max(windows, default=0)
+
+
+def describe_plan(plan: MergePlan, threads: int = 1) -> str:
     """A human-readable plan: the summary, then one line per output tensor."""
     total = sum(task.output.nbytes for task in plan.tasks)
     lines = [
@@ -275,6 +306,8 @@ def describe_plan(plan: MergePlan) -> str:
         "models: " + ", ".join(f"{ref} ({ck.path})" for ref, ck in plan.checkpoints.items()),
         f"config from: {plan.reference}; output: {plan.num_layers} layers, {len(plan.tasks)} tensors, "
         f"{total / 2**30:.3f} GiB",
+        f"expected peak memory: about {expected_peak_bytes(plan, threads) / 2**30:.2f} GiB on a CPU with "
+        f"{threads} thread{'s' if threads > 1 else ''} (--threads)",
         _tokenizer_line(plan),
         *([_modules_line(plan)] if plan.recipe.modules is not None or len(plan.modules) > 1 else []),
         "",
@@ -343,13 +376,25 @@ def tensor_generator(seed: int, name: str, device: torch.device) -> torch.Genera
     return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
-def execute_task(plan: MergePlan, task: TensorTask, device: torch.device, seed: int) -> torch.Tensor:
-    """Compute one output tensor on `device` and cast it to its output dtype."""
-    def load(ref: TensorInput) -> torch.Tensor:
-        return plan.checkpoints[ref.model].read(ref.name).to(device)
+TaskInputs = tuple[list[torch.Tensor], "torch.Tensor | None"]
+"""One task's input tensors and base tensor, read and on the merge device."""
 
-    tensors = [load(ref) for ref in task.inputs]
-    base = load(task.base) if task.base else None
+
+def read_inputs(plan: MergePlan, task: TensorTask, device: torch.device) -> TaskInputs:
+    """Read one task's inputs and move them to `device` (through pinned host memory and
+    an asynchronous copy on a GPU, so that the copy overlaps the previous task's merge)."""
+    def load(ref: TensorInput) -> torch.Tensor:
+        tensor = plan.checkpoints[ref.model].read(ref.name, pinned=device.type == "cuda")
+        return tensor.to(device, non_blocking=tensor.is_pinned())
+
+    return [load(ref) for ref in task.inputs], (load(task.base) if task.base else None)
+
+
+def execute_task(plan: MergePlan, task: TensorTask, device: torch.device, seed: int,
+                 inputs: TaskInputs | None = None) -> torch.Tensor:
+    """Compute one output tensor on `device` and cast it to its output dtype (`inputs`:
+    the task's tensors when already read, see `read_inputs`)."""
+    tensors, base = inputs if inputs is not None else read_inputs(plan, task, device)
     if task.vocabulary is not None:
         rebuilt = task.vocabulary.apply({ref.model: tensor for ref, tensor in
                                          zip([*task.inputs, *([task.base] if task.base else [])],
@@ -364,20 +409,49 @@ def execute_task(plan: MergePlan, task: TensorTask, device: torch.device, seed: 
 
 
 def iter_merged(plan: MergePlan, *, device: str | torch.device = "cpu", seed: int = 0,
-                progress: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, tensor) for every output tensor, in plan order, one at a time."""
-    device = torch.device(device)
-    tasks = plan.tasks
-    if progress:
-        from tqdm.auto import tqdm
+                progress: bool = False, threads: int = 1) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) for every output tensor, in plan order.
 
-        tasks = tqdm(tasks, desc="merging", unit="tensor")
+    A reader thread reads inputs ahead, in plan order (file reads and torch kernels
+    release the GIL, so reading overlaps merging), and `threads` tensors merge at once:
+    selections and sorts (TIES' trim) run on one core each, so a second tensor is what
+    keeps a second core busy. At most `threads + 1` tasks' inputs are held at once. The
+    tensors do not depend on `threads`: each is computed by the same kernels with the
+    same intra-op thread count, and random methods draw from a generator per tensor."""
+    device = torch.device(device)
     releases = _last_reads(plan)
-    with torch.no_grad():
-        for index, task in enumerate(tasks):
-            yield task.output.name, execute_task(plan, task, device, seed)
-            for model, file in releases.get(index, ()):
-                plan.checkpoints[model].release(file)
+    bar = _progress_bar(plan) if progress else None
+
+    def read(index: int) -> TaskInputs:
+        inputs = read_inputs(plan, plan.tasks[index], device)
+        for model, file in releases.get(index, ()):
+            plan.checkpoints[model].release(file)
+        return inputs
+
+    def merge(index: int, inputs: Future) -> torch.Tensor:
+        with torch.no_grad():
+            return execute_task(plan, plan.tasks[index], device, seed, inputs.result())
+
+    with ThreadPoolExecutor(1, thread_name_prefix="evomerge-read") as reader, \
+            ThreadPoolExecutor(threads, thread_name_prefix="evomerge-merge") as mergers:
+        ahead: deque[tuple[TensorTask, Future]] = deque()
+        for index, task in enumerate(plan.tasks):
+            ahead.append((task, mergers.submit(merge, index, reader.submit(read, index))))
+            while len(ahead) > threads or (ahead and index == len(plan.tasks) - 1):
+                done, merged = ahead.popleft()
+                yield done.output.name, merged.result()
+                if bar is not None:
+                    bar.update(done.output.nbytes)
+    if bar is not None:
+        bar.close()
+
+
+def _progress_bar(plan: MergePlan):
+    """A bar over the output's bytes: it shows MB/s written and the time left."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=sum(task.output.nbytes for task in plan.tasks), desc="merging", unit="B",
+                unit_scale=True, unit_divisor=1024)
 
 
 def _last_reads(plan: MergePlan) -> dict[int, list[tuple[str, str]]]:
@@ -414,7 +488,7 @@ def output_config(plan: MergePlan) -> dict:
 
 def merge_to_disk(plan: MergePlan, out_dir: str | Path, *, device: str | torch.device = "cpu",
                   seed: int = 0, overwrite: bool = False, max_shard_bytes: int = 5 * 10**9,
-                  progress: bool = False, card_notes: str = "") -> Path:
+                  progress: bool = False, card_notes: str = "", threads: int = 1) -> Path:
     """Write the merged checkpoint folder: weights, config, generation config, tokenizer
     files of the tokenizer source, the recipe (recipe.yaml, as mergekit writes its config,
     so `evomerge merge recipe.yaml` remakes the folder) and a model card (with
@@ -425,8 +499,14 @@ def merge_to_disk(plan: MergePlan, out_dir: str | Path, *, device: str | torch.d
     out_dir = Path(out_dir)
     with atomic_output_dir(out_dir, overwrite=overwrite) as staging:
         writer = ShardedWriter(staging, [t.output for t in plan.tasks], max_shard_bytes)
-        for name, tensor in iter_merged(plan, device=device, seed=seed, progress=progress):
-            writer.write(name, tensor)
+        with ThreadPoolExecutor(1, thread_name_prefix="evomerge-write") as background:
+            written = None  # the previous tensor's write, overlapping this one's merge
+            for name, tensor in iter_merged(plan, device=device, seed=seed, progress=progress, threads=threads):
+                if written is not None:
+                    written.result()
+                written = background.submit(writer.write, name, tensor)
+            if written is not None:
+                written.result()
         writer.close()
         (staging / "config.json").write_text(json.dumps(output_config(plan), indent=2) + "\n")
         tokenizer_path = plan.checkpoints[plan.tokenizer_model].path
@@ -457,7 +537,7 @@ def _write_generation_config(out_dir: Path) -> None:
 
 def run_recipe(recipe_path: str | Path, out_dir: str | Path, *, device: str = "cpu", seed: int = 0,
                overwrite: bool = False, allow_pickle: bool = False, max_shard_bytes: int = 5 * 10**9,
-               progress: bool = False) -> Path:
+               progress: bool = False, threads: int = 1) -> Path:
     """Load a recipe file and merge it to `out_dir` (what `evomerge merge` does)."""
     from merging.recipe import load_recipe
 
@@ -467,7 +547,7 @@ def run_recipe(recipe_path: str | Path, out_dir: str | Path, *, device: str = "c
                                           recipe_dir=Path(recipe_path).parent))
     try:
         return merge_to_disk(plan, out_dir, device=device, seed=seed, overwrite=overwrite,
-                             max_shard_bytes=max_shard_bytes, progress=progress)
+                             max_shard_bytes=max_shard_bytes, progress=progress, threads=threads)
     finally:
         plan.close()
 

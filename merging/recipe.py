@@ -19,7 +19,7 @@ import types
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Iterable, Optional, Union, get_args, get_origin
+from typing import Annotated, Any, Iterable, Iterator, Optional, Union, get_args, get_origin
 
 import torch
 import yaml
@@ -36,9 +36,6 @@ ScalarOrGradient = Union[Scalar, list[Scalar]]
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16,
                                   "bfloat16": torch.bfloat16, "float64": torch.float64}
 """The dtype names a recipe's `dtype` / `out_dtype` may give: the one table of the project."""
-UNSUPPORTED_KEYS = {
-    "residual_weight": "`residual_weight` is not supported",
-}
 
 
 class _Strict(BaseModel):
@@ -71,6 +68,8 @@ class Slice(_Strict):
     sources: list[SliceSource]
     base_model: Optional[str] = None
     parameters: Parameters = None
+    residual_weight: Optional[float] = None
+    """In mergekit 0.1.5's schema, but no merge reads it: accepted and ignored, with a note."""
 
 
 class ModuleSpec(_Strict):
@@ -332,20 +331,23 @@ def _duplicate_keys(node: yaml.Node | None) -> Iterable[tuple[str, int, int]]:
             yield from _duplicate_keys(item)
 
 
-def validate_recipe(data: Any, root: yaml.Node, source: str) -> Recipe:
+def validate_recipe(data: Any, root: yaml.Node, source: str, *, strict_parameters: bool = False) -> Recipe:
     """Recipe data (parsed YAML) to a Recipe; errors name the line in `root` at fault.
     Shared with recipe templates (niches/genome.py), whose free markers are replaced
-    before validation."""
+    before validation.
+
+    A parameter the method does not take is ignored with a note, as mergekit 0.1.5 ignores
+    it (recipes on model cards often keep `normalize` or `int8_mask` from another
+    method), unless its name is close to one the method takes (`densty`): that is refused
+    as the typo it most likely is, like a misspelt key. `strict_parameters` refuses every
+    unknown parameter: a search template must not spend a gene on a parameter that does
+    nothing."""
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: a recipe is a YAML mapping with at least `merge_method`")
 
     def fail(loc: tuple, message: str) -> RecipeError:
         return RecipeError(f"{located(root, loc, source)}: {message}")
 
-    for key, message in UNSUPPORTED_KEYS.items():
-        found = _find_key(data, key)
-        if found is not None:
-            raise fail(found, message)
     for loc in _ignored_keys(data):
         why = MODULE_KEYS_MERGEKIT_IGNORES.get(loc[-1], "") if _in_module(loc) else ""
         warnings.warn(RecipeNote(f"{located(root, loc, source)}: key {loc[-1]!r} is not part of "
@@ -364,6 +366,21 @@ def validate_recipe(data: Any, root: yaml.Node, source: str) -> Recipe:
             if error["loc"][-1] in _parameter_names() and "did you mean" not in message:
                 message += "; a merge parameter goes under `parameters:`"
         raise fail(loc, message) from None
+    for i, slice_ in enumerate(recipe.slices or []):
+        if slice_.residual_weight is not None:
+            warnings.warn(RecipeNote(f"{located(root, ('slices', i, 'residual_weight'), source)}: "
+                                     "`residual_weight` has no effect in mergekit 0.1.5; ignored"), stacklevel=2)
+    for loc, params, allowed in _parameter_scopes(recipe) if recipe.merge_method in METHODS else ():
+        for name in [name for name in params or {} if name not in allowed]:
+            message = unknown_parameter_message(recipe.merge_method, name, allowed)
+            if strict_parameters:
+                raise fail(loc + (name,), message)
+            if did_you_mean(name, allowed):
+                raise fail(loc + (name,), f"{message} (mergekit would ignore it and use the default; "
+                                          "evomerge refuses a likely typo)")
+            warnings.warn(RecipeNote(f"{located(root, loc + (name,), source)}: {message}; ignored, as mergekit "
+                                     "does"), stacklevel=2)
+            del params[name]
     for loc, message in _semantic_errors(recipe):
         raise fail(loc, message)
     if recipe.tokenizer_model_source is not None:
@@ -381,6 +398,29 @@ def validate_recipe(data: Any, root: yaml.Node, source: str) -> Recipe:
 def _in_module(loc: tuple) -> bool:
     """Whether `loc` is a key of one entry of `modules:` (`modules.text_decoder.KEY`)."""
     return len(loc) == 3 and loc[0] == "modules"
+
+
+def unknown_parameter_message(method: str, name: str, allowed: set[str]) -> str:
+    hint = (f"{did_you_mean(name, allowed)}; {method} takes {', '.join(sorted(allowed))}"
+            if allowed else f"; {method} takes no parameters here")
+    return f"unknown parameter {name!r}{hint}"
+
+
+def _parameter_scopes(recipe: Recipe) -> Iterator[tuple[tuple, Parameters, set[str]]]:
+    """Every `parameters:` mapping of a recipe: its location, itself, and the names the
+    method takes there (per model: its model parameters; elsewhere: all of them)."""
+    allowed_model = set(recipe.method.model_params)
+    allowed_any = allowed_model | set(recipe.method.global_params)
+    yield ("parameters",), recipe.parameters, allowed_any
+    for at, models, slices, parameters in _parts(recipe):
+        if at:
+            yield at + ("parameters",), parameters, allowed_any
+        for i, source in enumerate(models or []):
+            yield at + ("models", i, "parameters"), source.parameters, allowed_model
+        for i, slice_ in enumerate(slices or []):
+            yield at + ("slices", i, "parameters"), slice_.parameters, allowed_any
+            for j, source in enumerate(slice_.sources):
+                yield at + ("slices", i, "sources", j, "parameters"), source.parameters, allowed_model
 
 
 def _parameter_names() -> set[str]:
@@ -453,7 +493,7 @@ def _union_members(annotation: Any) -> list[Any]:
 
 
 def _semantic_errors(recipe: Recipe):
-    """What the schema cannot express: known method, parameter names, model counts."""
+    """What the schema cannot express: known method, model counts, layer ranges."""
     if recipe.merge_method not in METHODS:
         yield ("merge_method",), f"unknown merge method {recipe.merge_method!r}; known: {', '.join(sorted(METHODS))}"
         return
@@ -472,20 +512,11 @@ def _semantic_errors(recipe: Recipe):
     yield from _tokenizer_errors(recipe)
     if recipe.chat_template is not None and (problem := template_problem(recipe.chat_template)):
         yield ("chat_template",), problem
-    allowed_model = set(method.model_params)
-    allowed_any = allowed_model | set(method.global_params)
-    scopes: list[tuple[tuple, Parameters, set[str]]] = [(("parameters",), recipe.parameters, allowed_any)]
     for at, models, slices, parameters in _parts(recipe):
         yield from _repeated_models(at, models, slices)
-        if at:
-            scopes.append((at + ("parameters",), parameters, allowed_any))
-        for i, source in enumerate(models or []):
-            scopes.append((at + ("models", i, "parameters"), source.parameters, allowed_model))
         for i, slice_ in enumerate(slices or []):
             loc = at + ("slices", i)
-            scopes.append((loc + ("parameters",), slice_.parameters, allowed_any))
             for j, source in enumerate(slice_.sources):
-                scopes.append((loc + ("sources", j, "parameters"), source.parameters, allowed_model))
                 begin, end = source.layer_range
                 # in a module, [0, 0] is the range of one without layers (a projector), as in mergekit
                 if begin < 0 or end < begin or (end == begin and not at):
@@ -494,12 +525,6 @@ def _semantic_errors(recipe: Recipe):
                 yield loc + ("sources",), "all sources of a slice must span the same number of layers"
             if not slice_.sources:
                 yield loc + ("sources",), "a slice needs at least one source"
-    for loc, params, allowed in scopes:
-        for name in params or {}:
-            if name not in allowed:
-                hint = (f"{did_you_mean(name, allowed)}; {recipe.merge_method} takes {', '.join(sorted(allowed))}"
-                        if allowed else f"; {recipe.merge_method} takes no parameters here")
-                yield loc + (name,), f"unknown parameter {name!r}{hint}"
     for at, models, slices, parameters in _parts(recipe):
         for i, slice_ in enumerate(_slices_of(recipe, models, slices, parameters)):
             loc = at + (("models",) if models else ("slices", i))
@@ -554,22 +579,6 @@ def _repeated_models(at: tuple, models: list[ModelSource] | None, slices: list[S
                                            f"{first[source.model]}); mergekit refuses duplicate merge inputs. "
                                            "List each model once (give it one weight)")
             first.setdefault(source.model, j)
-
-
-def _find_key(data: Any, key: str, loc: tuple = ()) -> tuple | None:
-    if isinstance(data, dict):
-        if key in data:
-            return loc + (key,)
-        children = data.items()
-    elif isinstance(data, list):
-        children = enumerate(data)
-    else:
-        return None
-    for child_key, child in children:
-        found = _find_key(child, key, loc + (child_key,))
-        if found is not None:
-            return found
-    return None
 
 
 def _all_keys(data: Any) -> set:

@@ -128,7 +128,7 @@ class RecipeGenome:
         if not self.parameters:
             raise RecipeError(f"{source}: the template marks no parameter free; write e.g. "
                               "`density: {free: [0.1, 1.0], granularity: layer}`")
-        validate_recipe(self._substitute([p.init for p in self.parameters]), root, source)
+        validate_recipe(self._substitute([p.init for p in self.parameters]), root, source, strict_parameters=True)
 
     @classmethod
     def from_text(cls, text: str, source: str = "<template>", layout: LayerLayout | None = None) -> "RecipeGenome":

@@ -341,8 +341,8 @@ fi
 if [ "$BIG_MERGE" = 1 ]; then
     mkdir -p "$WORK/big"
     run_step big-models "bench_merge.build_models (3 x 1.1B bf16)" 300 -- python3 -c \
-        "import sys; from pathlib import Path; sys.path.insert(0, 'scripts'); import bench_merge as b; b.build_models(Path(sys.argv[1]) / 'models')" "$WORK/big"
-    python3 -c "import sys; sys.path.insert(0, 'scripts'); import bench_merge as b; print(b.RECIPE, end='')" > "$WORK/big/recipe.yaml"
+        "import sys; from pathlib import Path; sys.path.insert(0, 'scripts'); import bench_merge as b; b.build_models(Path(sys.argv[1]) / 'models', b.SCENARIOS['tinyllama-bf16'])" "$WORK/big"
+    python3 -c "import sys; sys.path.insert(0, 'scripts'); import bench_merge as b; print(b.SCENARIOS['tinyllama-bf16'].recipe, end='')" > "$WORK/big/recipe.yaml"
     if [ -f "$WORK/big/models/done.json" ]; then
         run_step big-merge "evomerge merge (TIES, 3 x 1.1B bf16) --device $DEVICE" 300 -- \
             bash -c 'cd "$1" && python3 -m evomerge merge recipe.yaml merged --device "$2" --no-progress --overwrite' _ "$WORK/big" "$DEVICE"

@@ -110,6 +110,43 @@ def test_truncated_safetensors_names_model_and_file(llama_family, tmp_path):
         Checkpoint.open(str(broken))
 
 
+def test_positioned_reads_give_what_safetensors_wrote_for_every_dtype(tmp_path):
+    """The reader parses the header itself and reads each tensor at its offset (no memory
+    map): every dtype, an empty tensor and a scalar must come back bit for bit."""
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    generator = torch.Generator().manual_seed(0)
+    tensors = {f"t.{dtype}": torch.randn(3, 5, generator=generator).to(dtype)
+               for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.float8_e4m3fn)}
+    tensors |= {"ids": torch.arange(7), "flags": torch.tensor([True, False, True]),
+                "empty": torch.zeros(0, 4), "scalar": torch.tensor(2.5)}
+    save_file(tensors, folder / "model.safetensors")
+    checkpoint = Checkpoint("m", folder)
+    assert list(checkpoint.tensors) == sorted(tensors)
+    for name, expected in tensors.items():
+        read = checkpoint.read(name)
+        assert read.dtype == expected.dtype and read.shape == expected.shape
+        assert torch.equal(read.view(-1).view(torch.uint8), expected.reshape(-1).view(torch.uint8)), name
+    checkpoint.close()
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda data: data[:5], "shorter than its 8-byte header"),
+    (lambda data: (10**12).to_bytes(8, "little") + data[8:], "header length"),
+    (lambda data: data[:8] + b"x" + data[9:], "not JSON"),
+    (lambda data: data[:-1], "data ends at byte"),
+])
+def test_a_damaged_safetensors_header_names_model_and_file(llama_family, tmp_path, damage, message):
+    broken = tmp_path / "broken"
+    shutil.copytree(llama_family["base"], broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(damage(weights.read_bytes()))
+    with pytest.raises(CheckpointError, match=rf"model '.*broken': model\.safetensors is not a valid safetensors "
+                                              rf"file \(truncated or corrupt: .*{message}"):
+        Checkpoint.open(str(broken))
+
+
 def test_pickle_is_refused_unless_allowed(llama_family, tmp_path):
     pickled = tmp_path / "pickled"
     pickled.mkdir()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -37,7 +38,8 @@ def test_help_explains_the_commands():
     assert top.returncode == 0 and "merge" in top.stdout
     merge = run_cli("merge", "--help")
     assert merge.returncode == 0
-    for flag in ("--dry-run", "--device", "--overwrite", "--allow-pickle", "--seed", "--out-shard-size"):
+    for flag in ("--dry-run", "--device", "--overwrite", "--allow-pickle", "--seed", "--out-shard-size",
+                 "--threads"):
         assert flag in merge.stdout
 
 
@@ -57,7 +59,10 @@ def test_dry_run_prints_the_plan_and_writes_nothing(recipe, tmp_path, capsys):
     assert "method: ties" in printed
     assert "model.layers.0.mlp.up_proj.weight [128, 64] float32" in printed
     assert "density=[0.5,0.5]" in printed
+    assert re.search(r"expected peak memory: about \d+\.\d\d GiB on a CPU with 2 threads", printed)
     assert not (tmp_path / "out").exists()
+    assert main(["merge", str(recipe), str(tmp_path / "out"), "--dry-run", "--threads", "1"]) == 0
+    assert "with 1 thread (--threads)" in capsys.readouterr().out
 
 
 def test_merge_writes_and_refuses_to_overwrite(recipe, tmp_path, capsys):

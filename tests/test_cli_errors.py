@@ -70,8 +70,8 @@ def _case(name: str, llama: dict[str, Path], tmp: Path) -> tuple[str, str]:
     if name == "unknown method":
         return LINEAR.format(a=a, b=b).replace("linear", "magic"), r"line 1: .*unknown merge method 'magic'"
     if name == "unknown parameter":
-        return LINEAR.format(a=a, b=b).replace("weight: 1.0}}\n  -", "weight: 1.0, spice: 2}}\n  -", 1), \
-            r"line 3: .*unknown parameter 'spice'"
+        return LINEAR.format(a=a, b=b).replace("weight: 1.0}}\n  -", "weight: 1.0, wieght: 2}}\n  -", 1), \
+            r"line 3: .*unknown parameter 'wieght'; did you mean 'weight'"
     raise AssertionError(name)
 
 

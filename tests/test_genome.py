@@ -109,6 +109,9 @@ def test_template_errors_are_recipe_errors_with_lines(llama_family, layout):
     text = TEMPLATE.format(base=llama_family["base"], v1=llama_family["variant_1"], v2=llama_family["variant_2"])
     with pytest.raises(RecipeError, match="line 6: .*unknown parameter 'densty'"):
         RecipeGenome.from_text(text.replace("density: {", "densty: {"), "t.yaml", layout)
+    with pytest.raises(RecipeError, match="line 13: parameters.temperature: unknown parameter 'temperature'"):
+        # a static recipe ignores it with a note (as mergekit does); a template spends no gene on it
+        RecipeGenome.from_text(text.replace("normalize: true", "temperature: 0.5"), "t.yaml", layout)
     with pytest.raises(RecipeError, match="marks no parameter free"):
         RecipeGenome.from_text("merge_method: linear\nmodels:\n  - model: a\n    parameters: {weight: 1}\n")
     with pytest.raises(RecipeError, match="needs the models' layout"):

@@ -216,6 +216,17 @@ def test_a_module_base_model_is_ignored_with_a_note_not_taken_for_a_typo():
     assert recipe.base_model is None and recipe.referenced_models() == ["a"]
 
 
+def test_module_parameters_follow_the_rules_of_the_others():
+    """A parameter the method does not take is ignored with a note; a likely typo refused."""
+    text = "merge_method: slerp\nbase_model: b\nmodules:\n  default:\n    models: [{model: a}]\n" \
+           "    parameters: {t: 0.3, int8_mask: true}\n"
+    with pytest.warns(Warning, match=r"line 6: modules.default.parameters.int8_mask: unknown parameter"):
+        assert parse_recipe(text, "r.yaml").modules["default"].parameters == {"t": 0.3}
+    with pytest.raises(EvomergeError, match=r"line 6: modules.default.parameters.tt: unknown parameter 'tt'; "
+                                            r"did you mean 't'\?"):
+        parse_recipe(text.replace("t: 0.3", "tt: 0.3, t: 0.3"), "r.yaml")
+
+
 def _without(source: Path, folder: Path, tensor: str) -> Path:
     shutil.copytree(source, folder)
     state = load_file(folder / "model.safetensors")

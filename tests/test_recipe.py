@@ -134,8 +134,6 @@ def test_wrong_type_is_refused():
     ("merge_method: tiez\nmodels:\n  - model: b\n", 1, "unknown merge method 'tiez'.*ties"),
     ("merge_method: ties\nbase_model: a\nmodels:\n  - model: b\n    parameters:\n      densty: 0.5\n",
      6, "unknown parameter 'densty'"),
-    ("merge_method: linear\nmodels:\n  - model: b\n    parameters:\n      weight: 1\n      normalize: true\n",
-     6, "unknown parameter 'normalize'"),  # a global parameter set per model
     ("merge_method: ties\nmodels:\n  - model: b\n", 1, "needs a `base_model`"),
     ("merge_method: slerp\nbase_model: a\nmodels:\n  - model: a\n  - model: b\n  - model: c\n", 3, "at most 1"),
     ("merge_method: linear\nmodels:\n  - model: b\ndtype: float8\n", 4, "unknown dtype 'float8'"),

@@ -37,6 +37,35 @@ def test_keys_mergekit_ignores_are_ignored_with_a_note():
     assert [m.model for m in recipe.models] == ["a", "b"]
 
 
+def test_parameters_a_method_does_not_take_are_ignored_with_a_note_as_mergekit_does():
+    """Model-card recipes keep `normalize`, `int8_mask` or `density` from another method,
+    or set a global parameter per model; mergekit 0.1.5 ignores them, and so do we."""
+    text = ("merge_method: linear\nmodels:\n  - model: a\n    parameters: {weight: 1, normalize: true}\n"
+            "  - model: b\n    parameters: {weight: 2, density: 0.5}\nparameters: {int8_mask: true}\n")
+    with pytest.warns(RecipeNote) as notes:
+        recipe = parse_recipe(text, source="r.yaml")
+    messages = [str(n.message) for n in notes]
+    assert any(m.startswith("r.yaml, line 4: models[0].parameters.normalize: unknown parameter 'normalize'")
+               and m.endswith("ignored, as mergekit does") for m in messages)
+    assert any(m.startswith("r.yaml, line 6: models[1].parameters.density") for m in messages)
+    assert any(m.startswith("r.yaml, line 7: parameters.int8_mask") for m in messages)
+    assert recipe.models[0].parameters == {"weight": 1} and recipe.models[1].parameters == {"weight": 2}
+    assert recipe.parameters == {}
+
+
+def test_a_misspelt_parameter_is_refused_though_mergekit_would_ignore_it():
+    with pytest.raises(RecipeError, match=r"line 4: .*unknown parameter 'wieght'; did you mean 'weight'.*"
+                                          r"evomerge refuses a likely typo"):
+        parse_recipe(TWO.replace("  - model: a\n", "  - model: a\n    parameters: {wieght: 1}\n"))
+
+
+def test_residual_weight_is_ignored_with_a_note_as_it_does_nothing_in_mergekit():
+    text = ("merge_method: passthrough\nslices:\n  - sources:\n      - {model: a, layer_range: [0, 2]}\n"
+            "    residual_weight: 0.3\n")
+    with pytest.warns(RecipeNote, match=r"r\.yaml, line 5: slices\[0\]\.residual_weight: .*no effect"):
+        parse_recipe(text, source="r.yaml")
+
+
 def test_a_misspelt_key_is_still_refused_not_ignored():
     with pytest.raises(RecipeError, match=r"line 5: .*unknown key 'paramters'; did you mean 'parameters'"):
         parse_recipe(TWO.replace("  - model: b\n", "  - model: b\n    paramters: {weight: 1}\n"))

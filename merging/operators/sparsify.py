@@ -51,10 +51,9 @@ def top_k_mask(values: torch.Tensor, k: int) -> torch.Tensor:
     ones, for about half of those above 4M entries; then the trim costs both.
     """
     threshold = torch.kthvalue(values, values.numel() - k + 1).values
-    above = values > threshold
-    at_threshold = values == threshold
-    if int(above.sum()) + int(at_threshold.sum()) == k:
-        return above | at_threshold
+    kept = values >= threshold
+    if int(torch.count_nonzero(kept)) == k:  # no tie at the threshold crosses the k-th place
+        return kept
     mask = torch.zeros_like(values, dtype=torch.bool)
     mask[torch.argsort(values, descending=True)[:k]] = True
     return mask
@@ -70,7 +69,7 @@ def magnitude(delta: torch.Tensor, density: float, *, rescale: bool = False) -> 
     if density <= 0 or delta.numel() == 0:
         return torch.zeros_like(delta)
     k = max(1, int(density * delta.numel()))
-    mask = top_k_mask(delta.abs().reshape(-1), k).to(delta.dtype)
+    mask = top_k_mask(delta.abs().reshape(-1), k)  # boolean: `delta * mask` multiplies by 1.0 or 0.0
     return rescale_l1(delta, mask.reshape_as(delta), rescale)
 
 

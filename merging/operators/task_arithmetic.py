@@ -39,9 +39,11 @@ from merging.operators.sparsify import sparsify
 
 def sign_consensus(deltas: torch.Tensor) -> torch.Tensor:
     """TIES sign election on stacked weighted deltas ``[n, ...]``: a boolean mask of the
-    entries whose sign agrees with the sign of their sum (ties go to +; zeros never agree)."""
-    majority = torch.where(deltas.sum(dim=0) >= 0, 1.0, -1.0).to(deltas.dtype)
-    return deltas.sign() == majority
+    entries whose sign agrees with the sign of their sum (ties go to +; zeros never agree).
+    Built from comparisons (``d > 0`` where the sum is >= 0, else ``d < 0``), which is
+    ``sign(d) == majority`` without a float copy of every delta's sign."""
+    positive = deltas.sum(dim=0) >= 0
+    return torch.where(positive, deltas > 0, deltas < 0)
 
 
 def generalized_task_arithmetic(
@@ -68,21 +70,21 @@ def generalized_task_arithmetic(
     density = density if density is not None else [1.0] * len(tensors)
     gamma = gamma if gamma is not None else [0.01] * len(tensors)
     epsilon = epsilon if epsilon is not None else [0.15] * len(tensors)
-    deltas = []
-    for x, d, g, e in zip(tensors, density, gamma, epsilon):
-        delta = x.to(dtype) - base
+    # one [n, ...] buffer, filled delta by delta and then edited in place: the working set
+    # of a large tensor (an embedding) is a few copies of it, not one per operation
+    deltas = torch.empty((len(tensors), *base.shape), dtype=dtype, device=base.device)
+    for i, (x, d, g, e) in enumerate(zip(tensors, density, gamma, epsilon)):
+        torch.sub(x.to(dtype), base, out=deltas[i])
         if sparsification:
-            delta = sparsify(delta, sparsification, d, rescale=rescale, gamma=g, epsilon=e,
-                             generator=generator)
-        deltas.append(delta)
-    deltas = torch.stack(deltas)
+            deltas[i] = sparsify(deltas[i], sparsification, d, rescale=rescale, gamma=g, epsilon=e,
+                                 generator=generator)
     weights = torch.tensor(list(weight), dtype=dtype, device=base.device)
     weights = weights.reshape(-1, *([1] * base.dim()))
-    deltas = deltas * weights
+    deltas.mul_(weights)
 
     if consensus:
         mask = sign_consensus(deltas)
-        mixed = (deltas * mask).sum(dim=0)
+        mixed = deltas.mul_(mask).sum(dim=0)
         divisor = (weights * mask).sum(dim=0)
         divisor[divisor == 0] = 1
     else:
