@@ -7,6 +7,11 @@ is built on the meta device (no memory, no weights); its `nn.ModuleList` of
 `gpt_neox.layers`, ...) and its parameter order tells which non-layer tensors come
 before the layers (embeddings) and which after (final norm, head). Every tensor of a
 checkpoint is kept and classified; none is dropped.
+
+A multi-module model (a VLM: text decoder, vision tower, projector) is a few such
+structures side by side, each under its own tensor-name prefix and with its own
+sub-config (`text_config`, `vision_config`); `model_modules` lists them under the names
+mergekit's recipes use for them (`modules:`).
 """
 from __future__ import annotations
 
@@ -58,6 +63,8 @@ class Architecture:
         return f"{match['head']}{index}.{name[match.end():]}"
 
     def position(self, name: str) -> Position:
+        if not self.layer_prefixes:  # a module without layers (a projector): mergekit's pre-weights
+            return "pre"
         if self.layer_of(name) is not None:
             return "layer"
         return "pre" if any(name == p or name.endswith("." + p) or p.endswith("." + name)
@@ -66,6 +73,14 @@ class Architecture:
 
 def num_layers_key(config: dict) -> str:
     """The config.json key that holds the depth (`num_hidden_layers`, GPT-2's `n_layer`, ...)."""
+    key = num_layers_key_or_none(config)
+    if key is None:
+        raise CheckpointError(f"config of model_type {config.get('model_type')!r} states no number of layers")
+    return key
+
+
+def num_layers_key_or_none(config: dict) -> str | None:
+    """`num_layers_key`, or None where the config states no depth (a multi-module model's)."""
     from transformers import AutoConfig
 
     try:
@@ -77,7 +92,7 @@ def num_layers_key(config: dict) -> str:
         for candidate in ("num_hidden_layers", "n_layer", "num_layers", "n_layers"):
             if candidate in config:
                 return candidate
-        raise CheckpointError(f"config of model_type {config.get('model_type')!r} states no number of layers")
+        return None
     return key
 
 
@@ -136,3 +151,61 @@ def _meta_model(hf_config) -> torch.nn.Module:
             return AutoModelForCausalLM.from_config(hf_config)
         except ValueError:
             return AutoModel.from_config(hf_config)
+
+
+@dataclass(frozen=True)
+class Module:
+    """One part of a model that a recipe's `modules:` merges on its own."""
+
+    name: str
+    prefix: str
+    """The start of its tensors' names (`language_model.`); "" for the whole model."""
+    config_key: str | None
+    """Where its own config is in config.json (`text_config`); None: the model's config."""
+    arch: Architecture
+    """Its layers (none for a projector)."""
+
+    def owns(self, tensor_name: str) -> bool:
+        return tensor_name.startswith(self.prefix)
+
+    def depth_config(self, config: dict) -> dict | None:
+        """The (sub-)config dict that states this module's depth; None without layers."""
+        if not self.arch.layer_prefixes:
+            return None
+        return config[self.config_key] if self.config_key else config
+
+
+MODULES: dict[str, dict[str, tuple[str, str | None]]] = {
+    "mistral3": {"text_decoder": ("language_model.", "text_config"),
+                 "vision_tower": ("vision_tower.", "vision_config"),
+                 "multi_modal_projector": ("multi_modal_projector.", None)},
+}
+"""Multi-module model types: module name -> (tensor-name prefix, sub-config key, None for a
+module without layers). The names are mergekit 0.1.5's (its architecture definitions),
+so its recipes' `modules:` run unchanged; each module's layers are still derived from
+transformers, from its sub-config. Every other model is one module, `default` (mergekit's
+name for it)."""
+DEFAULT_MODULE = "default"
+
+
+def model_modules(config: dict) -> dict[str, Module]:
+    """The modules of a model, from its config.json dict, in mergekit's order."""
+    table = MODULES.get(config.get("model_type"))
+    parts = [key for key, value in config.items() if isinstance(value, dict) and "model_type" in value]
+    if table is None and parts and num_layers_key_or_none(config) is None:
+        raise CheckpointError(f"model_type {config.get('model_type')!r} is made of several models ({', '.join(parts)}) "
+                              f"whose modules evomerge does not know; multi-module types it merges: "
+                              f"{', '.join(MODULES)}")
+    if table is None:
+        return {DEFAULT_MODULE: Module(DEFAULT_MODULE, "", None, detect_architecture(config))}
+    modules = {}
+    for name, (prefix, config_key) in table.items():
+        if config_key is None:
+            arch = Architecture(config["model_type"], 0, (), frozenset())
+        elif not isinstance(config.get(config_key), dict):
+            raise CheckpointError(f"config of model_type {config['model_type']!r} has no {config_key!r} "
+                                  f"(the config of its module {name!r})")
+        else:
+            arch = detect_architecture(config[config_key])
+        modules[name] = Module(name, prefix, config_key, arch)
+    return modules

@@ -48,7 +48,7 @@ def add_merge_parser(subparsers) -> None:
         help="merge models as a YAML recipe says and write a Hugging Face checkpoint",
         description=(
             "Merge Hugging Face checkpoints as RECIPE (mergekit's YAML: merge_method, base_model, "
-            "models or slices, parameters, dtype) says, and write OUT_DIR: sharded safetensors with an "
+            "models, slices or modules (each module of a VLM merged on its own), parameters, dtype) says, and write OUT_DIR: sharded safetensors with an "
             "index, config.json, generation_config.json, the tokenizer files of the tokenizer source (and "
             "chat_template.jinja when the recipe sets `chat_template`: auto, alpaca, chatml, exaone, llama3, "
             "mistral or a Jinja template), "

@@ -25,14 +25,16 @@ from typing import Any, Iterator
 
 import torch
 
-from merging.architecture import Architecture, detect_architecture, num_layers_key
+from merging.architecture import DEFAULT_MODULE, MODULES, Module, model_modules, num_layers_key
 from merging.checkpoint import (
     Checkpoint, ShardedWriter, TensorSpec, atomic_output_dir, check_output_dir, copy_tokenizer,
     resolve_model_path,
 )
 from merging.errors import CheckpointError, EvomergeError, RecipeError
 from merging.operators.base import MergeMethod
-from merging.recipe import DTYPES, OutputSlice, Recipe, output_slices, parameter_scopes, resolve_parameter
+from merging.recipe import (
+    DTYPES, OutputSlice, Recipe, assign_modules, output_slices, parameter_scopes, resolve_parameter,
+)
 from merging.tokenizer import (
     Vocabulary, VocabularyRows, plan_vocabulary, resolve_chat_template, tokenizer_model, write_chat_template,
 )
@@ -68,14 +70,21 @@ class MergePlan:
     reference: str
     """The model whose config (and, by default, tokenizer) the output takes."""
     tasks: list[TensorTask] = field(default_factory=list)
-    layer_sources: list[tuple[str, int]] = field(default_factory=list)
-    """For each output layer, the (model, layer) it descends from (layer stacking)."""
+    modules: dict[str, Module] = field(default_factory=dict)
+    """The reference model's modules (one, `default`, but for a multi-module model: a VLM)."""
+    module_layers: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
+    """Per module, for each output layer, the (model, layer) it descends from (layer stacking)."""
     tokenizer_model: str = ""
     """The model whose tokenizer files the output takes."""
     chat_template: str | None = None
     """The template the recipe's `chat_template` resolves to; None keeps the tokenizer's."""
     vocabulary: Vocabulary | None = None
     """The tokenizer source's vocabulary, when the models' rows must be rebuilt to it."""
+
+    @property
+    def layer_sources(self) -> list[tuple[str, int]]:
+        """The output layers of every module, in order."""
+        return [source for layers in self.module_layers.values() for source in layers]
 
     @property
     def num_layers(self) -> int:
@@ -109,17 +118,40 @@ def plan_merge(recipe: Recipe, checkpoints: dict[str, Checkpoint]) -> MergePlan:
     model_types = {ref: ck.config.get("model_type") for ref, ck in checkpoints.items()}
     if len(set(model_types.values())) > 1:
         listing = ", ".join(f"{ref!r} is {kind}" for ref, kind in model_types.items())
-        raise CheckpointError(f"models have different architectures: {listing}")
+        hint = ("; a language model cannot be merged into the text decoder of a multi-module model "
+                "(mergekit 0.1.5 refuses it too)") if set(model_types.values()) & set(MODULES) else ""
+        raise CheckpointError(f"models have different architectures: {listing}{hint}")
     reference = slices[0].base_model or slices[0].sources[0].model
-    arch = {ref: detect_architecture(ck.config) for ref, ck in checkpoints.items()}
-    plan = MergePlan(recipe, method, checkpoints, reference)
+    layouts = {ref: model_modules(ck.config) for ref, ck in checkpoints.items()}
+    plan = MergePlan(recipe, method, checkpoints, reference, modules=layouts[reference])
     merged = list(dict.fromkeys(s.model for slice_ in slices for s in slice_.sources))
     plan.tokenizer_model = tokenizer_model(recipe, reference)
     plan.vocabulary = plan_vocabulary(recipe, checkpoints, plan.tokenizer_model, merged,
                                       recipe.base_model or reference)
+    if plan.vocabulary is not None and len(plan.modules) > 1:
+        raise RecipeError(f"{recipe.where('tokenizer')}: rebuilding the embedding rows to another tokenizer is "
+                          f"not supported for a multi-module model ({model_types[reference]}) yet")
     polled = list(dict.fromkeys([recipe.base_model, *merged] if recipe.base_model else merged))
     plan.chat_template = resolve_chat_template(recipe, checkpoints, polled)
     out_dtype = DTYPES.get(recipe.out_dtype or recipe.dtype or "")
+    for name, module_slices in assign_modules(recipe, list(plan.modules), reference).items():
+        _plan_module(plan, name, module_slices, {ref: layout[name] for ref, layout in layouts.items()}, out_dtype)
+    for ref, checkpoint in checkpoints.items():
+        stray = [t for t in checkpoint.tensors if not any(m.owns(t) for m in layouts[ref].values())]
+        if stray:
+            raise CheckpointError(f"model {ref!r} has tensor(s) {', '.join(stray[:5])} that belong to none of its "
+                                  f"modules ({', '.join(layouts[ref])})")
+    return plan
+
+
+def _plan_module(plan: MergePlan, name: str, slices: list[OutputSlice], modules: dict[str, Module],
+                 out_dtype: torch.dtype | None) -> None:
+    """Plan the tensors of one module (the whole model, for most) from its output slices:
+    the tensors before its layers from the first slice's models, its layers slice by
+    slice, the tensors after them from the last slice's models (mergekit's order)."""
+    recipe, method, checkpoints = plan.recipe, plan.method, plan.checkpoints
+    arch = {ref: module.arch for ref, module in modules.items()}
+    layer_sources = plan.module_layers.setdefault(name, [])
 
     def add(slice_: OutputSlice, out_name: str, names: dict[str, str], t: float,
             vocabulary: Vocabulary | None = None) -> None:
@@ -127,18 +159,19 @@ def plan_merge(recipe: Recipe, checkpoints: dict[str, Checkpoint]) -> MergePlan:
                                      vocabulary))
 
     first, last = slices[0], slices[-1]
-    by_layer = {ref: _tensors_by_layer(ck, arch[ref]) for ref, ck in checkpoints.items()}
+    by_layer = {ref: _tensors_by_layer(ck, modules[ref]) for ref, ck in checkpoints.items()}
     head = first.sources[0].model
     _check_same_tensors({s.model: by_layer[s.model]["pre"] for s in first.sources}, head, "before the layers")
-    for name in by_layer[head]["pre"]:
-        add(first, name, {s.model: name for s in first.sources}, 0.0, plan.vocabulary)
+    for tensor in by_layer[head]["pre"]:
+        add(first, tensor, {s.model: tensor for s in first.sources}, 0.0, plan.vocabulary)
     for slice_ in slices:
         ranges = {}
         for source in slice_.sources:
             depth = arch[source.model].num_layers
             start, end = slice_.layer_range(source, depth)
             if end > depth:
-                raise RecipeError(f"layer_range [{start}, {end}] of model {source.model!r} "
+                where = "" if name == DEFAULT_MODULE else f"module {name!r}: "
+                raise RecipeError(f"{where}layer_range [{start}, {end}] of model {source.model!r} "
                                   f"exceeds its {depth} layers")
             ranges[source.model] = (start, end)
         if len({end - start for start, end in ranges.values()}) > 1:
@@ -148,9 +181,9 @@ def plan_merge(recipe: Recipe, checkpoints: dict[str, Checkpoint]) -> MergePlan:
         length = ranges[lead][1] - ranges[lead][0]
         for offset in range(length):
             t = offset / (length - 1) if length > 1 else 1.0
-            out_index = len(plan.layer_sources)
+            out_index = len(layer_sources)
             lead_layer = ranges[lead][0] + offset
-            plan.layer_sources.append((lead, lead_layer))
+            layer_sources.append((lead, lead_layer))
             _check_same_tensors({m: [arch[m].rename_layer(n, lead_layer) for n in by_layer[m][start + offset]]
                                  for m, (start, _) in ranges.items()}, lead, f"layer {lead_layer}")
             for lead_name in by_layer[lead][lead_layer]:
@@ -158,16 +191,16 @@ def plan_merge(recipe: Recipe, checkpoints: dict[str, Checkpoint]) -> MergePlan:
                 add(slice_, arch[lead].rename_layer(lead_name, out_index), names, t)
     tail = last.sources[0].model
     _check_same_tensors({s.model: by_layer[s.model]["post"] for s in last.sources}, tail, "after the layers")
-    for name in by_layer[tail]["post"]:
-        add(last, name, {s.model: name for s in last.sources}, 0.0, plan.vocabulary)
-    return plan
+    for tensor in by_layer[tail]["post"]:
+        add(last, tensor, {s.model: tensor for s in last.sources}, 0.0, plan.vocabulary)
 
 
-def _tensors_by_layer(checkpoint: Checkpoint, arch: Architecture) -> dict[int | str, list[str]]:
-    """Tensor names grouped by layer index, plus "pre" (embeddings) and "post" (final
-    norm, head), in file order: one pass over the names instead of one per layer."""
+def _tensors_by_layer(checkpoint: Checkpoint, module: Module) -> dict[int | str, list[str]]:
+    """The module's tensor names grouped by layer index, plus "pre" (embeddings) and "post"
+    (final norm, head), in file order: one pass over the names instead of one per layer."""
+    arch = module.arch
     groups: dict[int | str, list[str]] = {"pre": [], "post": []}
-    for name in checkpoint.tensors:
+    for name in filter(module.owns, checkpoint.tensors):
         layer = arch.layer_of(name)
         groups.setdefault(layer if layer is not None else arch.position(name), []).append(name)
     for layer in range(arch.num_layers):
@@ -276,6 +309,7 @@ def describe_plan(plan: MergePlan, threads: int = 1) -> str:
         f"expected peak memory: about {expected_peak_bytes(plan, threads) / 2**30:.2f} GiB on a CPU with "
         f"{threads} thread{'s' if threads > 1 else ''} (--threads)",
         _tokenizer_line(plan),
+        *([_modules_line(plan)] if plan.recipe.modules is not None or len(plan.modules) > 1 else []),
         "",
     ]
     for task in plan.tasks:
@@ -285,6 +319,16 @@ def describe_plan(plan: MergePlan, threads: int = 1) -> str:
         lines.append(f"{task.output.name} {list(task.output.shape)} {str(task.output.dtype).removeprefix('torch.')}"
                      f" <- [{sources}]{base} {params}".rstrip())
     return "\n".join(lines)
+
+
+def _modules_line(plan: MergePlan) -> str:
+    """Each module, its output depth and tensor count, and what its slices merge."""
+    parts = []
+    for name, module in plan.modules.items():
+        count = sum(1 for task in plan.tasks if module.owns(task.output.name))
+        parts.append(f"{name} ({module.prefix or 'every tensor'}: {len(plan.module_layers[name])} layers, "
+                     f"{count} tensors)")
+    return "modules: " + ", ".join(parts)
 
 
 def _tokenizer_line(plan: MergePlan) -> str:
@@ -423,14 +467,19 @@ def _last_reads(plan: MergePlan) -> dict[int, list[tuple[str, str]]]:
 
 
 def output_config(plan: MergePlan) -> dict:
-    """The reference model's config, with the output depth and dtype."""
+    """The reference model's config, with each module's output depth, and the dtype."""
     config = json.loads(json.dumps(plan.checkpoints[plan.reference].config))
-    config[num_layers_key(config)] = plan.num_layers
+    for name, module in plan.modules.items():
+        node = module.depth_config(config)
+        if node is None:  # a module without layers
+            continue
+        node[num_layers_key(node)] = len(plan.module_layers[name])
+        if isinstance(node.get("layer_types"), list):
+            layer_types = {ref: module.depth_config(ck.config).get("layer_types")
+                           for ref, ck in plan.checkpoints.items()}
+            node["layer_types"] = [layer_types[m][i] for m, i in plan.module_layers[name]]
     if plan.vocabulary is not None:
         config["vocab_size"] = plan.vocabulary.padded
-    if isinstance(config.get("layer_types"), list):
-        layer_types = {ref: ck.config.get("layer_types") for ref, ck in plan.checkpoints.items()}
-        config["layer_types"] = [layer_types[m][i] for m, i in plan.layer_sources]
     dtype_name = plan.recipe.out_dtype or plan.recipe.dtype
     if dtype_name:
         config["torch_dtype" if "torch_dtype" in config else "dtype"] = dtype_name

@@ -5,7 +5,12 @@ parameters. A parameter value is a scalar, a gradient (a list interpolated over 
 layers of an output slice) or a list of `{filter, value}` entries matched against the
 tensor name, exactly as mergekit evaluates them, so a mergekit recipe runs unchanged.
 Precedence, highest first: a slice source's (or `models[]` entry's) parameters, the
-slice's, the top-level `parameters`.
+slice's, the module's (under `modules:`), the top-level `parameters`.
+
+`modules:` merges each part of a multi-module model (a VLM's `text_decoder`,
+`vision_tower`, `multi_modal_projector`; merging/architecture.py) from its own `models:`
+or `slices:` and `parameters`, with the recipe's one `merge_method` and `base_model`, as
+mergekit 0.1.5 does.
 """
 from __future__ import annotations
 
@@ -31,9 +36,6 @@ ScalarOrGradient = Union[Scalar, list[Scalar]]
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16,
                                   "bfloat16": torch.bfloat16, "float64": torch.float64}
 """The dtype names a recipe's `dtype` / `out_dtype` may give: the one table of the project."""
-UNSUPPORTED_KEYS = {
-    "modules": "multi-module merges (`modules:`) are not supported; use `models:` or `slices:`",
-}
 
 
 class _Strict(BaseModel):
@@ -70,6 +72,22 @@ class Slice(_Strict):
     """In mergekit 0.1.5's schema, but no merge reads it: accepted and ignored, with a note."""
 
 
+class ModuleSpec(_Strict):
+    """One entry of `modules:`: what one module of the model is merged from."""
+
+    models: Optional[list[ModelSource]] = None
+    slices: Optional[list[Slice]] = None
+    parameters: Parameters = None
+
+
+MODULE_KEYS_MERGEKIT_IGNORES = {
+    "merge_method": "mergekit merges every module with the recipe's top-level `merge_method`",
+    "base_model": "mergekit takes a module's base from the top-level `base_model`, or from a slice's",
+}
+"""Keys a user may expect in a module that mergekit's schema lacks (so it ignores them): the
+note says what happens instead."""
+
+
 class TokenizerSpec(_Strict):
     """mergekit's `tokenizer:` block. `tokens` entries are kept as given: any entry means
     embedding rows made per token, which evomerge refuses (see `_semantic_errors`)."""
@@ -84,6 +102,7 @@ class Recipe(_Strict):
     base_model: Optional[str] = None
     models: Optional[list[ModelSource]] = None
     slices: Optional[list[Slice]] = None
+    modules: Optional[dict[str, ModuleSpec]] = None
     parameters: Parameters = None
     dtype: Optional[str] = None
     out_dtype: Optional[str] = None
@@ -91,8 +110,13 @@ class Recipe(_Strict):
     tokenizer: Optional[TokenizerSpec] = None
     chat_template: Optional[str] = None
     _where: dict[str, str] = PrivateAttr(default_factory=dict)
-    """`recipe.yaml, line 7: tokenizer.source`: the tokenizer source is checked against the
-    models when the merge is planned, and that error still names the line."""
+    """`recipe.yaml, line 7: tokenizer.source`: the tokenizer source, `slices:` and the
+    module names are checked against the models when the merge is planned, and those
+    errors still name the line."""
+
+    def __eq__(self, other: object) -> bool:
+        """Recipes are equal by their keys; where they were read from is no part of them."""
+        return isinstance(other, Recipe) and self.model_dump() == other.model_dump()
 
     @property
     def method(self) -> MergeMethod:
@@ -104,7 +128,7 @@ class Recipe(_Strict):
         return self.tokenizer.source if self.tokenizer else self.tokenizer_source
 
     def where(self, key: str) -> str:
-        """Where `key` (tokenizer) is set: the recipe line, or the key."""
+        """Where `key` (tokenizer, slices, modules.NAME) is set: the recipe line, or the key."""
         return self._where.get(key, key)
 
     def referenced_models(self) -> list[str]:
@@ -112,7 +136,7 @@ class Recipe(_Strict):
         names: list[str] = [self.base_model] if self.base_model else []
         for source in self.models or []:
             names.append(source.model)
-        for slice_ in self.slices or []:
+        for slice_ in output_slices(self):
             names.extend([slice_.base_model] if slice_.base_model else [])
             names.extend(s.model for s in slice_.sources)
         if self.tokenizer_model_source not in (None, "base", "union"):
@@ -130,20 +154,62 @@ class OutputSlice:
     sources: list[SliceSource | ModelSource]
     base_model: str | None
     parameters: Parameters
+    module_parameters: Parameters = None
+    """The `parameters` of the module (under `modules:`) the slice belongs to."""
 
     def layer_range(self, source: SliceSource | ModelSource, num_layers: int) -> tuple[int, int]:
         return source.layer_range if isinstance(source, SliceSource) else (0, num_layers)
 
 
 def output_slices(recipe: Recipe) -> list[OutputSlice]:
-    """mergekit's normalisation: `models:` -> one slice; the base joins the sources."""
-    if recipe.models:
-        sources: list[SliceSource | ModelSource] = list(recipe.models)
+    """Every output slice of the recipe (of all its modules, in order)."""
+    return [slice_ for slices in module_slices(recipe).values() for slice_ in slices]
+
+
+def module_slices(recipe: Recipe) -> dict[str | None, list[OutputSlice]]:
+    """Each module's output slices ({None: ...} without `modules:`, for every module of
+    the model). mergekit's normalisation: `models:` -> one slice; the base joins the sources."""
+    if recipe.modules is None:
+        return {None: _slices_of(recipe, recipe.models, recipe.slices, None)}
+    return {name: _slices_of(recipe, module.models, module.slices, module.parameters)
+            for name, module in recipe.modules.items()}
+
+
+def _slices_of(recipe: Recipe, models: list[ModelSource] | None, slices: list[Slice] | None,
+               module_parameters: Parameters) -> list[OutputSlice]:
+    if models:
+        sources: list[SliceSource | ModelSource] = list(models)
         if recipe.base_model and all(s.model != recipe.base_model for s in sources):
             sources.append(ModelSource(model=recipe.base_model))
-        return [OutputSlice(sources, recipe.base_model, None)]
-    return [OutputSlice(list(s.sources), s.base_model or recipe.base_model, s.parameters)
-            for s in recipe.slices or []]
+        return [OutputSlice(sources, recipe.base_model, None, module_parameters)]
+    return [OutputSlice(list(s.sources), s.base_model or recipe.base_model, s.parameters, module_parameters)
+            for s in slices or []]
+
+
+def assign_modules(recipe: Recipe, modules: list[str], model: str) -> dict[str, list[OutputSlice]]:
+    """Each module of `model` (the one whose config the output takes) -> its output slices.
+
+    As mergekit: `models:` merges every module from the same models; `slices:` (layer
+    ranges) fits a model of one module only. Unlike mergekit, which fails with a bare
+    KeyError on a module name the model lacks and writes a checkpoint without the tensors
+    of a module `modules:` leaves out, both are refused here, naming the recipe line."""
+    slices = module_slices(recipe)
+    if recipe.modules is None:
+        if recipe.slices and len(modules) > 1:
+            raise RecipeError(f"{recipe.where('slices')}: model {model!r} has {len(modules)} modules "
+                              f"({', '.join(modules)}); give the layer slices of each under `modules:` "
+                              "(mergekit refuses `slices:` for such a model too)")
+        return {name: slices[None] for name in modules}
+    for name in recipe.modules:
+        if name not in modules:
+            raise RecipeError(f"{recipe.where('modules.' + name)}: model {model!r} has no module {name!r}"
+                              f"{did_you_mean(name, modules)}; its modules: {', '.join(modules)}")
+    left_out = [name for name in modules if name not in recipe.modules]
+    if left_out:
+        raise RecipeError(f"{recipe.where('modules')}: `modules:` leaves out module(s) {', '.join(left_out)} of "
+                          f"model {model!r}; list every module (mergekit would write a checkpoint without "
+                          "their tensors)")
+    return {name: slices[name] for name in modules}
 
 
 def parameter_scopes(recipe: Recipe, slice_: OutputSlice, model: str | None) -> list[Parameters]:
@@ -152,6 +218,7 @@ def parameter_scopes(recipe: Recipe, slice_: OutputSlice, model: str | None) -> 
     if model is not None:
         scopes.extend(s.parameters for s in slice_.sources if s.model == model)
     scopes.append(slice_.parameters)
+    scopes.append(slice_.module_parameters)
     scopes.append(recipe.parameters)
     return scopes
 
@@ -281,13 +348,11 @@ def validate_recipe(data: Any, root: yaml.Node, source: str, *, strict_parameter
     def fail(loc: tuple, message: str) -> RecipeError:
         return RecipeError(f"{located(root, loc, source)}: {message}")
 
-    for key, message in UNSUPPORTED_KEYS.items():
-        found = _find_key(data, key)
-        if found is not None:
-            raise fail(found, message)
     for loc in _ignored_keys(data):
+        why = MODULE_KEYS_MERGEKIT_IGNORES.get(loc[-1], "") if _in_module(loc) else ""
         warnings.warn(RecipeNote(f"{located(root, loc, source)}: key {loc[-1]!r} is not part of "
-                                 "mergekit's recipe schema; ignored, as mergekit does"), stacklevel=2)
+                                 f"mergekit's recipe schema; ignored, as mergekit does{f' ({why})' if why else ''}"),
+                      stacklevel=2)
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
@@ -318,10 +383,21 @@ def validate_recipe(data: Any, root: yaml.Node, source: str, *, strict_parameter
             del params[name]
     for loc, message in _semantic_errors(recipe):
         raise fail(loc, message)
-    if recipe.tokenizer_model_source is not None:  # only then: recipes compare equal by their keys
+    if recipe.tokenizer_model_source is not None:
         loc = ("tokenizer", "source") if recipe.tokenizer else ("tokenizer_source",)
         recipe._where["tokenizer"] = located(root, loc, source)
+    places: dict[str, tuple] = {"slices": ("slices",)} if recipe.slices else {}
+    if recipe.modules:
+        places["modules"] = ("modules",)
+        places.update({f"modules.{name}": ("modules", name) for name in recipe.modules})
+    for key, loc in places.items():
+        recipe._where[key] = located(root, loc, source)
     return recipe
+
+
+def _in_module(loc: tuple) -> bool:
+    """Whether `loc` is a key of one entry of `modules:` (`modules.text_decoder.KEY`)."""
+    return len(loc) == 3 and loc[0] == "modules"
 
 
 def unknown_parameter_message(method: str, name: str, allowed: set[str]) -> str:
@@ -336,12 +412,15 @@ def _parameter_scopes(recipe: Recipe) -> Iterator[tuple[tuple, Parameters, set[s
     allowed_model = set(recipe.method.model_params)
     allowed_any = allowed_model | set(recipe.method.global_params)
     yield ("parameters",), recipe.parameters, allowed_any
-    for i, source in enumerate(recipe.models or []):
-        yield ("models", i, "parameters"), source.parameters, allowed_model
-    for i, slice_ in enumerate(recipe.slices or []):
-        yield ("slices", i, "parameters"), slice_.parameters, allowed_any
-        for j, source in enumerate(slice_.sources):
-            yield ("slices", i, "sources", j, "parameters"), source.parameters, allowed_model
+    for at, models, slices, parameters in _parts(recipe):
+        if at:
+            yield at + ("parameters",), parameters, allowed_any
+        for i, source in enumerate(models or []):
+            yield at + ("models", i, "parameters"), source.parameters, allowed_model
+        for i, slice_ in enumerate(slices or []):
+            yield at + ("slices", i, "parameters"), slice_.parameters, allowed_any
+            for j, source in enumerate(slice_.sources):
+                yield at + ("slices", i, "sources", j, "parameters"), source.parameters, allowed_model
 
 
 def _parameter_names() -> set[str]:
@@ -361,7 +440,8 @@ def _ignored_keys(data: Any, loc: tuple = ()) -> list[tuple]:
         for key in list(data):
             if not allowed or key in allowed:
                 found.extend(_ignored_keys(data[key], loc + (key,)))
-            elif not (isinstance(key, str) and (did_you_mean(key, allowed) or key in _parameter_names())):
+            elif (not (isinstance(key, str) and (did_you_mean(key, allowed) or key in _parameter_names()))
+                  or (_in_module(loc + (key,)) and key in MODULE_KEYS_MERGEKIT_IGNORES)):
                 found.append(loc + (key,))
                 del data[key]
     elif isinstance(data, list):
@@ -413,14 +493,18 @@ def _union_members(annotation: Any) -> list[Any]:
 
 
 def _semantic_errors(recipe: Recipe):
-    """What the schema cannot express: known method, parameter names, model counts."""
+    """What the schema cannot express: known method, model counts, layer ranges."""
     if recipe.merge_method not in METHODS:
         yield ("merge_method",), f"unknown merge method {recipe.merge_method!r}; known: {', '.join(sorted(METHODS))}"
         return
     method = recipe.method
-    if bool(recipe.models) == bool(recipe.slices):
-        yield (), "give exactly one of `models:` or `slices:`"
+    if sum(1 for part in (recipe.models, recipe.slices, recipe.modules) if part) != 1:
+        yield (), "give exactly one of `models:`, `slices:` or `modules:` (mergekit's rule)"
         return
+    for name, module in (recipe.modules or {}).items():
+        if bool(module.models) == bool(module.slices):
+            yield ("modules", name), f"module {name!r} needs exactly one of `models:` or `slices:`"
+            return
     for key in ("dtype", "out_dtype"):
         value = getattr(recipe, key)
         if value is not None and value not in DTYPES:
@@ -428,33 +512,44 @@ def _semantic_errors(recipe: Recipe):
     yield from _tokenizer_errors(recipe)
     if recipe.chat_template is not None and (problem := template_problem(recipe.chat_template)):
         yield ("chat_template",), problem
-    yield from _repeated_models(recipe)
-    for i, slice_ in enumerate(recipe.slices or []):
-        for j, source in enumerate(slice_.sources):
-            if source.layer_range[0] < 0 or source.layer_range[1] <= source.layer_range[0]:
-                yield ("slices", i, "sources", j, "layer_range"), f"layer_range {list(source.layer_range)} is empty or negative"
-        lengths = {s.layer_range[1] - s.layer_range[0] for s in slice_.sources}
-        if len(lengths) > 1:
-            yield ("slices", i, "sources"), "all sources of a slice must span the same number of layers"
-        if not slice_.sources:
-            yield ("slices", i, "sources"), "a slice needs at least one source"
-    for i, slice_ in enumerate(output_slices(recipe)):
-        loc = ("models",) if recipe.models else ("slices", i)
-        base = slice_.base_model
-        if method.needs_base and not base:
-            yield ("merge_method",), f"{recipe.merge_method} needs a `base_model`"
-            return
-        if method.takes_base and base and recipe.slices and all(s.model != base for s in slice_.sources):
-            # the base's layers for this slice are those of its own layer_range (mergekit reads
-            # them from the slice's sources too); guessing them would merge the wrong layers
-            yield (loc + ("sources",)), (f"{recipe.merge_method} subtracts the base model {base!r}, so list it "
-                                         "among this slice's sources with the layer_range to subtract")
-            continue
-        inputs = [s.model for s in slice_.sources if not (method.takes_base and s.model == base)]
-        if len(inputs) < method.min_models:
-            yield loc, f"{recipe.merge_method} needs at least {method.min_models} non-base model(s), got {len(inputs)}"
-        if method.max_models is not None and len(inputs) > method.max_models:
-            yield loc, f"{recipe.merge_method} takes at most {method.max_models} non-base model(s), got {len(inputs)}"
+    for at, models, slices, parameters in _parts(recipe):
+        yield from _repeated_models(at, models, slices)
+        for i, slice_ in enumerate(slices or []):
+            loc = at + ("slices", i)
+            for j, source in enumerate(slice_.sources):
+                begin, end = source.layer_range
+                # in a module, [0, 0] is the range of one without layers (a projector), as in mergekit
+                if begin < 0 or end < begin or (end == begin and not at):
+                    yield loc + ("sources", j, "layer_range"), f"layer_range {[begin, end]} is empty or negative"
+            if len({s.layer_range[1] - s.layer_range[0] for s in slice_.sources}) > 1:
+                yield loc + ("sources",), "all sources of a slice must span the same number of layers"
+            if not slice_.sources:
+                yield loc + ("sources",), "a slice needs at least one source"
+    for at, models, slices, parameters in _parts(recipe):
+        for i, slice_ in enumerate(_slices_of(recipe, models, slices, parameters)):
+            loc = at + (("models",) if models else ("slices", i))
+            base = slice_.base_model
+            if method.needs_base and not base:
+                yield ("merge_method",), f"{recipe.merge_method} needs a `base_model`"
+                return
+            if method.takes_base and base and slices and all(s.model != base for s in slice_.sources):
+                # the base's layers for this slice are those of its own layer_range (mergekit reads
+                # them from the slice's sources too); guessing them would merge the wrong layers
+                yield (loc + ("sources",)), (f"{recipe.merge_method} subtracts the base model {base!r}, so list it "
+                                             "among this slice's sources with the layer_range to subtract")
+                continue
+            count = sum(1 for s in slice_.sources if not (method.takes_base and s.model == base))
+            if count < method.min_models:
+                yield loc, f"{recipe.merge_method} needs at least {method.min_models} non-base model(s), got {count}"
+            if method.max_models is not None and count > method.max_models:
+                yield loc, f"{recipe.merge_method} takes at most {method.max_models} non-base model(s), got {count}"
+
+
+def _parts(recipe: Recipe) -> list[tuple[tuple, list[ModelSource] | None, list[Slice] | None, Parameters]]:
+    """(where, models, slices, module parameters) of the recipe itself, or of each module."""
+    if recipe.modules is None:
+        return [((), recipe.models, recipe.slices, None)]
+    return [(("modules", name), m.models, m.slices, m.parameters) for name, m in recipe.modules.items()]
 
 
 def _tokenizer_errors(recipe: Recipe):
@@ -470,36 +565,20 @@ def _tokenizer_errors(recipe: Recipe):
         yield ("tokenizer", "pad_to_multiple_of"), "`pad_to_multiple_of` must be a positive whole number"
 
 
-def _repeated_models(recipe: Recipe):
+def _repeated_models(at: tuple, models: list[ModelSource] | None, slices: list[Slice] | None):
     """The same model twice among the inputs of one merge: mergekit refuses it ("Duplicate
     merge inputs"); merging it would silently use one of its entries only."""
-    groups = [(("models",), recipe.models or [])]
-    groups += [(("slices", i, "sources"), slice_.sources) for i, slice_ in enumerate(recipe.slices or [])]
+    groups = [(at + ("models",), models or [])]
+    groups += [(at + ("slices", i, "sources"), slice_.sources) for i, slice_ in enumerate(slices or [])]
     for loc, sources in groups:
         first: dict[str, int] = {}
         for j, source in enumerate(sources):
             if source.model in first:
-                where = "`models:`" if loc == ("models",) else "this slice"
+                where = "`models:`" if loc[-1] == "models" else "this slice"
                 yield loc + (j, "model"), (f"model {source.model!r} is listed twice in {where} (also as entry "
                                            f"{first[source.model]}); mergekit refuses duplicate merge inputs. "
                                            "List each model once (give it one weight)")
             first.setdefault(source.model, j)
-
-
-def _find_key(data: Any, key: str, loc: tuple = ()) -> tuple | None:
-    if isinstance(data, dict):
-        if key in data:
-            return loc + (key,)
-        children = data.items()
-    elif isinstance(data, list):
-        children = enumerate(data)
-    else:
-        return None
-    for child_key, child in children:
-        found = _find_key(child, key, loc + (child_key,))
-        if found is not None:
-            return found
-    return None
 
 
 def _all_keys(data: Any) -> set:

@@ -7,7 +7,7 @@ plus variants that differ from it by low-rank and sparse deltas, the shape of ch
 fine-tuning makes. They carry no skill (the trained zoo does that); they exist so that
 merges, shapes, dtypes and file layouts are real.
 
-    python -m merging.synthetic OUT_DIR [--family llama] [--variants 2] [--seed 0]
+    python -m merging.synthetic OUT_DIR [--family llama|...|mistral3] [--variants 2] [--seed 0]
 """
 from __future__ import annotations
 
@@ -109,14 +109,60 @@ def build_family(
     from it by `perturb_` deltas drawn from `seed`, so every merge method has real,
     partly conflicting task vectors to combine.
     """
-    from transformers import AutoModelForCausalLM, GenerationConfig
+    from transformers import AutoModelForCausalLM
 
-    out_dir = Path(out_dir)
     tokenizer = build_tokenizer()
     config_overrides.setdefault("vocab_size", len(tokenizer))
     config = make_config(family, **config_overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).to(dtype)
+    return _write_variants(Path(out_dir), model, tokenizer, variants=variants, seed=seed, delta_scale=delta_scale,
+                           max_shard_size=max_shard_size, family=family, dtype=str(dtype))
+
+
+VLM_FAMILY = "mistral3"
+VLM_IMAGE_TOKEN = "[IMG]"
+
+
+def build_vlm_family(
+    out_dir: str | Path,
+    *,
+    variants: int = 2,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    tied: bool = False,
+    delta_scale: float = 0.5,
+) -> dict[str, Path]:
+    """`base` and `variant_1..N` of a tiny vision-language model, as `build_family` does.
+
+    The class is Mistral3ForConditionalGeneration (a LLaVA-style model: the tiny Mistral
+    of TINY_CONFIGS as text decoder, a 2-layer Pixtral vision tower, a projector), the
+    VLM that both transformers and mergekit 0.1.5 know by module (`text_decoder`,
+    `vision_tower`, `multi_modal_projector`), so `modules:` recipes compare against
+    mergekit. Its text decoder has the tiny Mistral's shapes, so `build_family(family=
+    "mistral")` gives a language model of the same shape as its text tower."""
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    tokenizer = build_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": [VLM_IMAGE_TOKEN]})
+    text = {**TINY_CONFIGS["mistral"], "vocab_size": len(tokenizer), "tie_word_embeddings": tied}
+    vision = dict(model_type="pixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, head_dim=16, image_size=32, patch_size=8)
+    config = Mistral3Config(text_config=text, vision_config=vision, spatial_merge_size=2,
+                            image_token_index=tokenizer.convert_tokens_to_ids(VLM_IMAGE_TOKEN),
+                            tie_word_embeddings=tied)
+    torch.manual_seed(seed)
+    model = Mistral3ForConditionalGeneration(config).to(dtype)
+    return _write_variants(Path(out_dir), model, tokenizer, variants=variants, seed=seed, delta_scale=delta_scale,
+                           family="mistral3", dtype=str(dtype), tied=tied)
+
+
+def _write_variants(out_dir: Path, model: torch.nn.Module, tokenizer, *, variants: int, seed: int,
+                    delta_scale: float, max_shard_size: str | int = "5GB", **description: Any) -> dict[str, Path]:
+    """Save `model` as `base`, then `variant_1..N`: the base plus `perturb_` deltas drawn
+    from `seed`; `description` goes to family.json."""
+    from transformers import GenerationConfig
+
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
     generator = torch.Generator().manual_seed(seed + 1)
     paths: dict[str, Path] = {}
@@ -132,7 +178,7 @@ def build_family(
                          eos_token_id=tokenizer.eos_token_id).save_pretrained(path)
         paths[name] = path
     (out_dir / "family.json").write_text(json.dumps(
-        {"family": family, "variants": variants, "seed": seed, "dtype": str(dtype)}, indent=2))
+        {**description, "variants": variants, "seed": seed}, indent=2))
     return paths
 
 
@@ -142,7 +188,8 @@ def main(argv: list[str] | None = None) -> None:
         description="Build a tiny random base model and fine-tune-like variants (offline, seeded).",
     )
     parser.add_argument("out_dir", help="folder to create: OUT_DIR/base, OUT_DIR/variant_1, ...")
-    parser.add_argument("--family", default="llama", choices=sorted(TINY_CONFIGS))
+    parser.add_argument("--family", default="llama", choices=[*sorted(TINY_CONFIGS), VLM_FAMILY],
+                        help=f"{VLM_FAMILY}: a tiny VLM (build_vlm_family), for `modules:` recipes")
     parser.add_argument("--variants", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--layers", type=int, default=None, help="override the number of layers")
@@ -153,8 +200,11 @@ def main(argv: list[str] | None = None) -> None:
         overrides["num_hidden_layers"] = args.layers
     if args.hidden_size is not None:
         overrides["hidden_size"] = args.hidden_size
-    for name, path in build_family(args.out_dir, family=args.family, variants=args.variants,
-                                   seed=args.seed, **overrides).items():
+    if args.family == VLM_FAMILY and overrides:
+        parser.error(f"--layers and --hidden-size do not apply to {VLM_FAMILY}")
+    paths = (build_vlm_family(args.out_dir, variants=args.variants, seed=args.seed) if args.family == VLM_FAMILY
+             else build_family(args.out_dir, family=args.family, variants=args.variants, seed=args.seed, **overrides))
+    for name, path in paths.items():
         print(f"{name}: {path}")
 
 

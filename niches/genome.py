@@ -29,6 +29,9 @@ an embeddings gene only in the first slice and a head gene only in the last, eve
 read. A per-layer marker in the top-level `parameters` of a `slices:` template would be
 read again from its start in every slice: it is refused.
 
+In a `modules:` template (merging/recipe.py) markers may sit in a module's `parameters`,
+models and slices too, with `global` granularity: a module's layers are not the layout's.
+
 `DataflowGenome` (data-flow space, merging/dataflow.py): one gene per slot of the layer
 path (slot used when the gene is above 0.5, i.e. when I_t = 2 g - 1 > 0) and, optionally,
 one gene per scale, mapped log-uniformly onto its bounds so that 1 sits in the middle of
@@ -66,6 +69,12 @@ class LayerLayout:
     def of(cls, checkpoint: Checkpoint) -> "LayerLayout":
         from merging.architecture import detect_architecture
 
+        from merging.architecture import model_modules
+
+        modules = model_modules(checkpoint.config)
+        if len(modules) > 1:
+            raise RecipeError(f"model {checkpoint.reference!r} is a {checkpoint.config.get('model_type')} of several "
+                              f"modules ({', '.join(modules)}); evolve searches recipes of language models only")
         arch = detect_architecture(checkpoint.config)
         names = sorted(checkpoint.tensors)
         return cls(arch.num_layers, tuple(n for n in names if arch.position(n) == "pre"),
@@ -151,6 +160,9 @@ class RecipeGenome:
         granularity = marker.get("granularity", "global")
         if granularity == "global":
             return FreeParameter(loc, str(loc[-1]), model, low, high, float(init), granularity, ("all",))
+        if loc[0] == "modules":
+            raise fail("a marker inside `modules:` takes granularity global only (per-layer genes follow the "
+                       "model's layers, not a module's)")
         if not (granularity == "layer" or (isinstance(granularity, int) and not isinstance(granularity, bool)
                                            and granularity >= 1)):
             raise fail(f"`granularity` must be global, layer or a number of layers per group, got {granularity!r}")
@@ -381,18 +393,26 @@ def _markers(data: dict):
             if isinstance(value, dict) and "free" in value:
                 yield loc + (name,), value, model
 
-    yield from scan(data.get("parameters"), ("parameters",), None)
-    for i, source in enumerate(data.get("models") or []):
-        if isinstance(source, dict):
-            yield from scan(source.get("parameters"), ("models", i, "parameters"), source.get("model"))
-    for i, slice_ in enumerate(data.get("slices") or []):
-        if not isinstance(slice_, dict):
-            continue
-        yield from scan(slice_.get("parameters"), ("slices", i, "parameters"), None)
-        for j, source in enumerate(slice_.get("sources") or []):
+    def merge(part: dict, at: tuple):
+        for i, source in enumerate(part.get("models") or []):
             if isinstance(source, dict):
-                yield from scan(source.get("parameters"), ("slices", i, "sources", j, "parameters"),
-                                source.get("model"))
+                yield from scan(source.get("parameters"), at + ("models", i, "parameters"), source.get("model"))
+        for i, slice_ in enumerate(part.get("slices") or []):
+            if not isinstance(slice_, dict):
+                continue
+            yield from scan(slice_.get("parameters"), at + ("slices", i, "parameters"), None)
+            for j, source in enumerate(slice_.get("sources") or []):
+                if isinstance(source, dict):
+                    yield from scan(source.get("parameters"), at + ("slices", i, "sources", j, "parameters"),
+                                    source.get("model"))
+
+    yield from scan(data.get("parameters"), ("parameters",), None)
+    yield from merge(data, ())
+    modules = data.get("modules")
+    for name, module in modules.items() if isinstance(modules, dict) else ():
+        if isinstance(module, dict):
+            yield from scan(module.get("parameters"), ("modules", name, "parameters"), None)
+            yield from merge(module, ("modules", name))
 
 
 def _get(data: Any, loc: tuple) -> Any:

@@ -44,6 +44,9 @@ RECIPES = Path(__file__).resolve().parent / "mergekit_recipes"
 DEFAULT_MERGEKIT = "/opt/mergekit-venv/bin/mergekit-yaml"
 STATS_METHODS = {"dare_linear", "dare_ties", "della", "della_linear"}
 LOW_PRECISION = {"bfloat16", "float16"}
+VLM_FAMILY = "mistral3"
+"""The multi-module family (merging.synthetic.build_vlm_family); only the `modules-*`
+recipes, written for its modules, run on it, and only on it."""
 CONFIG_IGNORED = {"transformers_version"}
 """config.json keys that legitimately differ between the tools' outputs."""
 
@@ -71,8 +74,10 @@ def build_models(work_dir: Path, seed: int, family: str = "llama", dtype: str = 
     if all((models / n / "config.json").exists() for n in names):
         return {n: models / n for n in names}
     sys.path.insert(0, str(REPO))
-    from merging.synthetic import build_family
+    from merging.synthetic import build_family, build_vlm_family
 
+    if family == VLM_FAMILY:
+        return build_vlm_family(models, variants=3, seed=seed, dtype=getattr(torch, dtype), tied=tied)
     return build_family(models, family=family, variants=3, seed=seed, dtype=getattr(torch, dtype),
                         tie_word_embeddings=tied)
 
@@ -375,7 +380,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="model seed and both tools' merge seed")
     parser.add_argument("--family", default="llama",
                         help="architecture of the tiny models (merging.synthetic.TINY_CONFIGS: llama, mistral, qwen2, "
-                             "gemma (tied embeddings), ...)")
+                             f"gemma (tied embeddings), ...; {VLM_FAMILY}: a tiny VLM, for the modules-* recipes)")
     parser.add_argument("--source-dtype", default="float32", choices=["float32", "bfloat16"],
                         help="dtype the tiny models are stored in (the recipes say what the merge computes in)")
     parser.add_argument("--tied", action="store_true",
@@ -388,7 +393,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not Path(args.mergekit_bin).exists():
         print(f"mergekit-yaml not found at {args.mergekit_bin}; see docs/mergekit-compat.md", file=sys.stderr)
         return 2
-    recipes = sorted(args.recipes.glob("*.yaml"))
+    recipes = [r for r in sorted(args.recipes.glob("*.yaml"))
+               if r.stem.startswith("modules-") == (args.family == VLM_FAMILY)]
     if args.only:
         recipes = [r for r in recipes if any(fnmatch.fnmatch(r.stem, g) for g in args.only)]
     with tempfile.TemporaryDirectory(prefix="evomerge-mkcompat-") as tmp:

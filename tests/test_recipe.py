@@ -139,9 +139,9 @@ def test_wrong_type_is_refused():
     ("merge_method: linear\nmodels:\n  - model: b\ndtype: float8\n", 4, "unknown dtype 'float8'"),
     ("merge_method: passthrough\nslices:\n  - sources:\n      - model: a\n        layer_range: [4, 2]\n",
      5, "empty or negative"),
-    ("merge_method: linear\nmodules:\n  text: {}\n", 2, "multi-module"),
+    ("merge_method: linear\nmodules:\n  text: {}\n", 3, "module 'text' needs exactly one of `models:` or `slices:`"),
     ("merge_method: linear\nmodels:\n  - model: a\n    parameters:\n      weight: [1, {x: 2}]\n", 5, ""),
-    ("merge_method: linear\n", 1, "exactly one of `models:` or `slices:`"),
+    ("merge_method: linear\n", 1, "exactly one of `models:`, `slices:` or `modules:`"),
 ])
 def test_bad_recipes_name_the_line(text, line, pattern):
     with pytest.raises(RecipeError, match=rf"line {line}\b.*{pattern}"):
