@@ -366,10 +366,11 @@ def validate_recipe(data: Any, root: yaml.Node, source: str, *, strict_parameter
             if error["loc"][-1] in _parameter_names() and "did you mean" not in message:
                 message += "; a merge parameter goes under `parameters:`"
         raise fail(loc, message) from None
-    for i, slice_ in enumerate(recipe.slices or []):
-        if slice_.residual_weight is not None:
-            warnings.warn(RecipeNote(f"{located(root, ('slices', i, 'residual_weight'), source)}: "
-                                     "`residual_weight` has no effect in mergekit 0.1.5; ignored"), stacklevel=2)
+    for at, _, slices, _ in _parts(recipe):
+        for i, slice_ in enumerate(slices or []):
+            if slice_.residual_weight is not None:
+                warnings.warn(RecipeNote(f"{located(root, at + ('slices', i, 'residual_weight'), source)}: "
+                                         "`residual_weight` has no effect in mergekit 0.1.5; ignored"), stacklevel=2)
     for loc, params, allowed in _parameter_scopes(recipe) if recipe.merge_method in METHODS else ():
         for name in [name for name in params or {} if name not in allowed]:
             message = unknown_parameter_message(recipe.merge_method, name, allowed)
