@@ -1,0 +1,203 @@
+"""Every numeric parameter of every merge method can be searched by `evolve`.
+
+Parametrized over the operator registry, so a method added later is covered without a
+word here: each parameter a method declares numeric (`MergeMethod.domains`) is made a
+free marker of a template at every scope a genome supports (a model's own, or the
+top-level one; one gene, one per layer, one per group of two layers), and the decoded
+recipe must give every tensor its gene's value and change the merge when the genes
+change. Switches (true/false) cannot be free, nor can bounds leave a parameter's domain.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from merging.checkpoint import Checkpoint
+from merging.engine import iter_merged, open_models, plan_merge
+from merging.errors import RecipeError
+from merging.operators import METHODS
+from merging.operators.base import REQUIRED, Domain, MergeMethod
+from niches.genome import LayerLayout, RecipeGenome
+
+NUMERIC = [(name, param) for name, method in METHODS.items() for param in method.domains]
+SWITCHES = [(name, param) for name, method in METHODS.items()
+            for param in (*method.model_params, *method.global_params) if param not in method.domains]
+SCOPES = [(name, param, scope) for name, param in NUMERIC
+          for scope in (("model", "top") if param in METHODS[name].model_params else ("top",))]
+GRANULARITIES = ["global", "layer", 2]
+
+INVARIANT = {("task_arithmetic", "density"): "task_arithmetic accepts density and ignores it, as mergekit does"}
+"""(method, parameter) pairs whose value cannot change the merge, and why."""
+CONTEXT = {"density": 0.5, ("ramplus_tl", "epsilon"): 0.02}
+"""Fixed values of the parameters not searched, where a default would hide the searched
+one: below density 1 something is dropped, so `gamma` and `epsilon` act; RAM+ boosts
+only the entries one model alone changes by more than `epsilon` (the default 1e-5 makes
+every entry of these dense deltas shared, so `r` and `alpha` would multiply nothing)."""
+
+
+def search_bounds(domain: Domain) -> tuple[float, float]:
+    """Bounds well inside a domain, wide enough that the two ends merge differently."""
+    if domain.integer:
+        return domain.low + 1, domain.low + 20
+    if math.isinf(domain.low):
+        return 0.3, 1.5
+    if math.isinf(domain.high):  # tolerances, thresholds, small factors
+        return domain.low + 1e-3, domain.low + 0.1
+    width = domain.high - domain.low
+    return domain.low + 0.3 * width, domain.low + 0.7 * width
+
+
+def middle(method: MergeMethod, param: str) -> float:
+    low, high = search_bounds(method.domains[param])
+    return round((low + high) / 2) if method.domains[param].integer else (low + high) / 2
+
+
+def fixed_value(name: str, param: str) -> float | None:
+    """The value a parameter not searched is given (None: its default)."""
+    method = METHODS[name]
+    for key in ((name, param), param):
+        if key in CONTEXT:
+            return CONTEXT[key]
+    default = {**method.model_params, **method.global_params}[param]
+    return middle(method, param) if default is REQUIRED else None
+
+
+def template(name: str, family: dict, param: str | None = None, scope: str = "top", marker: Any = None) -> dict:
+    """A template of `name` over the tiny Llama family with `param` set to `marker`: in the
+    first model's parameters (scope "model") or the top-level ones ("top"; the other
+    models then set their own value, so a per-model parameter searched at the top still
+    acts on one model alone, which a normalised weight needs). Without `param`, a plain
+    recipe of the method."""
+    method = METHODS[name]
+    count = min(method.max_models or 3, 3)  # karcher needs three: two points' mean is their midpoint
+    models = [{"model": str(family[f"variant_{i + 1}"]), "parameters": {}} for i in range(count)]
+    top: dict[str, Any] = {}
+    for other in method.domains:
+        value = fixed_value(name, other)
+        if other == param or value is None:
+            continue
+        for params in [m["parameters"] for m in models] if other in method.model_params else [top]:
+            params[other] = value
+    if param in method.model_params:
+        for model in models[1:]:
+            model["parameters"][param] = middle(method, param)
+    if param is not None:
+        (models[0]["parameters"] if scope == "model" else top)[param] = marker
+    data: dict[str, Any] = {"merge_method": name}
+    if method.needs_base:
+        data["base_model"] = str(family["base"])
+    data["models"] = [m if m["parameters"] else {"model": m["model"]} for m in models]
+    if top:
+        data["parameters"] = top
+    data["dtype"] = "float32"
+    return data
+
+
+@pytest.fixture(scope="module")
+def layout(llama_family) -> LayerLayout:
+    return LayerLayout.of(Checkpoint("base", llama_family["base"]))
+
+
+def genome_of(data: dict, layout: LayerLayout) -> RecipeGenome:
+    return RecipeGenome.from_text(yaml.safe_dump(data, sort_keys=False), "template.yaml", layout)
+
+
+def gene_value(values: np.ndarray, granularity: Any, tensor: str, layout: LayerLayout) -> float:
+    """The value a tensor must get: the embeddings' gene, its layer's (group's), the head's."""
+    if granularity == "global" or tensor in layout.pre_names:
+        return values[0]
+    if tensor in layout.post_names:
+        return values[-1]
+    layer = int(tensor.split(".layers.")[1].split(".")[0])
+    return values[1 + layer // (1 if granularity == "layer" else granularity)]
+
+
+def merged(genome: RecipeGenome, genes: np.ndarray, *, merge: bool = True) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Each tensor's resolved parameters, and the merged tensors (if `merge`), of a genome's recipe."""
+    recipe = genome.decode(genes)
+    plan = plan_merge(recipe, open_models(recipe))
+    try:
+        params = {task.output.name: task.params for task in plan.tasks}
+        return params, dict(iter_merged(plan, seed=0)) if merge else {}
+    finally:
+        plan.close()
+
+
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+@pytest.mark.parametrize("name, param, scope", SCOPES)
+def test_every_numeric_parameter_can_be_searched(name, param, scope, granularity, llama_family, layout):
+    method = METHODS[name]
+    low, high = search_bounds(method.domains[param])
+    genome = genome_of(template(name, llama_family, param, scope, {"free": [low, high], "granularity": granularity}),
+                       layout)
+    (parameter,) = genome.parameters
+    assert genome.dimension == {"global": 1, "layer": 6, 2: 4}[granularity]  # embed, 4 layers or 2 groups, head
+
+    spread = np.linspace(0.25, 1.0, genome.dimension)  # a different value on every gene
+    params, _ = merged(genome, spread, merge=False)
+    (values,) = genome.values(spread)
+    for tensor, resolved in params.items():
+        got = resolved[param][0] if param in method.model_params else resolved[param]
+        assert got == pytest.approx(gene_value(values, granularity, tensor, layout)), tensor
+
+    ends = [merged(genome, np.full(genome.dimension, gene)) for gene in (0.0, 1.0)]
+    for gene, bound, (ends_params, _) in zip((0.0, 1.0), (low, high), ends):
+        assert all((p[param][0] if param in method.model_params else p[param]) == pytest.approx(bound)
+                   for p in ends_params.values())
+    changed = [t for t in ends[0][1] if not torch.equal(ends[0][1][t], ends[1][1][t])]
+    if (name, param) in INVARIANT:
+        assert not changed, INVARIANT[(name, param)]
+    else:
+        assert changed, f"{name}: the merge is the same at {param} = {low} and {high}"
+
+
+@pytest.mark.parametrize("name, param", NUMERIC)
+def test_declared_defaults_lie_in_their_domains(name, param):
+    method = METHODS[name]
+    default = {**method.model_params, **method.global_params}[param]
+    assert default is REQUIRED or default is None or method.domains[param].contains(default)
+
+
+def test_every_parameter_is_a_number_or_a_switch():
+    """A parameter without a domain must be a switch (its default true or false): a
+    numeric parameter a method forgot to declare would silently be unsearchable."""
+    for name, param in SWITCHES:
+        default = {**METHODS[name].model_params, **METHODS[name].global_params}[param]
+        assert isinstance(default, bool), f"{name}: declare the domain of {param!r}"
+
+
+@pytest.mark.parametrize("name, param", SWITCHES)
+def test_a_switch_cannot_be_free(name, param, llama_family, layout):
+    data = template(name, llama_family)
+    data.setdefault("parameters", {})[param] = {"free": [0.0, 1.0]}
+    with pytest.raises(RecipeError, match=rf"template.yaml, line \d+: parameters.{param}: {name}'s '{param}' "
+                                          r"is a switch \(true or false\), not a number: it cannot be free"):
+        genome_of(data, layout)
+
+
+@pytest.mark.parametrize("name, param", [(n, p) for n, p in NUMERIC
+                                         if not math.isinf(METHODS[n].domains[p].low)])
+def test_bounds_must_stay_in_the_domain(name, param, llama_family, layout):
+    domain = METHODS[name].domains[param]
+    outside = domain.low - 1 if not domain.low_open else domain.low
+    data = template(name, llama_family, param, "top", {"free": [outside, search_bounds(domain)[1]]})
+    with pytest.raises(RecipeError, match=rf"template.yaml, line \d+: parameters.{param}: bounds .* leave the "
+                                          rf"values {name}'s '{param}' takes, "):
+        genome_of(data, layout)
+
+
+@pytest.mark.parametrize("name, param", [(n, p) for n, p in NUMERIC if METHODS[n].domains[p].integer])
+def test_an_integer_parameter_decodes_to_whole_numbers(name, param, llama_family, layout):
+    """mergekit types them `int`: the decoded recipe runs there too."""
+    genome = genome_of(template(name, llama_family, param, "top", {"free": [1, 20], "granularity": "layer"}),
+                       layout)
+    recipe = yaml.safe_load(genome.decode(np.linspace(0.0, 1.0, genome.dimension)).to_yaml())
+    *ends, layers = recipe["parameters"][param]  # the embeddings', the final norm's and head's, the layers'
+    numbers = [entry["value"] for entry in ends] + layers["value"]
+    assert all(type(v) is int for v in numbers)
+    assert [ends[0]["value"], ends[-1]["value"]] == [1, 20] and layers["value"] == [5, 9, 12, 16]  # 1 + 19 g, rounded
