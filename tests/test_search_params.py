@@ -18,7 +18,7 @@ import torch
 import yaml
 
 from merging.checkpoint import Checkpoint
-from merging.engine import iter_merged, open_models, plan_merge
+from merging.engine import execute_task, open_models, plan_merge
 from merging.errors import RecipeError
 from merging.operators import METHODS
 from merging.operators.base import REQUIRED, Domain, MergeMethod
@@ -118,12 +118,16 @@ def gene_value(values: np.ndarray, granularity: Any, tensor: str, layout: LayerL
 
 
 def merged(genome: RecipeGenome, genes: np.ndarray, *, merge: bool = True) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Each tensor's resolved parameters, and the merged tensors (if `merge`), of a genome's recipe."""
+    """Each tensor's resolved parameters, and (if `merge`) the merged layer tensors, of a
+    genome's recipe. The vocabulary-sized embeddings and head are left out for speed:
+    their genes are checked through their resolved parameters."""
     recipe = genome.decode(genes)
     plan = plan_merge(recipe, open_models(recipe))
     try:
         params = {task.output.name: task.params for task in plan.tasks}
-        return params, dict(iter_merged(plan, seed=0)) if merge else {}
+        layers = [task for task in plan.tasks if ".layers." in task.output.name] if merge else []
+        with torch.no_grad():
+            return params, {task.output.name: execute_task(plan, task, torch.device("cpu"), seed=0) for task in layers}
     finally:
         plan.close()
 
