@@ -30,7 +30,8 @@ from niches.run import evolve  # noqa: E402
 METHODS = {"ps": "PS (dare_ties, per-layer density and weight)", "dfs": "DFS (layer path + scales)",
            "ps-dfs": "PS+DFS", "m2n2": "M2N2 (archive of 20, SLERP with split points)",
            "random": "random search (PS template and budget)",
-           "della": "PS with della (per-layer density and weight)"}
+           "della": "PS with della (per-layer density and weight)",
+           "sce": "PS with sce (per-layer select_topk)"}
 PAPER = [("Shisa Gamma 7B v1 (Japanese)", "9.6"), ("WizardMath 7B v1.1", "18.4"), ("Abel 7B 002", "30.0"),
          ("EvoLLM-JP-v1-7B (PS)", "52.0"), ("EvoLLM-JP-v1-10B (PS+DFS)", "55.6")]
 
