@@ -10,6 +10,7 @@ change. Switches (true/false) cannot be free, nor can bounds leave a parameter's
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -205,3 +206,13 @@ def test_an_integer_parameter_decodes_to_whole_numbers(name, param, llama_family
     numbers = [entry["value"] for entry in ends] + layers["value"]
     assert all(type(v) is int for v in numbers)
     assert [ends[0]["value"], ends[-1]["value"]] == [1, 20] and layers["value"] == [5, 9, 12, 16]  # 1 + 19 g, rounded
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "recipes").glob("*-template.yaml")),
+                         ids=lambda p: p.stem)
+def test_the_shipped_templates_keep_their_bounds_in_the_domains(path):
+    """Every template the project ships is a genome (bounds inside each parameter's
+    domain, no switch made free), on a layout of their models' depth or deeper."""
+    layout = LayerLayout(32, ("model.embed_tokens.weight",), ("model.norm.weight", "lm_head.weight"))
+    genome = RecipeGenome.from_file(path, layout)
+    assert genome.decode(genome.x0).merge_method == yaml.safe_load(path.read_text())["merge_method"]
