@@ -14,7 +14,10 @@ parameter values are free markers:
 
 `granularity` is `global` (one gene), `layer` (one gene for the embeddings, one per
 layer, one for the final norm and head) or an integer k (embeddings, one gene per group
-of k consecutive layers, final norm and head). A gene g in [0, 1] means low + g (high - low).
+of k consecutive layers, final norm and head). A gene g in [0, 1] means low + g (high - low),
+rounded for a whole-number parameter (karcher's `max_iter`). The bounds must lie in the
+values the method declares for the parameter (`MergeMethod.domains`), and a switch
+(true/false) cannot be free: a search must never propose what the method cannot merge.
 Per-layer values become a filter list that any mergekit-style engine evaluates: the exact
 names of the embedding and final tensors first, then a gradient of one point per layer
 (mergekit evaluates a gradient of L points at layer i at i / (L - 1), so each point lands
@@ -209,7 +212,7 @@ class RecipeGenome:
         return [f"{p.model or '*'}:{p.name}@{label}" for p in self.parameters for label in p.labels]
 
     def values(self, genome: Sequence[float]) -> list[np.ndarray]:
-        """Each free parameter's real values (one per gene), in order."""
+        """Each free parameter's values (one per gene, rounded for an integer parameter), in order."""
         genome = self._check(genome)
         out, start = [], 0
         for p in self.parameters:
