@@ -10,6 +10,7 @@ change. Switches (true/false) cannot be free, nor can bounds leave a parameter's
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -216,3 +217,22 @@ def test_the_shipped_templates_keep_their_bounds_in_the_domains(path):
     layout = LayerLayout(32, ("model.embed_tokens.weight",), ("model.norm.weight", "lm_head.weight"))
     genome = RecipeGenome.from_file(path, layout)
     assert genome.decode(genome.x0).merge_method == yaml.safe_load(path.read_text())["merge_method"]
+
+
+@pytest.mark.parametrize("marker, message", [
+    ("rescale: {free: [0.0, 1.0]}", r"parameters.rescale: dare_ties's 'rescale' is a switch"),
+    ("lambda: {free: [0.5, 1.5]}\n  density: {free: [0.5, 1.2]}", r"parameters.density: bounds \[0.5, 1.2\] leave"),
+])
+def test_evolve_refuses_such_a_template_before_the_run_folder(marker, message, micro_zoo, tmp_path, capsys):
+    from evomerge.cli import main
+
+    (tmp_path / "template.yaml").write_text("merge_method: dare_ties\nbase_model: zoo:base\nmodels:\n"
+                                            "  - {model: zoo:lang, parameters: {weight: 0.5}}\n"
+                                            f"  - {{model: zoo:math, parameters: {{weight: 0.5}}}}\nparameters:\n  {marker}\n")
+    (tmp_path / "config.yaml").write_text(f"method: ps\nzoo: {micro_zoo[0]}\nmodels: [zoo:lang, zoo:math]\n"
+                                          "fitness: {tasks: [math_lang], split: train, limit: 4}\n"
+                                          "report: {tasks: [math_lang], split: test, limit: 4}\n"
+                                          "ps: {template: template.yaml, optimizer: {max_evals: 2}}\ndevice: cpu\n")
+    assert main(["evolve", str(tmp_path / "config.yaml"), "--run-dir", str(tmp_path / "run"), "--no-progress"]) == 2
+    assert re.search(rf"template.yaml, line \d+: {message}", capsys.readouterr().err)
+    assert not (tmp_path / "run").exists()
