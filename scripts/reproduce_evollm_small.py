@@ -7,7 +7,7 @@ and M2N2 on the same models, fitness data and budget as PS.
     python3 scripts/reproduce_evollm_small.py --runs runs        # resumable
     python3 scripts/reproduce_evollm_small.py --runs runs --write-docs
 
-Runs `evomerge evolve` on recipes/zoo-small-{ps,dfs,ps-dfs,m2n2,random}.yaml (each resumes if its
+Runs `evomerge evolve` on recipes/zoo-small-{ps,dfs,ps-dfs,m2n2,random,della,sce}.yaml (each resumes if its
 run folder exists) and prints the table. With --write-docs it also replaces the section of
 docs/results.md (the wall times measured there are the reference for how long this takes).
 """
