@@ -141,7 +141,7 @@ def test_every_numeric_parameter_can_be_searched(name, param, scope, granularity
     low, high = search_bounds(method.domains[param])
     genome = genome_of(template(name, llama_family, param, scope, {"free": [low, high], "granularity": granularity}),
                        layout)
-    (parameter,) = genome.parameters
+    assert len(genome.parameters) == 1
     assert genome.dimension == {"global": 1, "layer": 6, 2: 4}[granularity]  # embed, 4 layers or 2 groups, head
 
     spread = np.linspace(0.25, 1.0, genome.dimension)  # a different value on every gene
@@ -152,7 +152,7 @@ def test_every_numeric_parameter_can_be_searched(name, param, scope, granularity
         assert got == pytest.approx(gene_value(values, granularity, tensor, layout)), tensor
 
     ends = [merged(genome, np.full(genome.dimension, gene)) for gene in (0.0, 1.0)]
-    for gene, bound, (ends_params, _) in zip((0.0, 1.0), (low, high), ends):
+    for bound, (ends_params, _) in zip((low, high), ends):
         assert all((p[param][0] if param in method.model_params else p[param]) == pytest.approx(bound)
                    for p in ends_params.values())
     changed = [t for t in ends[0][1] if not torch.equal(ends[0][1][t], ends[1][1][t])]
@@ -186,12 +186,17 @@ def test_a_switch_cannot_be_free(name, param, llama_family, layout):
         genome_of(data, layout)
 
 
-@pytest.mark.parametrize("name, param", [(n, p) for n, p in NUMERIC
-                                         if not math.isinf(METHODS[n].domains[p].low)])
-def test_bounds_must_stay_in_the_domain(name, param, llama_family, layout):
+@pytest.mark.parametrize("name, param, side", [(n, p, side) for n, p in NUMERIC for side in ("low", "high")
+                                               if not math.isinf(getattr(METHODS[n].domains[p], side))])
+def test_bounds_must_stay_in_the_domain(name, param, side, llama_family, layout):
+    """A bound past a finite end of the domain, or on an open end, is refused."""
     domain = METHODS[name].domains[param]
-    outside = domain.low - 1 if not domain.low_open else domain.low
-    data = template(name, llama_family, param, "top", {"free": [outside, search_bounds(domain)[1]]})
+    low, high = search_bounds(domain)
+    if side == "low":
+        low = domain.low if domain.low_open else domain.low - 1
+    else:
+        high = domain.high if domain.high_open else domain.high + 1
+    data = template(name, llama_family, param, "top", {"free": [low, high]})
     with pytest.raises(RecipeError, match=rf"template.yaml, line \d+: parameters.{param}: bounds .* leave the "
                                           rf"values {name}'s '{param}' takes, "):
         genome_of(data, layout)
@@ -228,7 +233,8 @@ def test_evolve_refuses_such_a_template_before_the_run_folder(marker, message, m
 
     (tmp_path / "template.yaml").write_text("merge_method: dare_ties\nbase_model: zoo:base\nmodels:\n"
                                             "  - {model: zoo:lang, parameters: {weight: 0.5}}\n"
-                                            f"  - {{model: zoo:math, parameters: {{weight: 0.5}}}}\nparameters:\n  {marker}\n")
+                                            "  - {model: zoo:math, parameters: {weight: 0.5}}\n"
+                                            f"parameters:\n  {marker}\n")
     (tmp_path / "config.yaml").write_text(f"method: ps\nzoo: {micro_zoo[0]}\nmodels: [zoo:lang, zoo:math]\n"
                                           "fitness: {tasks: [math_lang], split: train, limit: 4}\n"
                                           "report: {tasks: [math_lang], split: test, limit: 4}\n"
