@@ -29,8 +29,11 @@ from niches.genome import LayerLayout, RecipeGenome
 NUMERIC = [(name, param) for name, method in METHODS.items() for param in method.domains]
 SWITCHES = [(name, param) for name, method in METHODS.items()
             for param in (*method.model_params, *method.global_params) if param not in method.domains]
-SCOPES = [(name, param, scope) for name, param in NUMERIC
-          for scope in (("model", "top") if param in METHODS[name].model_params else ("top",))]
+SCOPES = [(name, param, scope, base) for name, param in NUMERIC
+          for scope in (("model", "top") if param in METHODS[name].model_params else ("top",))
+          for base in ((False, True) if METHODS[name].optional_base else (METHODS[name].needs_base,))]
+"""(method, parameter, where the marker sits, whether the recipe has a base model): both
+forms of a method whose base is optional (nuslerp's and multislerp's task-vector mode)."""
 GRANULARITIES = ["global", "layer", 2]
 
 INVARIANT = {("task_arithmetic", "density"): "task_arithmetic accepts density and ignores it, as mergekit does"}
@@ -69,12 +72,14 @@ def fixed_value(name: str, param: str) -> float | None:
     return middle(method, param) if default is REQUIRED else None
 
 
-def template(name: str, family: dict, param: str | None = None, scope: str = "top", marker: Any = None) -> dict:
+def template(name: str, family: dict, param: str | None = None, scope: str = "top", marker: Any = None,
+             base: bool | None = None) -> dict:
     """A template of `name` over the tiny Llama family with `param` set to `marker`: in the
     first model's parameters (scope "model") or the top-level ones ("top"; the other
     models then set their own value, so a per-model parameter searched at the top still
     acts on one model alone, which a normalised weight needs). Without `param`, a plain
-    recipe of the method."""
+    recipe of the method. `base`: whether it names a base model (default: if the method
+    needs one)."""
     method = METHODS[name]
     count = min(method.max_models or 3, 3)  # karcher needs three: two points' mean is their midpoint
     models = [{"model": str(family[f"variant_{i + 1}"]), "parameters": {}} for i in range(count)]
@@ -91,7 +96,7 @@ def template(name: str, family: dict, param: str | None = None, scope: str = "to
     if param is not None:
         (models[0]["parameters"] if scope == "model" else top)[param] = marker
     data: dict[str, Any] = {"merge_method": name}
-    if method.needs_base:
+    if method.needs_base if base is None else base:
         data["base_model"] = str(family["base"])
     data["models"] = [m if m["parameters"] else {"model": m["model"]} for m in models]
     if top:
@@ -135,12 +140,12 @@ def merged(genome: RecipeGenome, genes: np.ndarray, *, merge: bool = True) -> tu
 
 
 @pytest.mark.parametrize("granularity", GRANULARITIES)
-@pytest.mark.parametrize("name, param, scope", SCOPES)
-def test_every_numeric_parameter_can_be_searched(name, param, scope, granularity, llama_family, layout):
+@pytest.mark.parametrize("name, param, scope, base", SCOPES)
+def test_every_numeric_parameter_can_be_searched(name, param, scope, base, granularity, llama_family, layout):
     method = METHODS[name]
     low, high = search_bounds(method.domains[param])
-    genome = genome_of(template(name, llama_family, param, scope, {"free": [low, high], "granularity": granularity}),
-                       layout)
+    marker = {"free": [low, high], "granularity": granularity}
+    genome = genome_of(template(name, llama_family, param, scope, marker, base), layout)
     assert len(genome.parameters) == 1
     assert genome.dimension == {"global": 1, "layer": 6, 2: 4}[granularity]  # embed, 4 layers or 2 groups, head
 
