@@ -14,7 +14,10 @@ parameter values are free markers:
 
 `granularity` is `global` (one gene), `layer` (one gene for the embeddings, one per
 layer, one for the final norm and head) or an integer k (embeddings, one gene per group
-of k consecutive layers, final norm and head). A gene g in [0, 1] means low + g (high - low).
+of k consecutive layers, final norm and head). A gene g in [0, 1] means low + g (high - low),
+rounded for a whole-number parameter (karcher's `max_iter`). The bounds must lie in the
+values the method declares for the parameter (`MergeMethod.domains`), and a switch
+(true/false) cannot be free: a search must never propose what the method cannot merge.
 Per-layer values become a filter list that any mergekit-style engine evaluates: the exact
 names of the embedding and final tensors first, then a gradient of one point per layer
 (mergekit evaluates a gradient of L points at layer i at i / (L - 1), so each point lands
@@ -51,6 +54,8 @@ import yaml
 from merging.checkpoint import Checkpoint
 from merging.dataflow import DataflowSpace, dataflow_recipe, output_projections
 from merging.errors import RecipeError
+from merging.operators import METHODS
+from merging.operators.base import Domain
 from merging.recipe import FilteredValue, Recipe, located, load_yaml, validate_recipe
 
 MARKER_KEYS = {"free", "init", "granularity"}
@@ -103,13 +108,16 @@ class FreeParameter:
     """Whether it has a gene for the embeddings (per-layer markers not in the first slice do not)."""
     head: bool = True
     """Whether it has a gene for the final norm and head (only in the last slice)."""
+    integer: bool = False
+    """A whole-number parameter (karcher's `max_iter`): its values are rounded."""
 
     @property
     def size(self) -> int:
         return len(self.labels)
 
-    def value(self, gene: float) -> float:
-        return self.low + float(np.clip(gene, 0.0, 1.0)) * (self.high - self.low)
+    def value(self, gene: float) -> float | int:
+        value = self.low + float(np.clip(gene, 0.0, 1.0)) * (self.high - self.low)
+        return round(value) if self.integer else value
 
     def gene(self, value: float) -> float:
         return (value - self.low) / (self.high - self.low)
@@ -154,12 +162,17 @@ class RecipeGenome:
                 and bounds[0] < bounds[1]):
             raise fail(f"`free` must be [low, high] with low < high, got {bounds!r}")
         low, high = float(bounds[0]), float(bounds[1])
+        domain = _domain(template.get("merge_method"), loc[-1], fail)
+        if domain is not None and not (domain.contains(low) and domain.contains(high)):
+            raise fail(f"bounds {bounds!r} leave the values {template['merge_method']}'s {loc[-1]!r} takes, {domain}")
+        integer = domain is not None and domain.integer
         init = marker.get("init", (low + high) / 2)
         if not _is_number(init) or not low <= init <= high:
             raise fail(f"`init` must be a number inside [{low}, {high}], got {init!r}")
         granularity = marker.get("granularity", "global")
         if granularity == "global":
-            return FreeParameter(loc, str(loc[-1]), model, low, high, float(init), granularity, ("all",))
+            return FreeParameter(loc, str(loc[-1]), model, low, high, float(init), granularity, ("all",),
+                                 integer=integer)
         if loc[0] == "modules":
             raise fail("a marker inside `modules:` takes granularity global only (per-layer genes follow the "
                        "model's layers, not a module's)")
@@ -174,7 +187,7 @@ class RecipeGenome:
         labels = (*(["embed"] if embed else []), *(f"L{a}" if b - a == 1 else f"L{a}-{b - 1}" for a, b in groups),
                   *(["head"] if head else []))
         return FreeParameter(loc, str(loc[-1]), model, low, high, float(init), granularity, labels, (start, end),
-                             embed, head)
+                             embed, head, integer)
 
     def _gradient_span(self, loc: tuple, template: dict, fail) -> tuple[tuple[int, int], bool, bool]:
         """The layers a per-layer marker's gradient is read over, and whether the
@@ -211,7 +224,7 @@ class RecipeGenome:
         return [f"{p.model or '*'}:{p.name}@{label}" for p in self.parameters for label in p.labels]
 
     def values(self, genome: Sequence[float]) -> list[np.ndarray]:
-        """Each free parameter's real values (one per gene), in order."""
+        """Each free parameter's values (one per gene, rounded for an integer parameter), in order."""
         genome = self._check(genome)
         out, start = [], 0
         for p in self.parameters:
@@ -234,15 +247,16 @@ class RecipeGenome:
         return np.array(genes, dtype=float)
 
     def _setting(self, p: FreeParameter, values: np.ndarray) -> Any:
+        number = int if p.integer else float
         if p.granularity == "global":
-            return float(values[0])
+            return number(values[0])
         layout = self.layout
         size = 1 if p.granularity == "layer" else int(p.granularity)
         start, end = p.layers
         first = 1 if p.embed else 0
-        per_layer = [float(values[first + offset // size]) for offset in range(end - start)]
-        return ([{"filter": name, "value": float(values[0])} for name in layout.pre_names if p.embed]
-                + [{"filter": name, "value": float(values[-1])} for name in layout.post_names if p.head]
+        per_layer = [number(values[first + offset // size]) for offset in range(end - start)]
+        return ([{"filter": name, "value": number(values[0])} for name in layout.pre_names if p.embed]
+                + [{"filter": name, "value": number(values[-1])} for name in layout.post_names if p.head]
                 + [{"value": per_layer}])
 
     def _gene_values(self, p: FreeParameter, setting: Any) -> list[float]:
@@ -413,6 +427,17 @@ def _markers(data: dict):
         if isinstance(module, dict):
             yield from scan(module.get("parameters"), ("modules", name, "parameters"), None)
             yield from merge(module, ("modules", name))
+
+
+def _domain(method: Any, name: Any, fail) -> Domain | None:
+    """The values parameter `name` of `method` takes, or None when the method or the name
+    is unknown (the template's validation names those); a switch cannot be free."""
+    known = METHODS.get(method) if isinstance(method, str) else None
+    if known is None or name not in {**known.model_params, **known.global_params}:
+        return None
+    if name not in known.domains:
+        raise fail(f"{method}'s {name!r} is a switch (true or false), not a number: it cannot be free")
+    return known.domains[name]
 
 
 def _get(data: Any, loc: tuple) -> Any:

@@ -7,7 +7,7 @@ and M2N2 on the same models, fitness data and budget as PS.
     python3 scripts/reproduce_evollm_small.py --runs runs        # resumable
     python3 scripts/reproduce_evollm_small.py --runs runs --write-docs
 
-Runs `evomerge evolve` on recipes/zoo-small-{ps,dfs,ps-dfs,m2n2,random}.yaml (each resumes if its
+Runs `evomerge evolve` on recipes/zoo-small-{ps,dfs,ps-dfs,m2n2,random,della,sce}.yaml (each resumes if its
 run folder exists) and prints the table. With --write-docs it also replaces the section of
 docs/results.md (the wall times measured there are the reference for how long this takes).
 """
@@ -30,7 +30,8 @@ from niches.run import evolve  # noqa: E402
 METHODS = {"ps": "PS (dare_ties, per-layer density and weight)", "dfs": "DFS (layer path + scales)",
            "ps-dfs": "PS+DFS", "m2n2": "M2N2 (archive of 20, SLERP with split points)",
            "random": "random search (PS template and budget)",
-           "della": "PS with della (per-layer density and weight)"}
+           "della": "PS with della (per-layer density and weight)",
+           "sce": "PS with sce (per-layer select_topk)"}
 PAPER = [("Shisa Gamma 7B v1 (Japanese)", "9.6"), ("WizardMath 7B v1.1", "18.4"), ("Abel 7B 002", "30.0"),
          ("EvoLLM-JP-v1-7B (PS)", "52.0"), ("EvoLLM-JP-v1-10B (PS+DFS)", "55.6")]
 

@@ -251,9 +251,9 @@ def test_a_slices_template_reads_every_gene_on_its_own_layer(llama_family, layou
 
 def test_a_per_layer_marker_at_the_top_of_a_slices_template_is_refused(llama_family, layout):
     text = SLICES_TEMPLATE.format(v1=llama_family["variant_1"], v2=llama_family["variant_2"])
-    text = text.replace("dtype: float32", "parameters:\n  normalize: {free: [0.0, 1.0], granularity: layer}\n"
+    text = text.replace("dtype: float32", "parameters:\n  weight: {free: [0.0, 1.0], granularity: layer}\n"
                                           "dtype: float32")
-    with pytest.raises(RecipeError, match=r"line 20: parameters.normalize: a per-layer marker at the top level of a "
+    with pytest.raises(RecipeError, match=r"line 20: parameters.weight: a per-layer marker at the top level of a "
                                           r"`slices:` template would be read from its start again in every slice"):
         RecipeGenome.from_text(text, "slices.yaml", layout)
 

@@ -14,6 +14,7 @@ dtype is the engine's job.
 from __future__ import annotations
 
 import keyword
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -21,6 +22,43 @@ import torch
 
 REQUIRED = object()
 """Marks a parameter with no default: a recipe must give it."""
+
+
+@dataclass(frozen=True)
+class Domain:
+    """The values a numeric parameter takes. A search's free marker must keep its bounds
+    inside (niches/genome.py), so that it never proposes a value the method cannot use
+    (a slerp ``t`` of 1.3, a ``select_topk`` of 0); an integer parameter is searched in
+    whole numbers. Plain recipes are not held to it: mergekit does not check them."""
+
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+    integer: bool = False
+
+    def contains(self, value: float) -> bool:
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def __str__(self) -> str:
+        kind = "integers" if self.integer else "numbers"
+        if math.isinf(self.low) and math.isinf(self.high):
+            return f"any {kind[:-1]}"
+        if math.isinf(self.high):
+            return f"{kind} {'>' if self.low_open else '>='} {self.low:g}"
+        interval = f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+        return interval if not self.integer else f"{kind} in {interval}"
+
+
+REAL = Domain()
+UNIT = Domain(0.0, 1.0)
+FRACTION = Domain(0.0, 1.0, low_open=True)
+"""A share of entries to keep: (0, 1] (none kept is not a merge)."""
+NON_NEGATIVE = Domain(0.0)
+POSITIVE = Domain(0.0, low_open=True)
+COUNT = Domain(0.0, integer=True)
 
 
 def kwarg_name(param: str) -> str:
@@ -45,7 +83,9 @@ class MergeMethod:
     (task-vector methods, slerp); ``optional_base``: one is used when the recipe names it
     (nuslerp's and multislerp's task-vector mode). Either way the base arrives as ``base``,
     not among ``tensors``. ``random``: the method draws random numbers and is given a
-    seeded ``torch.Generator``. ``check_model_params``: given one model's resolved
+    seeded ``torch.Generator``. ``domains``: every numeric parameter with the values it
+    takes (what a search may make free); the others are switches (true/false), which a
+    search leaves alone. ``check_model_params``: given one model's resolved
     per-model parameters for one tensor, says why they cannot be merged (or None), so
     that the plan refuses them before any tensor is computed.
     """
@@ -60,6 +100,12 @@ class MergeMethod:
     min_models: int = 1
     max_models: int | None = None
     check_model_params: Callable[[dict[str, Any]], str | None] | None = None
+    domains: Mapping[str, Domain] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        unknown = set(self.domains) - set(self.model_params) - set(self.global_params)
+        if unknown:
+            raise ValueError(f"{self.name}: domains name parameters it does not take: {sorted(unknown)}")
 
     @property
     def takes_base(self) -> bool:

@@ -23,7 +23,7 @@ from typing import Sequence
 
 import torch
 
-from merging.operators.base import MergeMethod, compute_dtype
+from merging.operators.base import COUNT, POSITIVE, MergeMethod, compute_dtype
 
 
 def karcher(*, base: torch.Tensor | None = None, tensors: Sequence[torch.Tensor],
@@ -67,5 +67,6 @@ KARCHER = MergeMethod(
     function=karcher,
     needs_base=False,
     global_params={"max_iter": 10, "tol": 1e-5},
+    domains={"max_iter": COUNT, "tol": POSITIVE},
     min_models=1,
 )

@@ -9,7 +9,7 @@ from typing import Sequence
 
 import torch
 
-from merging.operators.base import REQUIRED, MergeMethod, compute_dtype
+from merging.operators.base import REAL, REQUIRED, MergeMethod, compute_dtype
 
 
 def linear(*, base: torch.Tensor | None = None, tensors: Sequence[torch.Tensor],
@@ -37,5 +37,6 @@ LINEAR = MergeMethod(
     needs_base=False,
     model_params={"weight": REQUIRED},
     global_params={"normalize": True},
+    domains={"weight": REAL},
     min_models=1,
 )

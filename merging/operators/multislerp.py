@@ -25,7 +25,7 @@ from typing import Sequence
 import torch
 
 from merging.errors import EvomergeError
-from merging.operators.base import REQUIRED, MergeMethod, compute_dtype
+from merging.operators.base import POSITIVE, REAL, REQUIRED, MergeMethod, compute_dtype
 
 
 def multislerp(*, base: torch.Tensor | None, tensors: Sequence[torch.Tensor],
@@ -72,5 +72,6 @@ MULTISLERP = MergeMethod(
     optional_base=True,
     model_params={"weight": REQUIRED},
     global_params={"normalize_weights": True, "eps": 1e-8},
+    domains={"weight": REAL, "eps": POSITIVE},
     min_models=1,
 )

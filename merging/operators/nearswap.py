@@ -18,7 +18,7 @@ from typing import Sequence
 
 import torch
 
-from merging.operators.base import REQUIRED, MergeMethod, compute_dtype
+from merging.operators.base import NON_NEGATIVE, REQUIRED, MergeMethod, compute_dtype
 
 MIN_DIFFERENCE = 1e-6
 
@@ -39,6 +39,7 @@ NEARSWAP = MergeMethod(
     function=nearswap,
     needs_base=True,
     global_params={"t": REQUIRED},
+    domains={"t": NON_NEGATIVE},  # a distance to the base
     min_models=1,
     max_models=1,
 )

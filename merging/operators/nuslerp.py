@@ -18,7 +18,7 @@ from typing import Sequence
 
 import torch
 
-from merging.operators.base import REQUIRED, MergeMethod, compute_dtype
+from merging.operators.base import REAL, REQUIRED, MergeMethod, compute_dtype
 
 NORM_FLOOR = 1e-7
 SIN_EPS = 1e-8
@@ -70,6 +70,7 @@ NUSLERP = MergeMethod(
     optional_base=True,
     model_params={"weight": REQUIRED},
     global_params={"nuslerp_row_wise": False, "nuslerp_flatten": True},
+    domains={"weight": REAL},
     min_models=2,
     max_models=2,
 )

@@ -9,7 +9,7 @@ from typing import Sequence
 
 import torch
 
-from merging.operators.base import MergeMethod, compute_dtype
+from merging.operators.base import REAL, MergeMethod, compute_dtype
 
 
 def passthrough(*, base: torch.Tensor | None = None, tensors: Sequence[torch.Tensor],
@@ -32,6 +32,7 @@ PASSTHROUGH = MergeMethod(
     function=passthrough,
     needs_base=False,
     model_params={"scale": None},
+    domains={"scale": REAL},
     min_models=1,
     max_models=1,
 )

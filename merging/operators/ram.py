@@ -26,7 +26,7 @@ from typing import Sequence
 
 import torch
 
-from merging.operators.base import MergeMethod, compute_dtype
+from merging.operators.base import NON_NEGATIVE, POSITIVE, MergeMethod, compute_dtype
 
 
 def ram(*, base: torch.Tensor, tensors: Sequence[torch.Tensor], epsilon: float = 1e-5,
@@ -58,11 +58,13 @@ RAM_METHODS = {
         function=partial(ram, boost_unique=False),
         needs_base=True,
         global_params={"epsilon": 1e-5},
+        domains={"epsilon": NON_NEGATIVE},
     ),
     "ramplus_tl": MergeMethod(
         name="ramplus_tl",
         function=partial(ram, boost_unique=True),
         needs_base=True,
         global_params={"r": 0.1, "alpha": 0.2, "epsilon": 1e-5},
+        domains={"r": NON_NEGATIVE, "alpha": NON_NEGATIVE, "epsilon": POSITIVE},  # it divides by epsilon
     ),
 }

@@ -21,7 +21,7 @@ from typing import Sequence
 
 import torch
 
-from merging.operators.base import MergeMethod, compute_dtype
+from merging.operators.base import FRACTION, MergeMethod, compute_dtype
 from merging.operators.task_arithmetic import sign_consensus
 
 
@@ -73,4 +73,5 @@ SCE = MergeMethod(
     function=sce,
     needs_base=True,
     global_params={"int8_mask": False, "select_topk": 1.0},
+    domains={"select_topk": FRACTION},
 )

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import torch
 
-from merging.operators.base import REQUIRED, MergeMethod, compute_dtype
+from merging.operators.base import REQUIRED, UNIT, MergeMethod, compute_dtype
 
 DOT_THRESHOLD = 0.9995
 EPS = 1e-8
@@ -80,6 +80,7 @@ SLERP = MergeMethod(
     function=slerp_merge,
     needs_base=True,
     global_params={"t": REQUIRED},
+    domains={"t": UNIT},
     min_models=1,
     max_models=1,
 )

@@ -32,7 +32,7 @@ from typing import Sequence
 
 import torch
 
-from merging.operators.base import REQUIRED, MergeMethod, compute_dtype
+from merging.operators.base import REAL, REQUIRED, UNIT, Domain, MergeMethod, compute_dtype
 from merging.operators.della import check_model_params as della_check
 from merging.operators.sparsify import sparsify
 
@@ -102,10 +102,13 @@ def _method(name: str, sparsification: str | None, consensus: bool, normalize: b
             rescale: bool) -> MergeMethod:
     """One registry entry with mergekit's parameters and defaults for ``name``."""
     model_params = {"weight": REQUIRED, "density": 1.0}
+    domains = {"weight": REAL, "density": UNIT, "lambda": REAL}
     if sparsification == "magnitude_outliers":
         model_params["gamma"] = 0.01
+        domains["gamma"] = UNIT
     if sparsification == "della_magprune":
         model_params["epsilon"] = 0.15
+        domains["epsilon"] = Domain(0.0, 0.5, high_open=True)  # density +- epsilon inside (0, 1)
     return MergeMethod(
         name=name,
         function=partial(generalized_task_arithmetic, sparsification=sparsification,
@@ -116,6 +119,7 @@ def _method(name: str, sparsification: str | None, consensus: bool, normalize: b
                        "lambda": 1.0},
         random=sparsification in ("random", "della_magprune"),
         check_model_params=della_check if sparsification == "della_magprune" else None,
+        domains=domains,
         min_models=1,
     )
 
