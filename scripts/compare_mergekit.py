@@ -354,14 +354,23 @@ def compare_recipe(recipe_path: Path, paths: dict[str, Path], work: Path, args: 
         jobs.append(("mergekit_f32", rdir / "mergekit_f32",
                      ["recipe_f32.yaml", str(rdir / "mergekit_f32"), "--random-seed", str(args.seed),
                       "--quiet"]))
+    failed = []
     for tool, out, tool_args in jobs:
         if out.exists() and tool.startswith("mergekit"):  # mergekit has no --overwrite
             shutil.rmtree(out)
         if not tools.run(tool.split("_")[0], tool_args, rdir / f"{tool}.log", cwd=rdir):
             tail = (rdir / f"{tool}.log").read_text().strip().splitlines()[-3:]
-            res.ok, res.verdict = False, f"{tool.upper()} FAILED"
             res.details.append(f"{tool} failed ({rdir / f'{tool}.log'}): " + " | ".join(tail))
-            return res
+            failed.append(tool)
+    if failed:
+        res.ok, res.verdict = False, f"{failed[0].upper()} FAILED"
+        if failed == ["mergekit"] and mode == "exact" and list(mk_out.glob("*.safetensors")):
+            # mergekit writes the tensors before config.json: compare what it wrote.
+            written = Result(name, method, mode)
+            bad = compare_exact(load_tensors(mk_out), load_tensors(ev_out), written, args.rtol)
+            res.verdict += (f" after writing its tensors ({written.tensors}; evomerge's "
+                            f"{'differ' if bad or not written.ok else 'agree'}, max abs diff {written.max_abs_diff:.2e})")
+        return res
     mk, ev = load_tensors(mk_out), load_tensors(ev_out)
     if mode == "stats":
         compare_stats(mk, ev, base_tensors, recipe, res)
