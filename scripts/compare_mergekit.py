@@ -453,7 +453,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if r.details and (args.details or not r.ok or r.mode != "exact"):
             print(f"\n{r.recipe} ({r.method}, {r.mode}):")
             print("\n".join(f"  - {d}" for d in r.details))
-    if any(r.verdict.endswith("FAILED") for r in results):
+    if any(" FAILED" in r.verdict for r in results):
         return 2
     return 0 if all(r.ok for r in results) else 1
 
