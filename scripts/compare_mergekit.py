@@ -2,9 +2,11 @@
 """Run the same recipes through mergekit and evomerge and compare every output tensor.
 
 evomerge promises that a mergekit recipe gives mergekit's result. This script checks it
-on small real checkpoints: it builds a tiny Llama base and three fine-tune-like variants
-(float32), fills the model paths into each recipe of scripts/mergekit_recipes/, runs
-`mergekit-yaml` (its own venv, a subprocess) and `evomerge merge` on it, and compares:
+on small real checkpoints: it builds a tiny base and three fine-tune-like variants (Llama
+in float32 unless --family / --source-dtype / --tied say otherwise), fills the model paths
+into each recipe of scripts/mergekit_recipes/, runs `mergekit-yaml` (its own venv) and
+`evomerge merge` on it (each tool in one worker process, scripts/merge_worker.py, or with
+--fresh-processes a process per merge), and compares:
 
 * deterministic methods (dtype float32): every tensor must agree to float32 rounding
   (|diff| <= rtol * max|tensor|, rtol = max(1e-6, eps of the output dtype));
@@ -20,6 +22,7 @@ It also compares config.json. It prints a markdown table and exits 1 when a
 deterministic recipe (or a DARE statistic) disagrees, 2 when a tool fails to run.
 
     python3 scripts/compare_mergekit.py [--work-dir DIR] [--only ties*] [--mergekit-bin PATH]
+        [--family qwen2] [--source-dtype bfloat16] [--tied] [--fresh-processes]
 """
 from __future__ import annotations
 
