@@ -241,6 +241,7 @@ def evaluate_setting(setting: ParameterSetting, tensor_name: str, t: float) -> A
                 if entry.filter in (None, "*") or (tensor_name and entry.filter in tensor_name):
                     return evaluate_setting(entry.value, tensor_name, t)
             return None
+        setting = [_number(v) for v in setting]
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in setting):
             return setting[int(t * (len(setting) - 1))]
         scaled = t * (len(setting) - 1)
@@ -264,11 +265,24 @@ def resolve_parameter(name: str, default: Any, scopes: list[Parameters], tensor_
     return default
 
 
+def _number(value: Any) -> Any:
+    """A numeric string as its number, anything else unchanged. PyYAML reads `1e-5` (no
+    dot) as a string; mergekit validates parameters with pydantic, which takes a numeric
+    string for a number, so `tol: 1e-5` and `epsilon: [1e-3, 1e-6]` are numbers there."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
+
+
 def _coerce(name: str, value: Any, default: Any, where: str) -> Any:
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise RecipeError(f"parameter {name!r} for {where} must be true or false, got {value!r}")
         return value
+    value = _number(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise RecipeError(f"parameter {name!r} for {where} must be a number, got {value!r}")
     return float(value)

@@ -27,13 +27,25 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128),
     "gemma": dict(model_type="gemma", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128),
+    # Gemma-2: pre/post feed-forward norms around the MLP, logit soft-capping, alternating
+    # sliding-window layers, and tied embeddings as its released checkpoints have.
+    "gemma2": dict(model_type="gemma2", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
+                   sliding_window=32, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+                   max_position_embeddings=128, tie_word_embeddings=True),
+    # Mistral-Nemo: a Mistral whose head_dim (128 there) is not hidden_size / heads (160),
+    # so q/k/v/o projections are not square.
+    "mistral-nemo": dict(model_type="mistral", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=32, sliding_window=None,
+                         max_position_embeddings=128),
     "phi": dict(model_type="phi", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                 num_attention_heads=4, max_position_embeddings=128),
     "gpt2": dict(model_type="gpt2", n_embd=64, n_layer=4, n_head=4, n_positions=128),
     "gpt_neox": dict(model_type="gpt_neox", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                      num_attention_heads=4, max_position_embeddings=128),
 }
-"""A tiny configuration per family; each loads with AutoModelForCausalLM."""
+"""A tiny configuration per family; each loads with AutoModelForCausalLM. Untied embeddings
+unless the entry says otherwise (`tie_word_embeddings` overrides either way)."""
 
 _CORPUS = [
     "The quick brown fox jumps over the lazy dog.",

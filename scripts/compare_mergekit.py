@@ -2,9 +2,11 @@
 """Run the same recipes through mergekit and evomerge and compare every output tensor.
 
 evomerge promises that a mergekit recipe gives mergekit's result. This script checks it
-on small real checkpoints: it builds a tiny Llama base and three fine-tune-like variants
-(float32), fills the model paths into each recipe of scripts/mergekit_recipes/, runs
-`mergekit-yaml` (its own venv, a subprocess) and `evomerge merge` on it, and compares:
+on small real checkpoints: it builds a tiny base and three fine-tune-like variants (Llama
+in float32 unless --family / --source-dtype / --tied say otherwise), fills the model paths
+into each recipe of scripts/mergekit_recipes/, runs `mergekit-yaml` (its own venv) and
+`evomerge merge` on it (each tool in one worker process, scripts/merge_worker.py, or with
+--fresh-processes a process per merge), and compares:
 
 * deterministic methods (dtype float32): every tensor must agree to float32 rounding
   (|diff| <= rtol * max|tensor|, rtol = max(1e-6, eps of the output dtype));
@@ -20,6 +22,7 @@ It also compares config.json. It prints a markdown table and exits 1 when a
 deterministic recipe (or a DARE statistic) disagrees, 2 when a tool fails to run.
 
     python3 scripts/compare_mergekit.py [--work-dir DIR] [--only ties*] [--mergekit-bin PATH]
+        [--family qwen2] [--source-dtype bfloat16] [--tied] [--fresh-processes]
 """
 from __future__ import annotations
 
@@ -68,7 +71,8 @@ class Result:
 def build_models(work_dir: Path, seed: int, family: str = "llama", dtype: str = "float32",
                  tied: bool = False) -> dict[str, Path]:
     """Base + variant_1..3 of a tiny `family` (merging.synthetic) in `dtype`, with tied
-    embeddings if `tied`; reused when already in work_dir."""
+    embeddings if `tied` (else as the family has them: gemma2 tied, the rest untied);
+    reused when already in work_dir."""
     models = work_dir / "models"
     names = ["base", "variant_1", "variant_2", "variant_3"]
     if all((models / n / "config.json").exists() for n in names):
@@ -78,8 +82,8 @@ def build_models(work_dir: Path, seed: int, family: str = "llama", dtype: str = 
 
     if family == VLM_FAMILY:
         return build_vlm_family(models, variants=3, seed=seed, dtype=getattr(torch, dtype), tied=tied)
-    return build_family(models, family=family, variants=3, seed=seed, dtype=getattr(torch, dtype),
-                        tie_word_embeddings=tied)
+    tying = {"tie_word_embeddings": True} if tied else {}
+    return build_family(models, family=family, variants=3, seed=seed, dtype=getattr(torch, dtype), **tying)
 
 
 def render(recipe: Path, paths: dict[str, Path], out: Path) -> dict:
@@ -91,10 +95,44 @@ def render(recipe: Path, paths: dict[str, Path], out: Path) -> dict:
     return yaml.safe_load(text)
 
 
-def run_tool(cmd: list[str], log: Path, cwd: Path, env: Optional[dict] = None) -> bool:
-    """Run one merge with its output in `log`; True when it succeeded."""
-    with log.open("w") as fh:
-        return subprocess.run(cmd, cwd=cwd, stdout=fh, stderr=subprocess.STDOUT, env=env).returncode == 0
+class Tools:
+    """Runs `mergekit-yaml ARGS` and `evomerge ARGS`, each job's output in its own log.
+
+    By default through one long-lived scripts/merge_worker.py per tool (the same entry
+    points, imported once: a tiny merge is otherwise ~90% interpreter start-up); with
+    `fresh` as one subprocess per merge, exactly as a user runs the commands.
+    """
+
+    def __init__(self, mergekit_bin: str, fresh: bool):
+        self.env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join(
+            [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+        self.commands = {"mergekit": [mergekit_bin], "evomerge": [sys.executable, "-m", "evomerge"]}
+        self.pythons = {"mergekit": str(Path(mergekit_bin).parent / "python"), "evomerge": sys.executable}
+        self.fresh = fresh
+        self.workers: dict[str, subprocess.Popen] = {}
+
+    def run(self, tool: str, args: list[str], log: Path, cwd: Path) -> bool:
+        """One merge; True when it succeeded."""
+        if self.fresh:
+            with log.open("w") as fh:
+                return subprocess.run(self.commands[tool] + args, cwd=cwd, stdout=fh,
+                                      stderr=subprocess.STDOUT, env=self.env).returncode == 0
+        worker = self.workers.get(tool)
+        if worker is None or worker.poll() is not None:
+            worker = self.workers[tool] = subprocess.Popen(
+                [self.pythons[tool], str(Path(__file__).resolve().parent / "merge_worker.py"), tool],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=self.env)
+        worker.stdin.write(json.dumps({"argv": args, "cwd": str(cwd), "log": str(log)}) + "\n")
+        worker.stdin.flush()
+        reply = worker.stdout.readline()
+        if not reply:  # the worker died (its last words are in the log)
+            return False
+        return json.loads(reply)["ok"]
+
+    def close(self) -> None:
+        for worker in self.workers.values():
+            worker.stdin.close()
+            worker.wait()
 
 
 def load_tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -300,7 +338,7 @@ def compare_configs(mk_dir: Path, ev_dir: Path, res: Result) -> None:
 
 
 def compare_recipe(recipe_path: Path, paths: dict[str, Path], work: Path, args: argparse.Namespace,
-                   base_tensors: dict[str, torch.Tensor]) -> Result:
+                   base_tensors: dict[str, torch.Tensor], tools: Tools) -> Result:
     """Render, run both tools, compare; never raises for a tool failure (reported instead)."""
     name = recipe_path.stem
     rdir = work / "runs" / name
@@ -311,14 +349,10 @@ def compare_recipe(recipe_path: Path, paths: dict[str, Path], work: Path, args: 
             else "approx" if recipe.get("dtype") in LOW_PRECISION else "exact")
     res = Result(name, method, mode)
     mk_out, ev_out = rdir / "mergekit", rdir / "evomerge"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]),
-        HF_HUB_OFFLINE="1")
     jobs = [
-        ("mergekit", mk_out, [args.mergekit_bin, "recipe.yaml", str(mk_out), "--random-seed",
-                              str(args.seed), "--quiet"]),
-        ("evomerge", ev_out, [sys.executable, "-m", "evomerge", "merge", "recipe.yaml",
-                              str(ev_out), "--overwrite", "--seed", str(args.seed), "--no-progress"]),
+        ("mergekit", mk_out, ["recipe.yaml", str(mk_out), "--random-seed", str(args.seed), "--quiet"]),
+        ("evomerge", ev_out, ["merge", "recipe.yaml", str(ev_out), "--overwrite", "--seed", str(args.seed),
+                              "--no-progress"]),
     ]
     if mode == "approx":
         # The reference evomerge should equal: mergekit computing in float32, then
@@ -326,16 +360,25 @@ def compare_recipe(recipe_path: Path, paths: dict[str, Path], work: Path, args: 
         f32 = dict(recipe, dtype="float32", out_dtype=recipe.get("out_dtype") or recipe["dtype"])
         (rdir / "recipe_f32.yaml").write_text(yaml.safe_dump(f32, sort_keys=False))
         jobs.append(("mergekit_f32", rdir / "mergekit_f32",
-                     [args.mergekit_bin, "recipe_f32.yaml", str(rdir / "mergekit_f32"),
-                      "--random-seed", str(args.seed), "--quiet"]))
-    for tool, out, cmd in jobs:
+                     ["recipe_f32.yaml", str(rdir / "mergekit_f32"), "--random-seed", str(args.seed),
+                      "--quiet"]))
+    failed = []
+    for tool, out, tool_args in jobs:
         if out.exists() and tool.startswith("mergekit"):  # mergekit has no --overwrite
             shutil.rmtree(out)
-        if not run_tool(cmd, rdir / f"{tool}.log", cwd=rdir, env=env):
+        if not tools.run(tool.split("_")[0], tool_args, rdir / f"{tool}.log", cwd=rdir):
             tail = (rdir / f"{tool}.log").read_text().strip().splitlines()[-3:]
-            res.ok, res.verdict = False, f"{tool.upper()} FAILED"
             res.details.append(f"{tool} failed ({rdir / f'{tool}.log'}): " + " | ".join(tail))
-            return res
+            failed.append(tool)
+    if failed:
+        res.ok, res.verdict = False, f"{failed[0].upper()} FAILED"
+        if failed == ["mergekit"] and mode == "exact" and list(mk_out.glob("*.safetensors")):
+            # mergekit writes the tensors before config.json: compare what it wrote.
+            written = Result(name, method, mode)
+            bad = compare_exact(load_tensors(mk_out), load_tensors(ev_out), written, args.rtol)
+            res.verdict += (f" after writing its tensors ({written.tensors}; evomerge's "
+                            f"{'differ' if bad or not written.ok else 'agree'}, max abs diff {written.max_abs_diff:.2e})")
+        return res
     mk, ev = load_tensors(mk_out), load_tensors(ev_out)
     if mode == "stats":
         compare_stats(mk, ev, base_tensors, recipe, res)
@@ -379,15 +422,20 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="run only recipes whose name matches this glob (repeatable)")
     parser.add_argument("--seed", type=int, default=0, help="model seed and both tools' merge seed")
     parser.add_argument("--family", default="llama",
-                        help="architecture of the tiny models (merging.synthetic.TINY_CONFIGS: llama, mistral, qwen2, "
-                             f"gemma (tied embeddings), ...; {VLM_FAMILY}: a tiny VLM, for the modules-* recipes)")
+                        help="architecture of the tiny models (merging.synthetic.TINY_CONFIGS: llama, mistral, "
+                             "mistral-nemo, qwen2, gemma, gemma2 (tied embeddings), ...; "
+                             f"{VLM_FAMILY}: a tiny VLM, for the modules-* recipes)")
     parser.add_argument("--source-dtype", default="float32", choices=["float32", "bfloat16"],
                         help="dtype the tiny models are stored in (the recipes say what the merge computes in)")
     parser.add_argument("--tied", action="store_true",
-                        help="tie the models' embeddings and head (no lm_head tensor stored), as Gemma's are")
+                        help="tie the models' embeddings and head (no lm_head tensor stored), as Gemma's are "
+                             "(gemma2's are tied without it)")
     parser.add_argument("--rtol", type=float, default=1e-6,
                         help="allowed |diff| relative to the tensor's max |value| (float32 rounding)")
     parser.add_argument("--details", action="store_true", help="print details of agreeing recipes too")
+    parser.add_argument("--fresh-processes", action="store_true",
+                        help="start mergekit-yaml and evomerge anew for every merge (slower; by default one "
+                             "worker process per tool runs the same entry points)")
     args = parser.parse_args(argv)
 
     if not Path(args.mergekit_bin).exists():
@@ -403,15 +451,19 @@ def main(argv: Optional[list[str]] = None) -> int:
         paths = build_models(work, args.seed, args.family, args.source_dtype, args.tied)
         base_tensors = load_tensors(paths["base"])
         results = []
-        for recipe in recipes:
-            print(f"... {recipe.stem}", file=sys.stderr, flush=True)
-            results.append(compare_recipe(recipe, paths, work, args, base_tensors))
+        tools = Tools(args.mergekit_bin, args.fresh_processes)
+        try:
+            for recipe in recipes:
+                print(f"... {recipe.stem}", file=sys.stderr, flush=True)
+                results.append(compare_recipe(recipe, paths, work, args, base_tensors, tools))
+        finally:
+            tools.close()
     print(markdown_table(results))
     for r in results:
         if r.details and (args.details or not r.ok or r.mode != "exact"):
             print(f"\n{r.recipe} ({r.method}, {r.mode}):")
             print("\n".join(f"  - {d}" for d in r.details))
-    if any(r.verdict.endswith("FAILED") for r in results):
+    if any(" FAILED" in r.verdict for r in results):
         return 2
     return 0 if all(r.ok for r in results) else 1
 

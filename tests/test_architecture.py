@@ -8,7 +8,8 @@ from merging.checkpoint import Checkpoint
 from merging.synthetic import TINY_CONFIGS, build_family
 
 EXPECTED_PREFIX = {"llama": "model.layers", "mistral": "model.layers", "qwen2": "model.layers",
-                   "gemma": "model.layers", "phi": "model.layers", "gpt2": "transformer.h",
+                   "gemma": "model.layers", "gemma2": "model.layers", "mistral-nemo": "model.layers",
+                   "phi": "model.layers", "gpt2": "transformer.h",
                    "gpt_neox": "gpt_neox.layers"}
 
 

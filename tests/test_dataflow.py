@@ -123,9 +123,10 @@ def fold_errors(space: DataflowSpace, out: Path) -> tuple[float, float]:
 
 
 EPSILON_KEYS = {"gpt2": "layer_norm_epsilon", "phi": "layer_norm_eps", "gpt_neox": "layer_norm_eps"}
+FOLDABLE = sorted(set(TINY_CONFIGS) - {"gemma2"})  # gemma2's extra norms are refused (tested below)
 
 
-@pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
+@pytest.mark.parametrize("family", FOLDABLE)
 def test_folded_checkpoint_equals_the_stack_scaled_at_run_time(tmp_path, family):
     # The fold is exact for norms with eps = 0; a negligible eps leaves float32 rounding.
     epsilon = {EPSILON_KEYS.get(family, "rms_norm_eps"): 1e-12}
@@ -143,7 +144,7 @@ def test_with_the_default_eps_the_fold_is_close(space, tmp_path):
     assert fold_error < 1e-3
 
 
-@pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
+@pytest.mark.parametrize("family", FOLDABLE)
 def test_with_the_default_eps_and_realistic_weights_the_fold_meets_1e_4(tmp_path, family):
     # The family's own eps (1e-6 RMSNorm, 1e-5 LayerNorm), and weights drawn ten times
     # larger than transformers' tiny default (initializer_range 0.2 instead of 0.02), so

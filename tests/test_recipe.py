@@ -71,6 +71,19 @@ def test_gradients_interpolate_linearly_between_evenly_spaced_points(t, expected
     assert evaluate_setting([0, 0.5, 0.3, 0.7, 1], "x", t) == pytest.approx(expected)
 
 
+def test_numbers_yaml_reads_as_strings_are_numbers_as_in_mergekit():
+    """PyYAML reads `1e-3` (no dot) as a string; mergekit's pydantic takes it as 0.001,
+    also inside a gradient, which then interpolates."""
+    recipe = parse_recipe("merge_method: multislerp\nmodels: [{model: a, parameters: {weight: 1}}, "
+                          "{model: b, parameters: {weight: 1}}]\n"
+                          "parameters: {eps: [1e-3, 3e-3], normalize_weights: 1e-3}\n")
+    scopes = parameter_scopes(recipe, output_slices(recipe)[0], None)
+    assert resolve_parameter("eps", 1e-8, scopes, "w", 0.0, "w") == pytest.approx(1e-3)
+    assert resolve_parameter("eps", 1e-8, scopes, "w", 0.5, "w") == pytest.approx(2e-3)
+    with pytest.raises(RecipeError, match="true or false"):
+        resolve_parameter("normalize_weights", True, scopes, "w", 0.0, "w")
+
+
 def test_filters_take_the_first_match_and_fall_back():
     recipe = parse_recipe(MERGEKIT_SLERP)
     t_setting = recipe.parameters["t"]
