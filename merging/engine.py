@@ -256,11 +256,13 @@ def describe_plan(plan: MergePlan) -> str:
 
 def _tokenizer_line(plan: MergePlan) -> str:
     """What the output's tokenizer and chat template will be, for the dry run's summary."""
-    union = plan.vocabulary is not None and plan.vocabulary.tokenizer is not None
+    union = plan.vocabulary is not None and plan.vocabulary.union
     tokenizer = (f"the union of the models' vocabularies ({plan.vocabulary.size} tokens)" if union
                  else f"from {plan.tokenizer_model}")
     if plan.vocabulary is not None:
         tokenizer += "; embedding and head rows rebuilt to it"
+        if plan.vocabulary.overrides:
+            tokenizer += f" ({len(plan.vocabulary.overrides)} token(s) set by `tokens:`)"
     template = plan.recipe.chat_template
     if plan.chat_template is None:
         chosen = "the tokenizer's own"

@@ -13,7 +13,7 @@ written to chat_template.jinja, which transformers reads before tokenizer_config
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ import torch
 from merging.chat_templates import TEMPLATES, most_common_template
 from merging.checkpoint import Checkpoint
 from merging.errors import RecipeError
-from merging.recipe import Recipe
+from merging.recipe import Recipe, TokenEmbedding, ZeroToken
 
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
@@ -35,18 +35,34 @@ def tokenizer_model(recipe: Recipe, reference: str) -> str:
     return recipe.base_model or reference if source in (None, "base", "union") else source
 
 
+@dataclass(frozen=True)
+class TokenOverride:
+    """An entry of the recipe's `tokenizer.tokens`, resolved against the models: the row a
+    token gets where a model lacks it (every model's row with `force`): `model`'s row `row`,
+    or zeros (model None). `problem`: why it cannot be had (a token the model's tokenizer
+    lacks, ...), raised only when the row is needed, as mergekit fails only then."""
+
+    token: str
+    force: bool
+    model: str | None = None
+    row: int = -1
+    problem: str | None = None
+
+
 @dataclass
 class VocabularyRows:
     """For one vocabulary-indexed tensor (embeddings, head): the output's row count, each
     model's row for every output token (-1 where it lacks the token), and the rows averaged
-    for a token some model lacks (mergekit's `PermutedVocabulary`: the one model that has
-    it, else the base's row, else the mean over the models that have it; none: zeros)."""
+    for a token some model lacks (mergekit's `PermutedVocabulary`: the row `tokens:` names,
+    else the one model that has it, else the base's row, else the mean over the models that
+    have it; none: zeros). `forced` tokens get that row in every model."""
 
     size: int
     index: dict[str, list[int]]
     fill: dict[int, list[tuple[str, int]]]
     padded: int = 0
     """Rows in all (`pad_to_multiple_of`); those past `size` get the mean of the others."""
+    forced: frozenset[int] = frozenset()
 
     def apply(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Each model's rows rebuilt in the output vocabulary's order, in mergekit's dtype
@@ -65,11 +81,13 @@ class VocabularyRows:
             for model, source_row in pairs:
                 row = row + tensors[model][source_row]
             defaults[token] = row / len(pairs) if pairs else row
+        forced = torch.zeros(self.size, dtype=torch.bool, device=first.device)
+        forced[list(self.forced)] = True
         result = {}
         for model, tensor in tensors.items():
             index = torch.tensor(self.index[model], device=tensor.device)
             out = torch.zeros((max(self.size, self.padded), *tensor.shape[1:]), dtype=dtype, device=tensor.device)
-            present = index >= 0
+            present = (index >= 0) & ~forced
             out[:self.size][present] = tensor[index[present]]
             for token in torch.nonzero(~present).flatten().tolist():
                 out[token] = defaults[token]
@@ -81,70 +99,142 @@ class VocabularyRows:
 
 @dataclass
 class Vocabulary:
-    """The output vocabulary (the tokenizer source's) and every merged model's row for
-    each of its tokens (-1: the model lacks the token)."""
+    """The output vocabulary (the tokenizer source's, plus the tokens `tokens:` adds) and
+    every merged model's row for each of its tokens (-1: the model lacks the token)."""
 
     size: int
     rows: dict[str, list[int]]
     padded: int
     """The output's rows: `size` rounded up to `pad_to_multiple_of`."""
     tokenizer: Any = None
-    """For `union`: the tokenizer built (transformers), which the output saves; else None
-    (the source's files are copied)."""
+    """The tokenizer built (transformers) when it is not a source's (`union`, or tokens
+    added by `tokens:`), which the output saves; else None (the source's files are copied)."""
+    overrides: dict[int, TokenOverride] = field(default_factory=dict)
+    """`tokenizer.tokens` by output token id."""
+    union: bool = False
 
     def rows_for(self, models: list[str], base: str | None) -> VocabularyRows:
         """The rows of one tensor merged from `models` (a slice's sources, in order)."""
         fill: dict[int, list[tuple[str, int]]] = {}
+        forced = set()
         for token in range(self.size):
+            override = self.overrides.get(token)
             having = [(m, self.rows[m][token]) for m in models if self.rows[m][token] >= 0]
-            if len(having) == len(models):
+            if len(having) == len(models) and not (override and override.force):
+                continue
+            if override is not None:
+                fill[token] = _override_rows(override, models)
+                if override.force:
+                    forced.add(token)
                 continue
             if len(having) > 1 and base in models and self.rows[base][token] >= 0:
                 having = [(base, self.rows[base][token])]
             fill[token] = having
-        return VocabularyRows(self.size, {m: self.rows[m] for m in models}, fill, self.padded)
+        return VocabularyRows(self.size, {m: self.rows[m] for m in models}, fill, self.padded, frozenset(forced))
+
+
+def _override_rows(override: TokenOverride, models: list[str]) -> list[tuple[str, int]]:
+    """The row `tokens:` names for a token, as a fill list (empty: zeros)."""
+    if override.problem:
+        raise RecipeError(override.problem)
+    if override.model is None:
+        return []
+    if override.model not in models:
+        raise RecipeError(f"the row of token {override.token!r} comes from model {override.model!r}, which "
+                          f"this tensor does not merge ({', '.join(models)}); mergekit fails on it too")
+    return [(override.model, override.row)]
 
 
 def plan_vocabulary(recipe: Recipe, checkpoints: dict[str, Checkpoint], source: str,
                     merged: list[str], base: str) -> Vocabulary | None:
-    """When the recipe names a tokenizer source, the output takes that tokenizer and every
-    merged model's embedding and head rows are rebuilt in its order, as mergekit does
-    (mergekit/tokenizer/build.py). None when nothing changes: no source named, or every
-    model has the source's vocabulary in as many rows (then the tensors are copied as is).
+    """When the recipe names a tokenizer source, the output takes that tokenizer (plus the
+    tokens of `tokens:` it lacks) and every merged model's embedding and head rows are
+    rebuilt in its order, as mergekit does (mergekit/tokenizer/build.py, embed.py). None
+    when nothing changes: no source named, or every model has the source's vocabulary in
+    as many rows and `tokens:` sets nothing (then the tensors are copied as is).
     `base`: whose vocabulary a model without a tokenizer is taken to have (mergekit's)."""
     if recipe.tokenizer_model_source is None:
         return None
-    union = None
+    tokenizer = None
     if recipe.tokenizer_model_source == "union":
-        union = union_tokenizer(recipe, checkpoints, base, merged)
-        vocabulary = union.get_vocab()
+        tokenizer = union_tokenizer(recipe, checkpoints, base, merged)
+        vocabulary = tokenizer.get_vocab()
     else:
         vocabulary = _vocabulary(checkpoints[source])
+        if vocabulary is not None and any(token not in vocabulary for token in recipe.token_overrides):
+            tokenizer = _load_tokenizer(checkpoints[source])
     if vocabulary is None:
         raise RecipeError(f"{recipe.where('tokenizer')}: model {source!r} has no tokenizer that "
                           "transformers can load")
+    if tokenizer is not None:  # mergekit adds every token of `tokens:` the output lacks
+        for token in recipe.token_overrides:
+            if token not in tokenizer.get_vocab():
+                tokenizer.add_tokens(token)
+        vocabulary = tokenizer.get_vocab()
     size = len(vocabulary)
     if sorted(vocabulary.values()) != list(range(size)):
         raise RecipeError(f"{recipe.where('tokenizer')}: the tokenizer of {source!r} does not number its "
                           f"{size} tokens 0..{size - 1}")
-    source_rows = checkpoints[source].config.get("vocab_size", size)
-    if recipe.tokenizer_model_source != "union" and source_rows < size:
-        raise RecipeError(f"{recipe.where('tokenizer')}: the tokenizer of {source!r} has {size} tokens for "
-                          f"{source_rows} embedding rows; mergekit drops the extra tokens, which evomerge does "
-                          "not do yet")
+    if recipe.tokenizer_model_source != "union":
+        own = len(_vocabulary(checkpoints[source]))
+        source_rows = checkpoints[source].config.get("vocab_size", own)
+        if source_rows < own:
+            raise RecipeError(f"{recipe.where('tokenizer')}: the tokenizer of {source!r} has {own} tokens for "
+                              f"{source_rows} embedding rows; mergekit drops the extra tokens, which evomerge "
+                              "does not do yet")
     by_id = sorted(vocabulary, key=vocabulary.get)
     rows: dict[str, list[int]] = {}
     for model in merged:
-        theirs = _vocabulary(checkpoints[model]) or _vocabulary(checkpoints[base]) or vocabulary
+        theirs = _model_vocabulary(checkpoints, model, base) or vocabulary
         limit = checkpoints[model].config.get("vocab_size", len(theirs))
         rows[model] = [theirs[token] if theirs.get(token, limit) < limit else -1 for token in by_id]
+    overrides = {vocabulary[token]: _resolve_override(recipe, token, entry, checkpoints, rows, vocabulary[token], base)
+                 for token, entry in recipe.token_overrides.items()}
     multiple = recipe.tokenizer.pad_to_multiple_of if recipe.tokenizer else None
     padded = -(-size // multiple) * multiple if multiple else size
     identity = list(range(size))
-    if union is None and padded == size and all(
+    if tokenizer is None and not overrides and padded == size and all(
             rows[m] == identity and checkpoints[m].config.get("vocab_size", size) == size for m in merged):
         return None
-    return Vocabulary(size, rows, padded, union)
+    return Vocabulary(size, rows, padded, tokenizer, overrides, union=recipe.tokenizer_model_source == "union")
+
+
+def _resolve_override(recipe: Recipe, token: str, entry: TokenEmbedding, checkpoints: dict[str, Checkpoint],
+                      rows: dict[str, list[int]], token_id: int, base: str) -> TokenOverride:
+    """A `tokens:` entry as the row it names (mergekit's compute_default_embedding)."""
+    where = recipe.where(f"tokens.{token}")
+    source = entry.source
+    if source is None:
+        return TokenOverride(token, entry.force, problem=f"{where}: some model lacks token {token!r}, so it "
+                                                         "needs a `source` (mergekit fails without one)")
+    if isinstance(source, ZeroToken):
+        return TokenOverride(token, entry.force)
+    if isinstance(source, str):
+        row = rows[source][token_id]
+        problem = None if row >= 0 else f"{where}: model {source!r} has no token {token!r} to take its row from"
+        return TokenOverride(token, entry.force, source, row, problem)
+    model, row, problem = source.model, source.token_id, None
+    limit = checkpoints[model].config.get("vocab_size")
+    if source.token is not None:
+        theirs = _model_vocabulary(checkpoints, model, base)
+        row = -1 if theirs is None else theirs.get(source.token, -1)
+        if row < 0:
+            problem = f"{where}: the tokenizer of model {model!r} has no token {source.token!r}"
+    if problem is None and limit is not None and row >= limit:
+        problem = f"{where}: model {model!r} has {limit} embedding rows, so no row {row}"
+    return TokenOverride(token, entry.force, model, row, problem)
+
+
+def _model_vocabulary(checkpoints: dict[str, Checkpoint], model: str, base: str) -> dict[str, int] | None:
+    """A model's vocabulary; mergekit takes a model without a tokenizer to have the base's."""
+    return _vocabulary(checkpoints[model]) or _vocabulary(checkpoints[base])
+
+
+def _load_tokenizer(checkpoint: Checkpoint) -> Any:
+    """A fresh transformers tokenizer of a model (to add tokens to: never the cached one)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(checkpoint.path)
 
 
 def union_tokenizer(recipe: Recipe, checkpoints: dict[str, Checkpoint], base: str, merged: list[str]) -> Any:
