@@ -23,14 +23,13 @@ import torch
 
 from merging.architecture import Architecture, detect_architecture, num_layers_key
 from merging.checkpoint import (
-    Checkpoint, ShardedWriter, TensorSpec, atomic_output_dir, check_output_dir, copy_tokenizer,
-    resolve_model_path,
+    Checkpoint, ShardedWriter, TensorSpec, atomic_output_dir, check_output_dir, resolve_model_path,
 )
 from merging.errors import CheckpointError, EvomergeError, RecipeError
 from merging.operators.base import MergeMethod
 from merging.recipe import DTYPES, OutputSlice, Recipe, output_slices, parameter_scopes, resolve_parameter
 from merging.tokenizer import (
-    Vocabulary, VocabularyRows, plan_vocabulary, resolve_chat_template, tokenizer_model, write_chat_template,
+    Vocabulary, VocabularyRows, plan_vocabulary, resolve_chat_template, tokenizer_model, write_tokenizer_files,
 )
 
 
@@ -383,12 +382,7 @@ def merge_to_disk(plan: MergePlan, out_dir: str | Path, *, device: str | torch.d
         writer.close()
         (staging / "config.json").write_text(json.dumps(output_config(plan), indent=2) + "\n")
         tokenizer_path = plan.checkpoints[plan.tokenizer_model].path
-        if plan.vocabulary is not None and plan.vocabulary.tokenizer is not None:  # a union vocabulary
-            copied = sorted(Path(f).name for f in plan.vocabulary.tokenizer.save_pretrained(staging))
-        else:
-            copied = copy_tokenizer(tokenizer_path, staging)
-        if plan.chat_template is not None:
-            write_chat_template(staging, plan.chat_template)
+        copied = write_tokenizer_files(plan, staging)
         generation = tokenizer_path / "generation_config.json"
         if not generation.is_file():
             generation = plan.checkpoints[plan.reference].path / "generation_config.json"

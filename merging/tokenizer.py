@@ -16,14 +16,17 @@ import json
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from merging.chat_templates import TEMPLATES, most_common_template
-from merging.checkpoint import Checkpoint
+from merging.checkpoint import Checkpoint, copy_tokenizer
 from merging.errors import RecipeError
 from merging.recipe import Recipe, TokenEmbedding, ZeroToken
+
+if TYPE_CHECKING:
+    from merging.engine import MergePlan
 
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
@@ -288,6 +291,33 @@ def _folder_vocabulary(folder: str) -> dict[str, int] | None:
         return AutoTokenizer.from_pretrained(folder).get_vocab()
     except Exception:  # no tokenizer files, or none transformers can read
         return None
+
+
+def write_tokenizer_files(plan: "MergePlan", folder: Path) -> list[str]:
+    """The output's tokenizer in `folder`: the tokenizer source's files copied, or the
+    tokenizer built (a union, tokens added by `tokens:`) saved, then the chat template the
+    recipe resolves to. What a merged checkpoint gets, and what the harness scores its
+    candidates with (evaluation/harness.py). Returns the tokenizer files' names."""
+    if plan.vocabulary is not None and plan.vocabulary.tokenizer is not None:
+        files = sorted(Path(f).name for f in plan.vocabulary.tokenizer.save_pretrained(folder))
+    else:
+        files = copy_tokenizer(plan.checkpoints[plan.tokenizer_model].path, folder)
+    if plan.chat_template is not None:
+        write_chat_template(folder, plan.chat_template)
+    return files
+
+
+def tokenizer_identity(plan: "MergePlan") -> str:
+    """What decides the output's tokenizer: the folder its files come from and, when the
+    recipe sets a tokenizer or chat template, those settings and every model's folder.
+    Two plans with the same identity write the same tokenizer files."""
+    recipe = plan.recipe
+    identity: dict[str, Any] = {"files": str(plan.checkpoints[plan.tokenizer_model].path.resolve())}
+    if recipe.tokenizer_model_source is not None or recipe.chat_template is not None:
+        identity["settings"] = [recipe.tokenizer_source, recipe.tokenizer.model_dump(mode="json") if recipe.tokenizer
+                                else None, plan.chat_template]
+        identity["models"] = {ref: str(c.path.resolve()) for ref, c in plan.checkpoints.items()}
+    return json.dumps(identity, sort_keys=True)
 
 
 def resolve_chat_template(recipe: Recipe, checkpoints: dict[str, Checkpoint], models: list[str]) -> str | None:
