@@ -66,14 +66,17 @@ class VocabularyRows:
     padded: int = 0
     """Rows in all (`pad_to_multiple_of`); those past `size` get the mean of the others."""
     forced: frozenset[int] = frozenset()
+    dtype: torch.dtype | None = None
+    """What the rows are computed in (`Vocabulary.dtype`)."""
 
     def apply(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Each model's rows rebuilt in the output vocabulary's order, in mergekit's dtype
-        (the promoted input dtype) and order of summation."""
+        """Each model's rows rebuilt in the output vocabulary's order, in `dtype` (else
+        float32, or the inputs' dtype if wider) and mergekit's order of summation."""
         first = next(iter(tensors.values()))
-        dtype = first.dtype
+        dtype = torch.float32
         for tensor in tensors.values():
             dtype = torch.promote_types(dtype, tensor.dtype)
+        dtype = self.dtype or dtype
         tensors = {m: t.to(dtype) for m, t in tensors.items()}
         defaults = {}
         for token, pairs in self.fill.items():
@@ -115,6 +118,10 @@ class Vocabulary:
     overrides: dict[int, TokenOverride] = field(default_factory=dict)
     """`tokenizer.tokens` by output token id."""
     union: bool = False
+    dtype: torch.dtype | None = None
+    """What rows are averaged in: the recipe's `dtype` when it is float32 or float64, as
+    mergekit reads its inputs in it; else float32 (evomerge computes in float32 where
+    mergekit would round to 16 bits), or the inputs' dtype if wider."""
 
     def rows_for(self, models: list[str], base: str | None) -> VocabularyRows:
         """The rows of one tensor merged from `models` (a slice's sources, in order)."""
@@ -133,7 +140,8 @@ class Vocabulary:
             if len(having) > 1 and base in models and self.rows[base][token] >= 0:
                 having = [(base, self.rows[base][token])]
             fill[token] = having
-        return VocabularyRows(self.size, {m: self.rows[m] for m in models}, fill, self.padded, frozenset(forced))
+        return VocabularyRows(self.size, {m: self.rows[m] for m in models}, fill, self.padded, frozenset(forced),
+                              self.dtype)
 
 
 def _override_rows(override: TokenOverride, models: list[str]) -> list[tuple[str, int]]:
@@ -199,7 +207,9 @@ def plan_vocabulary(recipe: Recipe, checkpoints: dict[str, Checkpoint], source: 
     if tokenizer is None and not overrides and padded == size and all(
             rows[m] == identity and checkpoints[m].config.get("vocab_size", size) == size for m in merged):
         return None
-    return Vocabulary(size, rows, padded, tokenizer, overrides, union=recipe.tokenizer_model_source == "union")
+    dtype = {"float32": torch.float32, "float64": torch.float64}.get(recipe.dtype or "")
+    return Vocabulary(size, rows, padded, tokenizer, overrides, union=recipe.tokenizer_model_source == "union",
+                      dtype=dtype)
 
 
 def _resolve_override(recipe: Recipe, token: str, entry: TokenEmbedding, checkpoints: dict[str, Checkpoint],
