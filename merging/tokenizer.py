@@ -4,7 +4,9 @@ A recipe's `tokenizer_source` / `tokenizer.source` names the tokenizer the outpu
 a model's (its files are copied) or `union` (the base's plus the tokens only other
 models have, saved through transformers). mergekit then rebuilds every model's embedding
 and head rows in that tokenizer's order, and so does evomerge (`Vocabulary`), before the
-merge; when nothing would change, the rows are read as they are.
+merge; when nothing would change, the rows are read as they are. `tokenizer.tokens`
+names the row of single tokens (`TokenOverride`) and adds the tokens the output lacks.
+The harness scores candidates with the same tokenizer files (`write_tokenizer_files`).
 
 `chat_template` is resolved as mergekit resolves it: `auto` (the template most sources
 share), a name (merging/chat_templates.py) or a Jinja template given literally. It is
