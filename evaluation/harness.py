@@ -4,8 +4,10 @@ A search scores thousands of candidates that share one architecture. Loading eac
 disk would dominate the run, so the harness keeps one model resident on the device
 and writes each candidate's merged tensors into its parameters in place, straight from
 the merge engine. The resident model is the model `from_pretrained` would give for the
-checkpoint the candidate exports: same config, same dtype, same generation config, so a
-logged score is what `evomerge eval` measures on the exported checkpoint.
+checkpoint the candidate exports: same config, same dtype, same generation config, and
+the tokenizer is the one the checkpoint gets (a recipe's tokenizer source, union
+vocabulary, added tokens, chat template), so a logged score is what `evomerge eval`
+measures on the exported checkpoint.
 
 Nothing is scored twice: scores are cached per (candidate key, task key)
 (evaluation/identity.py) in a JSONL file, and a new candidate that computes the same
@@ -14,6 +16,7 @@ function as one already scored reuses its scores (evaluation/functional.py).
 from __future__ import annotations
 
 import gc
+import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -31,6 +34,7 @@ from merging.checkpoint import Checkpoint, all_finite
 from merging.engine import DTYPES, MergePlan, iter_merged, output_config, plan_merge, resolve_device
 from merging.errors import CheckpointError, EvomergeError
 from merging.recipe import Recipe
+from merging.tokenizer import tokenizer_identity, write_tokenizer_files
 
 __all__ = ["Harness", "Timings", "ScoreCache", "read_jsonl", "checkpoint_hash", "plan_key",
            "quiet_transformers"]
@@ -96,6 +100,9 @@ class Harness:
                 model = AutoModelForCausalLM.from_pretrained(self.template, dtype=dtype or "auto")
             except (OSError, ValueError, RuntimeError) as exc:
                 raise CheckpointError(f"model {str(self.template)!r}: transformers cannot load it ({exc})") from exc
+        self._tokenizer_identity: str | None = None
+        """Whose tokenizer `self.tokenizer` is (merging.tokenizer.tokenizer_identity); None: the template's
+        (until a candidate is planned)."""
         self.cache = ScoreCache(cache)
         self.probes = ProbeStore(probe_file(cache) if cache else None) if functional else None
         self.forward_passes = 0
@@ -129,6 +136,7 @@ class Harness:
         A plan whose config (depth, layer types, anything) or dtype differs from the
         resident model's gets a new resident model first, built as `from_pretrained`
         would build the exported checkpoint."""
+        self._use_exported_tokenizer(plan)
         config = output_config(plan)
         dtype = self.dtype or _exported_dtype(plan, config)
         if dtype != self.model.dtype or _comparable(_config_dict(config)) != _comparable(self.model.config.to_dict()):
@@ -146,6 +154,20 @@ class Harness:
             for name, tensor in iter_merged(plan, device=self.device, seed=seed):
                 if name not in ignored:
                     state[name].copy_(tensor)
+
+    def _use_exported_tokenizer(self, plan: MergePlan) -> None:
+        """Score with the tokenizer the plan's checkpoint gets, not the template's: written as
+        the merge writes it and loaded back, once per distinct tokenizer (a run's
+        candidates share one)."""
+        from transformers import AutoTokenizer
+
+        identity = tokenizer_identity(plan)
+        if identity == self._tokenizer_identity:
+            return
+        with tempfile.TemporaryDirectory(prefix="evomerge-tokenizer-") as folder:
+            write_tokenizer_files(plan, Path(folder))
+            self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        self._tokenizer_identity = identity
 
     def _ignorable(self, extra: set[str], produced: dict) -> set[str]:
         """Tensors of the sources that the model does not have: the buffers
@@ -196,6 +218,7 @@ class Harness:
         timings = Timings()
         start = time.perf_counter()
         plan = plan_merge(recipe, checkpoints)
+        self._use_exported_tokenizer(plan)  # the task keys depend on it (BOS)
         candidate = plan_key(plan, seed)
         timings.plan = time.perf_counter() - start
         self.last_candidate, self.last_twin = candidate, None

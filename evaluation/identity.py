@@ -7,7 +7,8 @@ what determines the numbers, not from how they were asked for:
 * a candidate is its resolved merge plan (`plan_key`): per output tensor the operator,
   its resolved parameters (numbers as floats: `weight: 1` is `weight: 1.0`) and the
   identity of every source tensor (its checkpoint's identity and its name), the output
-  config, and the seed only when the method draws random numbers. Two recipes that
+  config, the seed only when the method draws random numbers, and the recipe's tokenizer
+  settings when it has any. Two recipes that
   resolve to the same plan (a relative and an absolute path to one folder, an unused
   seed) share a key; anything that changes a tensor changes it.
 * a checkpoint on disk is its resolved path plus its weight and JSON files' sizes and
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from merging.engine import MergePlan, output_config
+from merging.tokenizer import tokenizer_identity
 
 
 def _digest(payload: Any, length: int = 20) -> str:
@@ -67,8 +69,12 @@ def plan_key(plan: MergePlan, seed: int) -> str:
             [[sources[ref.model], ref.name] for ref in task.inputs],
             {name: normalise(value) for name, value in task.params.items()},
         ])
-    return _digest({"method": plan.method.name, "tensors": tensors, "config": output_config(plan),
-                    "seed": seed if plan.method.random else None})
+    payload = {"method": plan.method.name, "tensors": tensors, "config": output_config(plan),
+               "seed": seed if plan.method.random else None}
+    if plan.recipe.tokenizer_model_source is not None or plan.recipe.chat_template is not None:
+        # `tokens:` rows and the tokenizer scored with (added tokens) are in no tensor's inputs
+        payload["tokenizer"] = tokenizer_identity(plan)
+    return _digest(payload)
 
 
 def task_key(task, limit: int | None, settings: dict[str, Any]) -> str:

@@ -27,8 +27,7 @@ import torch
 
 from merging.architecture import DEFAULT_MODULE, MODULES, Module, model_modules, num_layers_key
 from merging.checkpoint import (
-    Checkpoint, ShardedWriter, TensorSpec, atomic_output_dir, check_output_dir, copy_tokenizer,
-    resolve_model_path,
+    Checkpoint, ShardedWriter, TensorSpec, atomic_output_dir, check_output_dir, resolve_model_path,
 )
 from merging.errors import CheckpointError, EvomergeError, RecipeError
 from merging.operators.base import MergeMethod
@@ -36,7 +35,7 @@ from merging.recipe import (
     DTYPES, OutputSlice, Recipe, assign_modules, output_slices, parameter_scopes, resolve_parameter,
 )
 from merging.tokenizer import (
-    Vocabulary, VocabularyRows, plan_vocabulary, resolve_chat_template, tokenizer_model, write_chat_template,
+    Vocabulary, VocabularyRows, plan_vocabulary, resolve_chat_template, tokenizer_model, write_tokenizer_files,
 )
 
 
@@ -333,11 +332,13 @@ def _modules_line(plan: MergePlan) -> str:
 
 def _tokenizer_line(plan: MergePlan) -> str:
     """What the output's tokenizer and chat template will be, for the dry run's summary."""
-    union = plan.vocabulary is not None and plan.vocabulary.tokenizer is not None
+    union = plan.vocabulary is not None and plan.vocabulary.union
     tokenizer = (f"the union of the models' vocabularies ({plan.vocabulary.size} tokens)" if union
                  else f"from {plan.tokenizer_model}")
     if plan.vocabulary is not None:
         tokenizer += "; embedding and head rows rebuilt to it"
+        if plan.vocabulary.overrides:
+            tokenizer += f" ({len(plan.vocabulary.overrides)} token(s) set by `tokens:`)"
     template = plan.recipe.chat_template
     if plan.chat_template is None:
         chosen = "the tokenizer's own"
@@ -510,12 +511,7 @@ def merge_to_disk(plan: MergePlan, out_dir: str | Path, *, device: str | torch.d
         writer.close()
         (staging / "config.json").write_text(json.dumps(output_config(plan), indent=2) + "\n")
         tokenizer_path = plan.checkpoints[plan.tokenizer_model].path
-        if plan.vocabulary is not None and plan.vocabulary.tokenizer is not None:  # a union vocabulary
-            copied = sorted(Path(f).name for f in plan.vocabulary.tokenizer.save_pretrained(staging))
-        else:
-            copied = copy_tokenizer(tokenizer_path, staging)
-        if plan.chat_template is not None:
-            write_chat_template(staging, plan.chat_template)
+        copied = write_tokenizer_files(plan, staging)
         generation = tokenizer_path / "generation_config.json"
         if not generation.is_file():
             generation = plan.checkpoints[plan.reference].path / "generation_config.json"

@@ -19,11 +19,12 @@ import types
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Iterable, Iterator, Optional, Union, get_args, get_origin
+from typing import Annotated, Any, Iterable, Iterator, Literal, Optional, Union, get_args, get_origin
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError
+from pydantic import BaseModel, ConfigDict, Discriminator, PrivateAttr, Tag, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
 
 from merging.chat_templates import template_problem
 from merging.errors import RecipeError, RecipeNote
@@ -88,12 +89,59 @@ MODULE_KEYS_MERGEKIT_IGNORES = {
 note says what happens instead."""
 
 
+class ModelToken(_Strict):
+    """`{kind: model_token, model: M, token: T}` (or `token_id: N`): the row model M has
+    for its token T (its own tokenizer's id) or its row N."""
+
+    kind: Literal["model_token"]
+    model: str
+    token: Optional[str] = None
+    token_id: Optional[int] = None
+
+    @model_validator(mode="after")
+    def _one_token(self) -> "ModelToken":
+        if (self.token is None) == (self.token_id is None):
+            raise PydanticCustomError("model_token", "give `token` or `token_id` (one of them), as mergekit asks")
+        if self.token_id is not None and self.token_id < 0:
+            raise PydanticCustomError("model_token", "`token_id` must be 0 or more")
+        return self
+
+
+class ZeroToken(_Strict):
+    """`{kind: zero}`: a row of zeros."""
+
+    kind: Literal["zero"]
+
+
+def _token_source_kind(value: Any) -> str | None:
+    if isinstance(value, str):
+        return "model"
+    kind = value.get("kind") if isinstance(value, dict) else getattr(value, "kind", None)
+    return kind if kind in ("model_token", "zero") else None
+
+
+TokenSource = Annotated[
+    Union[Annotated[ModelToken, Tag("model_token")], Annotated[ZeroToken, Tag("zero")], Annotated[str, Tag("model")]],
+    Discriminator(_token_source_kind, custom_error_type="token_source",
+                  custom_error_message="a token's `source` is a model name, {kind: model_token, model: M, "
+                                       "token: T} (or token_id: N) or {kind: zero}"),
+]
+
+
+class TokenEmbedding(_Strict):
+    """One entry of `tokenizer.tokens` (mergekit's TokenEmbeddingConfig): where the row of
+    a token comes from when a model lacks it, and with `force` for every model."""
+
+    source: Optional[TokenSource] = None
+    force: bool = False
+
+
 class TokenizerSpec(_Strict):
-    """mergekit's `tokenizer:` block. `tokens` entries are kept as given: any entry means
-    embedding rows made per token, which evomerge refuses (see `_semantic_errors`)."""
+    """mergekit's `tokenizer:` block. A token of `tokens` that the output tokenizer lacks
+    is added to it, as mergekit adds it."""
 
     source: str = "union"
-    tokens: Optional[dict[str, Any]] = None
+    tokens: Optional[dict[str, TokenEmbedding]] = None
     pad_to_multiple_of: Optional[int] = None
 
 
@@ -127,8 +175,14 @@ class Recipe(_Strict):
         """`base`, `union`, a model, or None (no tokenizer asked for: the donor's is copied)."""
         return self.tokenizer.source if self.tokenizer else self.tokenizer_source
 
+    @property
+    def token_overrides(self) -> dict[str, "TokenEmbedding"]:
+        """`tokenizer.tokens`: the tokens whose rows the recipe sets (none: {})."""
+        return (self.tokenizer.tokens if self.tokenizer else None) or {}
+
     def where(self, key: str) -> str:
-        """Where `key` (tokenizer, slices, modules.NAME) is set: the recipe line, or the key."""
+        """Where `key` (`tokenizer`, `tokens.TOKEN`, `slices`, `modules.NAME`) is set: the
+        recipe line, or the key."""
         return self._where.get(key, key)
 
     def referenced_models(self) -> list[str]:
@@ -401,6 +455,8 @@ def validate_recipe(data: Any, root: yaml.Node, source: str, *, strict_parameter
     if recipe.tokenizer_model_source is not None:
         loc = ("tokenizer", "source") if recipe.tokenizer else ("tokenizer_source",)
         recipe._where["tokenizer"] = located(root, loc, source)
+        for token in recipe.token_overrides:
+            recipe._where[f"tokens.{token}"] = located(root, ("tokenizer", "tokens", token), source)
     places: dict[str, tuple] = {"slices": ("slices",)} if recipe.slices else {}
     if recipe.modules:
         places["modules"] = ("modules",)
@@ -568,14 +624,22 @@ def _parts(recipe: Recipe) -> list[tuple[tuple, list[ModelSource] | None, list[S
 
 
 def _tokenizer_errors(recipe: Recipe):
-    """mergekit's tokenizer options evomerge does not do yet (`tokens:` overrides) or that
-    cannot work (the sources themselves are checked when the merge is planned)."""
+    """Tokenizer options that cannot work: both forms, a token's row from a model the recipe
+    does not merge (mergekit fails on it mid-merge). What depends on the models' vocabularies
+    is checked when the merge is planned (merging/tokenizer.py)."""
     if recipe.tokenizer and recipe.tokenizer_source:
         yield ("tokenizer",), "give `tokenizer:` or `tokenizer_source:`, not both (mergekit refuses both)"
         return
-    if recipe.tokenizer and recipe.tokenizer.tokens:
-        yield ("tokenizer", "tokens"), ("`tokens:` (embeddings chosen per token) is not supported yet; "
-                                        "leave it out to get mergekit's default rows")
+    merged = {s.model for slice_ in output_slices(recipe) for s in slice_.sources}
+    for token, entry in recipe.token_overrides.items():
+        loc = ("tokenizer", "tokens", token)
+        model = entry.source if isinstance(entry.source, str) else getattr(entry.source, "model", None)
+        if model is not None and model not in merged:
+            where = loc + (("source",) if isinstance(entry.source, str) else ("source", "model"))
+            yield where, (f"model {model!r} is not merged by this recipe; a token's row comes from one of "
+                          f"its models: {', '.join(sorted(merged))}")
+        if entry.source is None and entry.force:
+            yield loc + ("force",), "`force` needs a `source` (mergekit has no row to force otherwise)"
     if recipe.tokenizer and recipe.tokenizer.pad_to_multiple_of is not None and recipe.tokenizer.pad_to_multiple_of < 1:
         yield ("tokenizer", "pad_to_multiple_of"), "`pad_to_multiple_of` must be a positive whole number"
 

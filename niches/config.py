@@ -301,3 +301,18 @@ class References:
                         source["model"] = self.resolve(source["model"])
         if data.get("tokenizer_source") not in (None, "base", "union"):
             data["tokenizer_source"] = self.resolve(data["tokenizer_source"])
+        tokenizer = data.get("tokenizer")
+        if isinstance(tokenizer, dict):
+            self._in_tokenizer(tokenizer)
+
+    def _in_tokenizer(self, tokenizer: dict) -> None:
+        """The models of a `tokenizer:` block: its `source` and each token's row source
+        (`source: MODEL`, or `{kind: model_token, model: MODEL, ...}`)."""
+        if isinstance(tokenizer.get("source"), str) and tokenizer["source"] not in ("base", "union"):
+            tokenizer["source"] = self.resolve(tokenizer["source"])
+        for entry in (tokenizer.get("tokens") or {}).values() if isinstance(tokenizer.get("tokens"), dict) else ():
+            source = entry.get("source") if isinstance(entry, dict) else None
+            if isinstance(source, str):
+                entry["source"] = self.resolve(source)
+            elif isinstance(source, dict) and isinstance(source.get("model"), str):
+                source["model"] = self.resolve(source["model"])

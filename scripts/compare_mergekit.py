@@ -18,6 +18,9 @@ into each recipe of scripts/mergekit_recipes/, runs `mergekit-yaml` (its own ven
   float32 (an intended difference, only reported); evomerge must then equal mergekit
   run with dtype float32 and out_dtype set to that dtype.
 
+Recipes named `tokenizer-*` run on models whose tokenizers differ (`distinct_vocabularies`):
+their output tokenizers must hold the same tokens at the same ids (`compare_vocabularies`).
+
 It also compares config.json. It prints a markdown table and exits 1 when a
 deterministic recipe (or a DARE statistic) disagrees, 2 when a tool fails to run.
 
@@ -40,7 +43,7 @@ from typing import Optional
 
 import torch
 import yaml
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = Path(__file__).resolve().parent / "mergekit_recipes"
@@ -50,6 +53,9 @@ LOW_PRECISION = {"bfloat16", "float16"}
 VLM_FAMILY = "mistral3"
 """The multi-module family (merging.synthetic.build_vlm_family); only the `modules-*`
 recipes, written for its modules, run on it, and only on it."""
+TOKENIZER_PREFIX = "tokenizer-"
+"""Recipes named so run on models whose tokenizers differ (`distinct_vocabularies`), and
+their output tokenizers are compared too."""
 CONFIG_IGNORED = {"transformers_version"}
 """config.json keys that legitimately differ between the tools' outputs."""
 
@@ -69,13 +75,14 @@ class Result:
 
 
 def build_models(work_dir: Path, seed: int, family: str = "llama", dtype: str = "float32",
-                 tied: bool = False) -> dict[str, Path]:
+                 tied: bool = False, distinct_vocab: bool = False) -> dict[str, Path]:
     """Base + variant_1..3 of a tiny `family` (merging.synthetic) in `dtype`, with tied
-    embeddings if `tied` (else as the family has them: gemma2 tied, the rest untied);
-    reused when already in work_dir."""
-    models = work_dir / "models"
+    embeddings if `tied` (else as the family has them: gemma2 tied, the rest untied), and
+    with the variants' vocabularies made to differ (`distinct_vocabularies`) if
+    `distinct_vocab`; reused when already in work_dir."""
+    models = work_dir / ("models-distinct-vocab" if distinct_vocab else "models")
     names = ["base", "variant_1", "variant_2", "variant_3"]
-    if all((models / n / "config.json").exists() for n in names):
+    if all((models / n / "config.json").exists() for n in names) and (models / "family.json").exists():
         return {n: models / n for n in names}
     sys.path.insert(0, str(REPO))
     from merging.synthetic import build_family, build_vlm_family
@@ -83,7 +90,55 @@ def build_models(work_dir: Path, seed: int, family: str = "llama", dtype: str = 
     if family == VLM_FAMILY:
         return build_vlm_family(models, variants=3, seed=seed, dtype=getattr(torch, dtype), tied=tied)
     tying = {"tie_word_embeddings": True} if tied else {}
-    return build_family(models, family=family, variants=3, seed=seed, dtype=getattr(torch, dtype), **tying)
+    paths = build_family(models, family=family, variants=3, seed=seed, dtype=getattr(torch, dtype), **tying)
+    if distinct_vocab:
+        (models / "family.json").unlink()  # written again once the vocabularies differ
+        distinct_vocabularies(paths, seed)
+        (models / "family.json").write_text(json.dumps({"family": family, "distinct_vocab": True}))
+    return paths
+
+
+EXTRA_TOKENS = {
+    "variant_1": (["Ġevolve"], ["<|v1|>", "<|shared|>"], ["<|sp1|>"]),
+    "variant_2": ([], ["<|shared|>", "<|v2|>", "<|v2b|>"], ["<|sp2|>"]),
+}
+"""Per variant: tokens added to its BPE vocabulary, added (normal) tokens, special tokens."""
+
+
+def distinct_vocabularies(paths: dict[str, Path], seed: int) -> None:
+    """Give the variants different tokenizers, as fine-tunes that added tokens have:
+    EXTRA_TOKENS (`<|shared|>` at another id in each), each with a new embedding and head
+    row (seeded noise of the embedding's scale); variant_2's tokenizer also swaps two
+    base tokens' ids. variant_3 keeps the base's vocabulary."""
+    from transformers import AutoTokenizer
+
+    generator = torch.Generator().manual_seed(seed + 7)
+    for name, (bpe, added, special) in EXTRA_TOKENS.items():
+        folder = paths[name]
+        spec = json.loads((folder / "tokenizer.json").read_text())
+        vocab = spec["model"]["vocab"]
+        for token in bpe:
+            vocab[token] = max(spec["model"]["vocab"].values()) + 1
+        if name == "variant_2":
+            first, second = sorted(vocab, key=vocab.get)[300:302]
+            vocab[first], vocab[second] = vocab[second], vocab[first]
+        (folder / "tokenizer.json").write_text(json.dumps(spec))
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        tokenizer.add_tokens(added)
+        tokenizer.add_special_tokens({"additional_special_tokens": special})
+        tokenizer.save_pretrained(folder)
+        size = len(tokenizer)
+        config = json.loads((folder / "config.json").read_text())
+        old = config["vocab_size"]
+        state = load_tensors(folder)
+        for key, tensor in state.items():
+            if tensor.dim() == 2 and tensor.shape[0] == old:
+                noise = torch.randn(size - old, tensor.shape[1], generator=generator)
+                state[key] = torch.cat([tensor, (noise * tensor.float().std()).to(tensor.dtype)])
+        for shard in folder.glob("*.safetensors*"):
+            shard.unlink()
+        save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+        (folder / "config.json").write_text(json.dumps({**config, "vocab_size": size}, indent=2))
 
 
 def render(recipe: Path, paths: dict[str, Path], out: Path) -> dict:
@@ -111,12 +166,14 @@ class Tools:
         self.fresh = fresh
         self.workers: dict[str, subprocess.Popen] = {}
 
-    def run(self, tool: str, args: list[str], log: Path, cwd: Path) -> bool:
-        """One merge; True when it succeeded."""
-        if self.fresh:
+    def run(self, tool: str, args: list[str], log: Path, cwd: Path, hash_seed: int | None = None) -> bool:
+        """One merge; True when it succeeded. `hash_seed` runs it in a fresh process with
+        that PYTHONHASHSEED (mergekit's set orders depend on it)."""
+        if self.fresh or hash_seed is not None:
+            env = self.env if hash_seed is None else dict(self.env, PYTHONHASHSEED=str(hash_seed))
             with log.open("w") as fh:
                 return subprocess.run(self.commands[tool] + args, cwd=cwd, stdout=fh,
-                                      stderr=subprocess.STDOUT, env=self.env).returncode == 0
+                                      stderr=subprocess.STDOUT, env=env).returncode == 0
         worker = self.workers.get(tool)
         if worker is None or worker.poll() is not None:
             worker = self.workers[tool] = subprocess.Popen(
@@ -379,7 +436,14 @@ def compare_recipe(recipe_path: Path, paths: dict[str, Path], work: Path, args: 
             res.verdict += (f" after writing its tensors ({written.tensors}; evomerge's "
                             f"{'differ' if bad or not written.ok else 'agree'}, max abs diff {written.max_abs_diff:.2e})")
         return res
+    if name.startswith(TOKENIZER_PREFIX):
+        seed = rerun_in_recipe_order(tools, jobs[0][2], mk_out, ev_out, rdir)
+        if seed is not None:
+            res.details.append(f"mergekit rerun with PYTHONHASHSEED={seed}: then its set of the models "
+                               "iterates in recipe order")
     mk, ev = load_tensors(mk_out), load_tensors(ev_out)
+    if name.startswith(TOKENIZER_PREFIX):
+        mk = compare_vocabularies(mk_out, ev_out, mk, paths["base"], res)
     if mode == "stats":
         compare_stats(mk, ev, base_tensors, recipe, res)
     elif mode == "exact":
@@ -399,6 +463,61 @@ def compare_recipe(recipe_path: Path, paths: dict[str, Path], work: Path, args: 
                        "compute); matches mergekit float32 + cast")
     compare_configs(mk_out, ev_out, res)
     return res
+
+
+def rerun_in_recipe_order(tools: "Tools", mergekit_args: list[str], mk_out: Path, ev_out: Path, rdir: Path,
+                          tries: int = 12) -> int | None:
+    """mergekit builds a union vocabulary from the models in the order of a Python set of
+    them (mergekit/config.py referenced_models), which changes with the hash seed; evomerge
+    takes recipe order. Rerun mergekit with other PYTHONHASHSEEDs until its token ids are
+    evomerge's, so that tensors can be compared bit for bit; the seed used, or None."""
+    from transformers import AutoTokenizer
+
+    wanted = AutoTokenizer.from_pretrained(ev_out).get_vocab()
+    for seed in range(1, tries + 1):
+        if AutoTokenizer.from_pretrained(mk_out).get_vocab() == wanted:
+            return None if seed == 1 else seed - 1
+        shutil.rmtree(mk_out)
+        if not tools.run("mergekit", mergekit_args, rdir / "mergekit.log", cwd=rdir, hash_seed=seed):
+            return None
+    return None
+
+
+def compare_vocabularies(mk_dir: Path, ev_dir: Path, mk: dict, base: Path, res: Result) -> dict:
+    """The output tokenizers must hold the same tokens at the same ids, with the same added
+    tokens (special or not). One difference is allowed and reported: mergekit builds a union
+    from the models in a set's order (it varies with PYTHONHASHSEED), evomerge in recipe
+    order, so tokens the base lacks may sit at other ids. mergekit's vocabulary-indexed
+    tensors are returned with their rows in evomerge's order, to be compared row by row."""
+    from transformers import AutoTokenizer
+
+    tokenizers = {tool: AutoTokenizer.from_pretrained(folder) for tool, folder in (("mergekit", mk_dir), ("evomerge", ev_dir))}
+    mk_vocab, ev_vocab = (t.get_vocab() for t in tokenizers.values())
+    if set(mk_vocab) != set(ev_vocab):
+        res.ok = False
+        res.details.append(f"vocabularies differ: only mergekit {sorted(set(mk_vocab) - set(ev_vocab))[:5]}, "
+                           f"only evomerge {sorted(set(ev_vocab) - set(mk_vocab))[:5]}")
+        return mk
+    added = {tool: {info.content: (info.special, info.normalized, info.lstrip, info.rstrip, info.single_word)
+                    for info in t.added_tokens_decoder.values()} for tool, t in tokenizers.items()}
+    if added["mergekit"] != added["evomerge"]:
+        res.ok = False
+        res.details.append(f"added tokens differ: mergekit {added['mergekit']}, evomerge {added['evomerge']}")
+    moved = sorted((t for t in mk_vocab if mk_vocab[t] != ev_vocab[t]), key=ev_vocab.get)
+    res.details.append(f"output vocabulary: {len(ev_vocab)} tokens, {len(added['evomerge'])} added tokens, "
+                       f"the same in both; {len(moved)} at other ids")
+    if not moved:
+        return mk
+    in_base = set(AutoTokenizer.from_pretrained(base).get_vocab())
+    if any(token in in_base for token in moved):
+        res.ok = False
+    res.details.append(f"ids differ for {moved} (mergekit {[mk_vocab[t] for t in moved]}, evomerge "
+                       f"{[ev_vocab[t] for t in moved]}): new tokens in mergekit's set order of the models; "
+                       "vocabulary rows compared by token")
+    order = torch.tensor([mk_vocab[token] for token in sorted(ev_vocab, key=ev_vocab.get)])
+    size = len(order)
+    return {key: torch.cat([t[order], t[size:]]) if t.dim() == 2 and t.shape[0] >= size else t
+            for key, t in mk.items()}
 
 
 def markdown_table(results: list[Result]) -> str:
@@ -448,14 +567,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     with tempfile.TemporaryDirectory(prefix="evomerge-mkcompat-") as tmp:
         work = (args.work_dir or Path(tmp)).resolve()
         work.mkdir(parents=True, exist_ok=True)
-        paths = build_models(work, args.seed, args.family, args.source_dtype, args.tied)
-        base_tensors = load_tensors(paths["base"])
         results = []
         tools = Tools(args.mergekit_bin, args.fresh_processes)
         try:
             for recipe in recipes:
+                distinct = recipe.stem.startswith(TOKENIZER_PREFIX)
+                paths = build_models(work, args.seed, args.family, args.source_dtype, args.tied,
+                                     distinct_vocab=distinct)
                 print(f"... {recipe.stem}", file=sys.stderr, flush=True)
-                results.append(compare_recipe(recipe, paths, work, args, base_tensors, tools))
+                results.append(compare_recipe(recipe, paths, work, args, load_tensors(paths["base"]), tools))
         finally:
             tools.close()
     print(markdown_table(results))

@@ -50,3 +50,19 @@ def test_evomerge_matches_mergekit(tmp_path: Path, family: str, source_dtype: st
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     assert "| match |" in proc.stdout
     assert "statistics agree" in proc.stdout
+
+
+@pytest.mark.parametrize("models", [[], ["--family", "gemma", "--tied", "--source-dtype", "bfloat16"]],
+                         ids=["llama-float32", "gemma-tied-bfloat16"])
+def test_vocabularies_and_token_overrides_match_mergekit(tmp_path: Path, models: list[str]) -> None:
+    """The `tokenizer-*` recipes, on models whose tokenizers differ: the same output
+    tokens at the same ids, and every tensor bit for bit (float32 compute)."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "compare_mergekit.py"), "--work-dir", str(tmp_path),
+         "--mergekit-bin", MERGEKIT, "--only", "tokenizer-*", "--details", *models],
+        capture_output=True, text=True, cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| tokenizer-")]
+    assert len(rows) >= 5 and all(line.endswith("| 0.00e+00 | match |") for line in rows), proc.stdout
+    assert proc.stdout.count("the same in both; 0 at other ids") == len(rows), proc.stdout

@@ -82,7 +82,7 @@ def test_the_same_model_twice_in_one_merge_is_refused(text, line, where):
 
 
 @pytest.mark.parametrize("extra, line, pattern", [
-    ("tokenizer:\n  source: base\n  tokens:\n    <|im_start|>: {source: a}\n", 7, r"tokenizer\.tokens: `tokens:`"),
+    ("tokenizer:\n  source: base\n  tokens:\n    <|im_start|>: {source: c}\n", 8, r"model 'c' is not merged"),
     ("tokenizer:\n  source: base\n  pad_to_multiple_of: 0\n", 7, r"pad_to_multiple_of` must be a positive"),
     ("tokenizer: {source: base}\ntokenizer_source: base\n", 5, r"not both"),
     ("chat_template: chatmI\n", 5, r"unknown chat template 'chatmI'; use one of auto, alpaca, chatml"),
