@@ -15,14 +15,20 @@ mergekit's recipes use for them (`modules:`).
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import re
 import warnings
 from dataclasses import dataclass
 from functools import lru_cache
+from importlib.metadata import version
+from pathlib import Path
 from typing import Literal
 
 import torch
 
+from merging.checkpoint import write_atomic
 from merging.errors import CheckpointError
 
 Position = Literal["pre", "layer", "post"]
@@ -80,7 +86,11 @@ def num_layers_key(config: dict) -> str:
 
 
 def num_layers_key_or_none(config: dict) -> str | None:
-    """`num_layers_key`, or None where the config states no depth (a multi-module model's)."""
+    """`num_layers_key`, or None where the config states no depth (a multi-module model's).
+    `num_hidden_layers` itself is the key wherever a config.json states it (a config
+    class's attribute map only renames it), which spares importing transformers' configs."""
+    if "num_hidden_layers" in config:
+        return "num_hidden_layers"
     from transformers import AutoConfig
 
     try:
@@ -96,24 +106,40 @@ def num_layers_key_or_none(config: dict) -> str | None:
     return key
 
 
+ARCHITECTURE_CACHE = Path(os.environ.get("EVOMERGE_CACHE", Path.home() / ".cache" / "evomerge")) / "architectures"
+"""Architectures found before, one JSON file per config and transformers version: building
+the meta model imports transformers' modeling code, seconds of every merge's start."""
+
+
 def detect_architecture(config: dict) -> Architecture:
-    """Architecture from a config.json dict (cached per model_type and depth)."""
+    """Architecture from a config.json dict (cached per config, in memory and on disk)."""
     if "model_type" not in config:
         raise CheckpointError("config.json has no model_type")
     depth = int(config[num_layers_key(config)])
-    return _detect(config["model_type"], depth, _config_key(config))
+    config_json = _config_key(config)
+    digest = hashlib.sha256(f"{version('transformers')}\n{config_json}".encode()).hexdigest()[:32]
+    cached = ARCHITECTURE_CACHE / f"{digest}.json"
+    try:
+        known = json.loads(cached.read_text())
+        return Architecture(known["model_type"], known["num_layers"], tuple(known["layer_prefixes"]),
+                            frozenset(known["pre_names"]))
+    except (OSError, ValueError, KeyError):
+        pass
+    architecture = _detect(config["model_type"], depth, config_json)
+    if architecture.layer_prefixes != _FALLBACK_PREFIXES:  # a guess is not worth keeping
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(cached, json.dumps({"model_type": architecture.model_type, "num_layers": architecture.num_layers,
+                                         "layer_prefixes": list(architecture.layer_prefixes),
+                                         "pre_names": sorted(architecture.pre_names)}))
+    return architecture
 
 
 def _config_key(config: dict) -> str:
-    import json
-
     return json.dumps(config, sort_keys=True, default=str)
 
 
 @lru_cache(maxsize=32)
 def _detect(model_type: str, depth: int, config_json: str) -> Architecture:
-    import json
-
     from transformers import AutoConfig
 
     config_dict = json.loads(config_json)

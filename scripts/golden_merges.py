@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
                  if expected[key].get(name) != found[key].get(name)]
     only = sorted(set(expected) ^ set(found))
     print(f"{len(set(expected) & set(found))} merges compared; {len(differing)} tensors differ"
-          + (f"; in one file only: {', '.join(only)}" if only else ""))
+          + (f"; {len(only)} in one file only (recipes added or removed since), e.g. {', '.join(only[:3])}"
+             if only else ""))
     for line in differing[:50]:
         print("  " + line)
     return 1 if differing else 0

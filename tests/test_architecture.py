@@ -45,3 +45,22 @@ def test_rename_layer_keeps_the_rest_of_the_name(families):
 def test_depth_key_follows_the_config_class(families):
     assert num_layers_key(Checkpoint.open(str(families["gpt2"])).config) == "n_layer"
     assert num_layers_key(Checkpoint.open(str(families["llama"])).config) == "num_hidden_layers"
+
+
+def test_a_detected_architecture_is_kept_on_disk_and_read_back_the_same(families, tmp_path, monkeypatch):
+    """The meta model is built once per config and transformers version; later merges read
+    the architecture from the cache (a damaged cache file is rebuilt, not trusted)."""
+    import merging.architecture as architecture
+
+    monkeypatch.setattr(architecture, "ARCHITECTURE_CACHE", tmp_path)
+    config = Checkpoint.open(str(families["gpt2"])).config
+    first = detect_architecture(config)
+    [cached] = tmp_path.glob("*.json")
+    built = []
+    monkeypatch.setattr(architecture, "_detect", lambda *args: built.append(args) or first)
+    assert detect_architecture(config) == first and not built
+    cached.write_text("{not json")
+    assert detect_architecture(config) == first and len(built) == 1
+    other = dict(config, n_layer=2)
+    detect_architecture(other)
+    assert len(built) == 2 and len(list(tmp_path.glob("*.json"))) == 2
