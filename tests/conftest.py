@@ -43,3 +43,15 @@ def write_recipe(folder: Path, text: str, name: str = "recipe.yaml") -> Path:
     path = folder / name
     path.write_text(text)
     return path
+
+
+def resolved_parameters(recipe) -> dict[str, dict]:
+    """Each output tensor's parameters as the engine resolves them for `recipe` (planning
+    only: headers are read, no tensor is merged)."""
+    from merging.engine import open_models, plan_merge
+
+    plan = plan_merge(recipe, open_models(recipe))
+    try:
+        return {task.output.name: task.params for task in plan.tasks}
+    finally:
+        plan.close()

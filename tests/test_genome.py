@@ -11,6 +11,7 @@ from merging.dataflow import DataflowSpace
 from merging.engine import open_models, plan_merge
 from merging.errors import RecipeError
 from niches.genome import DataflowGenome, LayerLayout, RecipeGenome
+from tests.conftest import resolved_parameters
 
 TEMPLATE = """\
 merge_method: dare_ties
@@ -71,11 +72,7 @@ def test_decoded_values_land_on_their_tensors(genome, llama_family):
     x = np.linspace(0.0, 1.0, genome.dimension)
     recipe = genome.decode(x)
     density, weight, weight_2 = genome.values(x)
-    plan = plan_merge(recipe, open_models(recipe))
-    try:
-        by_name = {task.output.name: task.params for task in plan.tasks}
-    finally:
-        plan.close()
+    by_name = resolved_parameters(recipe)
     # inputs are [variant_1, variant_2]; variant_2's density is fixed at 0.7
     assert by_name["model.embed_tokens.weight"]["density"] == pytest.approx([density[0], 0.7])
     for layer in range(4):
@@ -280,11 +277,7 @@ def test_tied_bfloat16_models_have_no_separate_head_gene_target(tmp_path):
     x = np.linspace(0.0, 1.0, genome.dimension)
     recipe = genome.decode(x)
     density = genome.values(x)[0]
-    plan = plan_merge(recipe, open_models(recipe))
-    try:
-        by_name = {task.output.name: task.params for task in plan.tasks}
-    finally:
-        plan.close()
+    by_name = resolved_parameters(recipe)
     assert "lm_head.weight" not in by_name
     assert by_name["model.embed_tokens.weight"]["density"][0] == pytest.approx(density[0])
     assert by_name["model.norm.weight"]["density"][0] == pytest.approx(density[-1])

@@ -18,6 +18,7 @@ from merging.errors import EvomergeError, RecipeError
 from merging.operators import METHODS, REQUIRED
 from merging.recipe import parse_recipe
 from niches.genome import LayerLayout, RecipeGenome
+from tests.conftest import resolved_parameters
 
 
 def vec(*values: float) -> torch.Tensor:
@@ -328,11 +329,7 @@ dtype: float32
         x = np.linspace(0.0, 1.0, genome.dimension)
         recipe = genome.decode(x)
         values = genome.values(x)
-        plan = plan_merge(recipe, open_models(recipe))
-        try:
-            params = {task.output.name: task.params for task in plan.tasks}
-        finally:
-            plan.close()
+        params = resolved_parameters(recipe)
         layer2 = params["model.layers.2.mlp.down_proj.weight"]
         if name == "nuslerp":
             assert layer2["weight"] == pytest.approx([values[0][1 + 2], values[1][0]])

@@ -18,6 +18,7 @@ import torch
 
 import merging.operators.arcee_fusion as arcee_fusion_module
 from merging.operators import METHODS, REQUIRED
+from tests.conftest import resolved_parameters
 
 EXACT = dict(rtol=0, atol=0)
 TIGHT = dict(rtol=1e-12, atol=1e-12)
@@ -222,7 +223,6 @@ def test_free_markers_decode_onto_each_tensor(method, llama_family):
     import numpy as np
 
     from merging.checkpoint import Checkpoint
-    from merging.engine import open_models, plan_merge
     from niches.genome import LayerLayout, RecipeGenome
 
     models = "".join(f"  - model: {llama_family[name]}\n" for name in ("base", "variant_1"))
@@ -231,11 +231,7 @@ def test_free_markers_decode_onto_each_tensor(method, llama_family):
     genome = RecipeGenome.from_text(text, "template.yaml", LayerLayout.of(Checkpoint("base", llama_family["base"])))
     x = np.linspace(0.05, 0.95, genome.dimension)
     recipe = genome.decode(x)
-    plan = plan_merge(recipe, open_models(recipe))
-    try:
-        params = {task.output.name: task.params for task in plan.tasks}
-    finally:
-        plan.close()
+    params = resolved_parameters(recipe)
     for parameter, genes in zip(genome.parameters, genome.values(x)):
         name = parameter.name
         if parameter.granularity == "global":
