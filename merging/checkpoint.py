@@ -23,6 +23,7 @@ import math
 import os
 import shutil
 import struct
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,6 +152,7 @@ class Checkpoint:
             raise CheckpointError(f"model {reference!r}: config.json is not valid JSON ({exc})") from exc
         self._files: dict[str, int] = {}
         """Open descriptors of the safetensors files read so far."""
+        self._files_lock = threading.Lock()
         self._pickled: dict[str, dict[str, torch.Tensor]] = {}
         self._kept: dict[str, torch.Tensor] | None = None
         self.tensors: dict[str, TensorInfo] = {}
@@ -224,25 +226,33 @@ class Checkpoint:
             self._add(TensorInfo(name, tuple(tensor.shape), tensor.dtype, file))
 
     def _descriptor(self, file: str) -> int:
-        """The open file descriptor of one safetensors file, opened on first use."""
-        descriptor = self._files.get(file)
-        if descriptor is None:
-            descriptor = self._files[file] = os.open(self.path / file, os.O_RDONLY)
-        return descriptor
+        """The open file descriptor of one safetensors file, opened on first use (under a
+        lock: the engine's reader thread and its row-range merges may both open files)."""
+        with self._files_lock:
+            descriptor = self._files.get(file)
+            if descriptor is None:
+                descriptor = self._files[file] = os.open(self.path / file, os.O_RDONLY)
+            return descriptor
 
-    def _read_bytes(self, info: TensorInfo, pinned: bool) -> torch.Tensor:
-        """The tensor's bytes, read into a fresh tensor of its dtype and shape (in pinned,
-        page-locked memory when `pinned`, for an asynchronous copy to a GPU)."""
-        data = torch.empty(info.nbytes, dtype=torch.uint8, pin_memory=pinned)
+    def _read_bytes(self, info: TensorInfo, pinned: bool, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The tensor's bytes (or those of its row range `rows`, dim 0), read into a fresh
+        tensor of its dtype and shape (in pinned, page-locked memory when `pinned`, for an
+        asynchronous copy to a GPU)."""
+        shape, offset, nbytes = info.shape, info.offset, info.nbytes
+        if rows is not None:
+            row_bytes = nbytes // shape[0] if shape[0] else 0
+            shape = (rows[1] - rows[0], *shape[1:])
+            offset, nbytes = offset + rows[0] * row_bytes, (rows[1] - rows[0]) * row_bytes
+        data = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
         view, done = memoryview(data.numpy()), 0
         descriptor = self._descriptor(info.file)
-        while done < info.nbytes:
-            count = os.preadv(descriptor, [view[done:]], info.offset + done)
+        while done < nbytes:
+            count = os.preadv(descriptor, [view[done:]], offset + done)
             if count == 0:
                 raise CheckpointError(f"model {self.reference!r}: {info.file} ends inside tensor {info.name} "
                                       "(truncated)")
             done += count
-        return data.view(info.dtype).reshape(info.shape)
+        return data.view(info.dtype).reshape(shape)
 
     @property
     def nbytes(self) -> int:
@@ -261,19 +271,21 @@ class Checkpoint:
         self.close_files()
         self._kept = kept
 
-    def read(self, name: str, *, pinned: bool = False) -> torch.Tensor:
-        """Read one tensor; refuse NaN or Inf, which would silently poison a merge.
-        `pinned` reads it into page-locked memory (see `_read_bytes`)."""
+    def read(self, name: str, *, pinned: bool = False, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Read one tensor, or its rows [start, stop) (`rows`: dim 0, the engine's merge of
+        a large tensor by row ranges); refuse NaN or Inf, which would silently poison a
+        merge. `pinned` reads it into page-locked memory (see `_read_bytes`)."""
         info = self.tensors.get(name)
         if info is None:
             raise CheckpointError(f"model {self.reference!r} has no tensor {name}")
         if self._kept is not None:
-            return self._kept[name]
+            return self._kept[name] if rows is None else self._kept[name][rows[0]:rows[1]]
         try:
             if info.file in self._pickled:
                 tensor = self._pickled[info.file][name]
+                tensor = tensor if rows is None else tensor[rows[0]:rows[1]]
             else:
-                tensor = self._read_bytes(info, pinned)
+                tensor = self._read_bytes(info, pinned, rows)
         except CheckpointError:
             raise
         except Exception as exc:
@@ -285,9 +297,10 @@ class Checkpoint:
     def release(self, file: str) -> None:
         """Close one safetensors file (reopened if read again): the engine calls this after
         the last planned read from a shard, so a merge of many shards holds few files open."""
-        descriptor = self._files.pop(file, None)
-        if descriptor is not None:
-            os.close(descriptor)
+        with self._files_lock:
+            descriptor = self._files.pop(file, None)
+            if descriptor is not None:
+                os.close(descriptor)
 
     def close_files(self) -> None:
         for file in list(self._files):

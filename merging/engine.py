@@ -31,6 +31,7 @@ from merging.checkpoint import (
 )
 from merging.errors import CheckpointError, EvomergeError, RecipeError
 from merging.operators.base import MergeMethod
+from merging.rowwise import merge_by_rows, merges_by_rows, rowwise_peak_bytes
 from merging.recipe import (
     DTYPES, OutputSlice, Recipe, assign_modules, output_slices, parameter_scopes, resolve_parameter,
 )
@@ -59,6 +60,8 @@ class TensorTask:
     params: dict[str, Any]
     vocabulary: VocabularyRows | None = None
     """For embeddings and head under a tokenizer source: the rows each input is rebuilt to."""
+    by_rows: bool = False
+    """Merged a few rows at a time, read straight from the files (merging/rowwise.py)."""
 
 
 @dataclass
@@ -267,6 +270,7 @@ def _make_task(recipe: Recipe, method: MergeMethod, slice_: OutputSlice, out_nam
         inputs=[TensorInput(m, infos[m].name) for m in input_models],
         params=params,
         vocabulary=rows,
+        by_rows=merges_by_rows(method, shape, [i.dtype for i in infos.values()], rows is not None),
     )
 
 
@@ -277,16 +281,20 @@ PROCESS_BYTES = 450 * 2**20
 
 def expected_peak_bytes(plan: MergePlan, threads: int) -> int:
     """An upper estimate of a CPU merge's peak resident memory: the process, plus, for the
-    `threads` consecutive tasks merging at once, their inputs and float32 working set (about
-    two copies per input and four more: the stacked deltas, masks, the trim's sort
-    buffers), plus the next task's inputs being read; the largest such window counts. Measured against /usr/bin/time
-    (scripts/bench_merge.py): a TIES merge of a 160M float32 Llama peaks at 2.2-2.5 GiB
-    where this says 2.2 GiB for one thread."""
+    `threads` consecutive tasks merging at once, what each holds (a whole-tensor merge:
+    its inputs and float32 working set, about two copies per input and four more: the
+    stacked deltas, masks, the trim's sort buffers; a merge by rows: see
+    `rowwise_peak_bytes`), plus the next task's inputs being read; the largest such window
+    counts. Checked against /usr/bin/time by scripts/bench_merge.py (docs/benchmarks.md)."""
     def inputs(task: TensorTask) -> int:
+        if task.by_rows:
+            return 0  # read by row ranges while it merges
         return sum(plan.checkpoints[ref.model].tensors[ref.name].nbytes
                    for ref in [*task.inputs, *([task.base] if task.base else [])])
 
     def working(task: TensorTask) -> int:
+        if task.by_rows:
+            return rowwise_peak_bytes(plan.method, task.output.shape, len(task.inputs), task.output.dtype)
         count = len(task.inputs) + (1 if task.base else 0)
         return 4 * math.prod(task.output.shape) * (2 * count + 4)
 
@@ -381,9 +389,13 @@ TaskInputs = tuple[list[torch.Tensor], "torch.Tensor | None"]
 """One task's input tensors and base tensor, read and on the merge device."""
 
 
-def read_inputs(plan: MergePlan, task: TensorTask, device: torch.device) -> TaskInputs:
+def read_inputs(plan: MergePlan, task: TensorTask, device: torch.device) -> TaskInputs | None:
     """Read one task's inputs and move them to `device` (through pinned host memory and
-    an asynchronous copy on a GPU, so that the copy overlaps the previous task's merge)."""
+    an asynchronous copy on a GPU, so that the copy overlaps the previous task's merge).
+    None for a task merged by rows: it reads its rows itself."""
+    if task.by_rows:
+        return None
+
     def load(ref: TensorInput) -> torch.Tensor:
         tensor = plan.checkpoints[ref.model].read(ref.name, pinned=device.type == "cuda")
         return tensor.to(device, non_blocking=tensor.is_pinned())
@@ -395,6 +407,16 @@ def execute_task(plan: MergePlan, task: TensorTask, device: torch.device, seed: 
                  inputs: TaskInputs | None = None) -> torch.Tensor:
     """Compute one output tensor on `device` and cast it to its output dtype (`inputs`:
     the task's tensors when already read, see `read_inputs`)."""
+    generator = tensor_generator(seed, task.output.name, device) if plan.method.random else None
+    if task.by_rows:
+        def read(ref: TensorInput | None, start: int, stop: int) -> torch.Tensor:
+            return plan.checkpoints[ref.model].read(ref.name, rows=(start, stop)).to(device)
+
+        dtypes = {plan.checkpoints[ref.model].tensors[ref.name].dtype
+                  for ref in [*task.inputs, *([task.base] if task.base else [])]}
+        return merge_by_rows(plan.method, read, task.base, task.inputs, task.output.shape, task.params,
+                             task.output.dtype, torch.float64 if torch.float64 in dtypes else torch.float32,
+                             device, generator)
     tensors, base = inputs if inputs is not None else read_inputs(plan, task, device)
     if task.vocabulary is not None:
         rebuilt = task.vocabulary.apply({ref.model: tensor for ref, tensor in
@@ -404,7 +426,6 @@ def execute_task(plan: MergePlan, task: TensorTask, device: torch.device, seed: 
         base = rebuilt[task.base.model] if task.base else None
     if not tensors[0].is_floating_point():
         return tensors[0].to(task.output.dtype)  # integer buffers are copied, not merged
-    generator = tensor_generator(seed, task.output.name, device) if plan.method.random else None
     merged = plan.method.merge(base=base, tensors=tensors, generator=generator, **task.params)
     return merged.to(task.output.dtype)
 
@@ -423,11 +444,8 @@ def iter_merged(plan: MergePlan, *, device: str | torch.device = "cpu", seed: in
     releases = _last_reads(plan)
     bar = _progress_bar(plan) if progress else None
 
-    def read(index: int) -> TaskInputs:
-        inputs = read_inputs(plan, plan.tasks[index], device)
-        for model, file in releases.get(index, ()):
-            plan.checkpoints[model].release(file)
-        return inputs
+    def read(index: int) -> TaskInputs | None:
+        return read_inputs(plan, plan.tasks[index], device)
 
     def merge(index: int, inputs: Future) -> torch.Tensor:
         with torch.no_grad():
@@ -435,12 +453,15 @@ def iter_merged(plan: MergePlan, *, device: str | torch.device = "cpu", seed: in
 
     with ThreadPoolExecutor(1, thread_name_prefix="evomerge-read") as reader, \
             ThreadPoolExecutor(threads, thread_name_prefix="evomerge-merge") as mergers:
-        ahead: deque[tuple[TensorTask, Future]] = deque()
-        for index, task in enumerate(plan.tasks):
-            ahead.append((task, mergers.submit(merge, index, reader.submit(read, index))))
+        ahead: deque[tuple[int, Future]] = deque()
+        for index in range(len(plan.tasks)):
+            ahead.append((index, mergers.submit(merge, index, reader.submit(read, index))))
             while len(ahead) > threads or (ahead and index == len(plan.tasks) - 1):
-                done, merged = ahead.popleft()
+                finished, merged = ahead.popleft()
+                done = plan.tasks[finished]
                 yield done.output.name, merged.result()
+                for model, file in releases.get(finished, ()):  # every earlier task is done too
+                    plan.checkpoints[model].release(file)
                 if bar is not None:
                     bar.update(done.output.nbytes)
     if bar is not None:

@@ -24,7 +24,18 @@ import torch
 
 from merging.operators import METHODS, REQUIRED, UnknownMethodError, get_method
 from merging.operators.slerp import slerp
-from merging.operators.sparsify import magnitude, magnitude_outliers, random, top_k_mask
+from merging.operators import sparsify
+from merging.operators.sparsify import top_k_mask
+
+
+def applied(rule):
+    """A sparsification rule (which sees only |delta| and returns a Trim) as a function of
+    the delta: what it keeps of it."""
+    return lambda delta, *args, **kwargs: rule(delta.abs(), *args, **kwargs).apply_(delta.clone())
+
+
+magnitude, magnitude_outliers, random = map(applied, (sparsify.magnitude, sparsify.magnitude_outliers,
+                                                      sparsify.random))
 
 TIGHT = dict(rtol=1e-12, atol=1e-12)
 

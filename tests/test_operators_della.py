@@ -20,10 +20,13 @@ import torch
 
 from merging.errors import RecipeError
 from merging.operators import METHODS
-from merging.operators.della import keep_probabilities, magprune
+from merging.operators import della
+from merging.operators.della import keep_probabilities
 from merging.operators.sce import high_variance_mask, model_weights
 from tests.conftest import write_recipe
-from tests.test_operators import TIGHT, family, merge, ref_task_arithmetic
+from tests.test_operators import TIGHT, applied, family, merge, ref_task_arithmetic
+
+magprune = applied(della.magprune)
 
 # ----------------------------------------------------------------------------------------
 # DELLA keep probabilities and MAGPRUNE

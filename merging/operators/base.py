@@ -87,7 +87,12 @@ class MergeMethod:
     takes (what a search may make free); the others are switches (true/false), which a
     search leaves alone. ``check_model_params``: given one model's resolved
     per-model parameters for one tensor, says why they cannot be merged (or None), so
-    that the plan refuses them before any tensor is computed.
+    that the plan refuses them before any tensor is computed. ``rowwise``: each row of
+    the output depends only on the same rows of the inputs, so the engine may merge a
+    large tensor a few rows at a time (merging/rowwise.py), bit for bit as whole; a
+    rowwise method with a ``trim`` (the sparsifying task-vector methods) first needs, per
+    model, what it keeps of the whole delta (``model_trim``), and is then given the rows'
+    ``trims``.
     """
 
     name: str
@@ -101,6 +106,8 @@ class MergeMethod:
     max_models: int | None = None
     check_model_params: Callable[[dict[str, Any]], str | None] | None = None
     domains: Mapping[str, Domain] = field(default_factory=dict)
+    rowwise: bool = False
+    trim: Callable[..., Any] | None = None
 
     def __post_init__(self) -> None:
         unknown = set(self.domains) - set(self.model_params) - set(self.global_params)
@@ -111,6 +118,13 @@ class MergeMethod:
     def takes_base(self) -> bool:
         """Whether a base model the recipe names is passed apart, as ``base``."""
         return self.needs_base or self.optional_base
+
+    def model_trim(self, magnitudes: torch.Tensor, index: int, params: Mapping[str, Any],
+                   generator: torch.Generator | None, *, overwrite: bool = False) -> Any:
+        """Model ``index``'s trim of one tensor from its ``|delta|`` (``overwrite``: which
+        the trim may use as scratch space), given the tensor's resolved ``params``."""
+        kwargs = {kwarg_name(k): (v[index] if k in self.model_params else v) for k, v in params.items()}
+        return self.trim(magnitudes, generator=generator, overwrite=overwrite, **kwargs)
 
     def merge(
         self,

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from merging.operators.sparsify import rescale_l1
+from merging.operators.sparsify import Trim, l1_scale
 
 
 def epsilon_problem(density: float, epsilon: float) -> str | None:
@@ -53,16 +53,16 @@ def keep_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> t
     return probs.reshape(delta.shape)
 
 
-def magprune(delta: torch.Tensor, density: float, *, epsilon: float, rescale: bool = False,
-             generator: torch.Generator | None = None) -> torch.Tensor:
-    """Keep each entry with its rank-based probability, drawn from ``generator``."""
+def magprune(magnitudes: torch.Tensor, density: float, *, epsilon: float, rescale: bool = False,
+             generator: torch.Generator | None = None) -> Trim:
+    """Keep each entry with its rank-based probability, drawn from ``generator``
+    (``magnitudes``: ``|delta|``, which ranks exactly as the delta's ``abs()`` does)."""
     if density >= 1:
-        return delta
+        return Trim()
     if density <= 0:
-        return torch.zeros_like(delta)
+        return Trim(zero=True)
     problem = epsilon_problem(density, epsilon)
     if problem:
         raise ValueError(problem)
-    probs = keep_probabilities(delta, density, epsilon)
-    mask = torch.bernoulli(probs, generator=generator)
-    return rescale_l1(delta, mask, rescale)
+    mask = torch.bernoulli(keep_probabilities(magnitudes, density, epsilon), generator=generator)
+    return Trim(mask.bool(), l1_scale(magnitudes, mask) if rescale else None)

@@ -39,4 +39,5 @@ LINEAR = MergeMethod(
     global_params={"normalize": True},
     domains={"weight": REAL},
     min_models=1,
+    rowwise=True,
 )

@@ -41,5 +41,6 @@ NEARSWAP = MergeMethod(
     global_params={"t": REQUIRED},
     domains={"t": NON_NEGATIVE},  # a distance to the base
     min_models=1,
+    rowwise=True,
     max_models=1,
 )

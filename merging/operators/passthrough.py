@@ -34,5 +34,6 @@ PASSTHROUGH = MergeMethod(
     model_params={"scale": None},
     domains={"scale": REAL},
     min_models=1,
+    rowwise=True,
     max_models=1,
 )

@@ -13,11 +13,17 @@ With ``rescale`` the kept entries are scaled so the tensor keeps its L1 norm (me
 ``rescale_norm=l1``; the DARE paper's 1/density is only this in expectation).
 ``density >= 1`` returns the delta untouched, without rescaling, as mergekit does.
 
+Each rule looks only at the magnitudes ``|delta|`` of the whole tensor and returns a
+``Trim`` (a mask and a scale) that is then applied to the delta: the engine computes the
+trims of a large tensor first and applies them to a few rows at a time (merging/rowwise.py).
+
 One deliberate difference, for float64 inputs only (test references): mergekit on CPU
 ranks float32-rounded magnitudes and draws DARE masks in float32; here both use the
 compute dtype. In float32 compute, which merges use, the results are bit-identical.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -25,18 +31,42 @@ RESCALE_EPS = 1e-7
 """Below this L1 norm (before or after masking) rescaling is skipped, as in mergekit."""
 
 
-def rescale_l1(delta: torch.Tensor, mask: torch.Tensor, rescale: bool) -> torch.Tensor:
-    """``delta * mask``, scaled back to the L1 norm of ``delta`` when ``rescale``."""
-    kept = delta * mask
-    if not rescale:
-        return kept
-    before, after = delta.abs().sum(), kept.abs().sum()
+@dataclass(frozen=True)
+class Trim:
+    """What sparsification keeps of one delta: ``delta * mask``, times ``scale`` (the L1
+    rescale) when there is one. No mask keeps every entry; ``zero`` keeps none. The mask is
+    boolean (multiplying by it is multiplying by 1.0 or 0.0, bit for bit what mergekit's
+    float masks do) and has the delta's shape, so ``rows`` gives the trim of a row range."""
+
+    mask: torch.Tensor | None = None
+    scale: torch.Tensor | None = None
+    zero: bool = False
+
+    def apply_(self, delta: torch.Tensor) -> torch.Tensor:
+        """Trim ``delta`` in place (the mask first, then the scale: mergekit's order)."""
+        if self.zero:
+            return delta.zero_()
+        if self.mask is not None:
+            delta.mul_(self.mask)
+        if self.scale is not None:
+            delta.mul_(self.scale)
+        return delta
+
+    def rows(self, start: int, stop: int) -> "Trim":
+        return Trim(None if self.mask is None else self.mask[start:stop], self.scale, self.zero)
+
+
+def l1_scale(magnitudes: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+    """The factor that gives the kept entries the L1 norm of all of them, or None where
+    either norm is below ``RESCALE_EPS`` (nothing, or nothing left, to rescale: no 0/0).
+    ``|delta * mask|`` is ``|delta| * mask`` exactly, so the sums are mergekit's."""
+    before, after = magnitudes.sum(), (magnitudes * mask).sum()
     if before < RESCALE_EPS or after < RESCALE_EPS:
-        return kept  # nothing (or nothing left) to rescale: avoid 0/0
-    return kept * (before / after)
+        return None
+    return before / after
 
 
-def top_k_mask(values: torch.Tensor, k: int) -> torch.Tensor:
+def top_k_mask(values: torch.Tensor, k: int, *, overwrite: bool = False) -> torch.Tensor:
     """Boolean mask of the k largest entries of a flat tensor, the entries mergekit keeps.
 
     mergekit keeps the first k of ``torch.argsort(values, descending=True)``, an unstable
@@ -49,45 +79,53 @@ def top_k_mask(values: torch.Tensor, k: int) -> torch.Tensor:
     (0.33 s against 0.95 s for a 2048 x 5632 tensor on this 2-core VM). The tie matters
     for almost every large tensor of bfloat16 sources and, measured on random float32
     ones, for about half of those above 4M entries; then the trim costs both.
+    ``overwrite``: the caller no longer needs ``values``, so the sort may run in place
+    (the same sort, without its copy of the values: 4 bytes an entry less at the peak).
     """
     threshold = torch.kthvalue(values, values.numel() - k + 1).values
-    kept = values >= threshold
-    if int(torch.count_nonzero(kept)) == k:  # no tie at the threshold crosses the k-th place
-        return kept
-    mask = torch.zeros_like(values, dtype=torch.bool)
-    mask[torch.argsort(values, descending=True)[:k]] = True
+    mask = values >= threshold
+    if int(torch.count_nonzero(mask)) == k:  # no tie at the threshold crosses the k-th place
+        return mask
+    if overwrite:
+        order = torch.empty(values.shape, dtype=torch.long, device=values.device)
+        torch.sort(values, descending=True, out=(values, order))
+    else:
+        order = torch.argsort(values, descending=True)
+    mask.zero_()
+    mask[order[:k]] = True
     return mask
 
 
-def magnitude(delta: torch.Tensor, density: float, *, rescale: bool = False) -> torch.Tensor:
+def magnitude(magnitudes: torch.Tensor, density: float, *, rescale: bool = False,
+              overwrite: bool = False) -> Trim:
     """Keep the k = max(1, int(density * numel)) largest-magnitude entries (TIES trim).
 
-    A positive density always keeps at least one entry.
+    A positive density always keeps at least one entry. ``overwrite``: see ``top_k_mask``
+    (not with ``rescale``, which needs the magnitudes afterwards).
     """
     if density >= 1:
-        return delta
-    if density <= 0 or delta.numel() == 0:
-        return torch.zeros_like(delta)
-    k = max(1, int(density * delta.numel()))
-    mask = top_k_mask(delta.abs().reshape(-1), k)  # boolean: `delta * mask` multiplies by 1.0 or 0.0
-    return rescale_l1(delta, mask.reshape_as(delta), rescale)
+        return Trim()
+    if density <= 0 or magnitudes.numel() == 0:
+        return Trim(zero=True)
+    k = max(1, int(density * magnitudes.numel()))
+    mask = top_k_mask(magnitudes.reshape(-1), k, overwrite=overwrite and not rescale).reshape(magnitudes.shape)
+    return Trim(mask, l1_scale(magnitudes, mask) if rescale else None)
 
 
-def random(delta: torch.Tensor, density: float, *, rescale: bool = False,
-           generator: torch.Generator | None = None) -> torch.Tensor:
+def random(magnitudes: torch.Tensor, density: float, *, rescale: bool = False,
+           generator: torch.Generator | None = None) -> Trim:
     """Keep each entry independently with probability ``density`` (DARE drop).
 
     The draw uses ``generator``, so a seeded generator gives the same mask every time.
     """
     if density >= 1:
-        return delta
-    keep = torch.full_like(delta, density)
-    mask = torch.bernoulli(keep, generator=generator)
-    return rescale_l1(delta, mask, rescale)
+        return Trim()
+    mask = torch.bernoulli(torch.full_like(magnitudes, density), generator=generator)
+    return Trim(mask.bool(), l1_scale(magnitudes, mask) if rescale else None)
 
 
-def magnitude_outliers(delta: torch.Tensor, density: float, *, gamma: float = 0.01,
-                       rescale: bool = False) -> torch.Tensor:
+def magnitude_outliers(magnitudes: torch.Tensor, density: float, *, gamma: float = 0.01,
+                       rescale: bool = False) -> Trim:
     """Keep ``int(density * numel)`` entries just below the ``int(gamma * numel)`` largest.
 
     Entries are ranked by magnitude; the top ``gamma`` fraction goes (Breadcrumbs' outlier
@@ -96,27 +134,30 @@ def magnitude_outliers(delta: torch.Tensor, density: float, *, gamma: float = 0.
     ``magnitude`` there is no keep-at-least-one rule (mergekit has none either).
     """
     if density >= 1:
-        return delta
-    n = delta.numel()
+        return Trim()
+    n = magnitudes.numel()
     keep_n, top_n = int(density * n), int(gamma * n)
     bottom_n = max(0, n - keep_n - top_n)
-    order = torch.sort(delta.abs().reshape(-1), descending=False).indices
-    mask = torch.zeros(n, dtype=delta.dtype, device=delta.device)
-    mask[order[bottom_n:bottom_n + keep_n]] = 1
-    return rescale_l1(delta, mask.reshape_as(delta), rescale)
+    order = torch.sort(magnitudes.reshape(-1), descending=False).indices
+    mask = torch.zeros(n, dtype=torch.bool, device=magnitudes.device)
+    mask[order[bottom_n:bottom_n + keep_n]] = True
+    mask = mask.reshape(magnitudes.shape)
+    return Trim(mask, l1_scale(magnitudes, mask) if rescale else None)
 
 
-def sparsify(delta: torch.Tensor, method: str, density: float, *, rescale: bool = False,
-             gamma: float = 0.01, epsilon: float = 0.15,
-             generator: torch.Generator | None = None) -> torch.Tensor:
-    """Dispatch on mergekit's sparsification method name (``della_magprune``: see ``della``)."""
+def trim(magnitudes: torch.Tensor, method: str, density: float, *, rescale: bool = False,
+         gamma: float = 0.01, epsilon: float = 0.15, generator: torch.Generator | None = None,
+         overwrite: bool = False) -> Trim:
+    """Dispatch on mergekit's sparsification method name (``della_magprune``: see ``della``).
+    ``magnitudes`` is ``|delta|`` over the whole tensor; with ``overwrite`` the rule may
+    use it as scratch space."""
     if method == "magnitude":
-        return magnitude(delta, density, rescale=rescale)
+        return magnitude(magnitudes, density, rescale=rescale, overwrite=overwrite)
     if method == "random":
-        return random(delta, density, rescale=rescale, generator=generator)
+        return random(magnitudes, density, rescale=rescale, generator=generator)
     if method == "magnitude_outliers":
-        return magnitude_outliers(delta, density, gamma=gamma, rescale=rescale)
+        return magnitude_outliers(magnitudes, density, gamma=gamma, rescale=rescale)
     if method == "della_magprune":
-        from merging.operators.della import magprune  # here: della imports rescale_l1 from this module
-        return magprune(delta, density, epsilon=epsilon, rescale=rescale, generator=generator)
+        from merging.operators.della import magprune  # here: della imports Trim from this module
+        return magprune(magnitudes, density, epsilon=epsilon, rescale=rescale, generator=generator)
     raise ValueError(f"unknown sparsification method {method!r}")

@@ -34,7 +34,7 @@ import torch
 
 from merging.operators.base import REAL, REQUIRED, UNIT, Domain, MergeMethod, compute_dtype
 from merging.operators.della import check_model_params as della_check
-from merging.operators.sparsify import sparsify
+from merging.operators.sparsify import Trim, trim
 
 
 def sign_consensus(deltas: torch.Tensor) -> torch.Tensor:
@@ -61,8 +61,12 @@ def generalized_task_arithmetic(
     generator: torch.Generator | None = None,
     sparsification: str | None,
     consensus: bool,
+    trims: Sequence[Trim] | None = None,
 ) -> torch.Tensor:
-    """Merge ``tensors`` into ``base`` by (sparsified, sign-agreeing) weighted task vectors."""
+    """Merge ``tensors`` into ``base`` by (sparsified, sign-agreeing) weighted task vectors.
+
+    ``trims``: each model's sparsification, already computed from the whole tensor (see
+    ``trim_model``) when these are some rows of it; otherwise it is computed here."""
     dtype = compute_dtype(base, *tensors)
     base = base.to(dtype)
     if not tensors:
@@ -73,11 +77,13 @@ def generalized_task_arithmetic(
     # one [n, ...] buffer, filled delta by delta and then edited in place: the working set
     # of a large tensor (an embedding) is a few copies of it, not one per operation
     deltas = torch.empty((len(tensors), *base.shape), dtype=dtype, device=base.device)
-    for i, (x, d, g, e) in enumerate(zip(tensors, density, gamma, epsilon)):
+    for i, x in enumerate(tensors):
         torch.sub(x.to(dtype), base, out=deltas[i])
-        if sparsification:
-            deltas[i] = sparsify(deltas[i], sparsification, d, rescale=rescale, gamma=g, epsilon=e,
-                                 generator=generator)
+        if trims is None and sparsification:
+            trim(deltas[i].abs(), sparsification, density[i], rescale=rescale, gamma=gamma[i], epsilon=epsilon[i],
+                 generator=generator, overwrite=True).apply_(deltas[i])
+        elif trims is not None:
+            trims[i].apply_(deltas[i])
     weights = torch.tensor(list(weight), dtype=dtype, device=base.device)
     weights = weights.reshape(-1, *([1] * base.dim()))
     deltas.mul_(weights)
@@ -96,6 +102,15 @@ def generalized_task_arithmetic(
     if lambda_ != 1:
         mixed = mixed * lambda_
     return base + mixed
+
+
+def trim_model(magnitudes: torch.Tensor, *, sparsification: str, rescale: bool, density: float = 1.0,
+               gamma: float = 0.01, epsilon: float = 0.15, generator: torch.Generator | None = None,
+               overwrite: bool = False, **_merge_only) -> Trim:
+    """One model's sparsification of one tensor from its whole ``|delta|``, for the engine's
+    merge by rows (weights, normalize, lambda and int8_mask play no part in it)."""
+    return trim(magnitudes, sparsification, density, rescale=rescale, gamma=gamma, epsilon=epsilon,
+                generator=generator, overwrite=overwrite)
 
 
 def _method(name: str, sparsification: str | None, consensus: bool, normalize: bool,
@@ -120,6 +135,8 @@ def _method(name: str, sparsification: str | None, consensus: bool, normalize: b
         random=sparsification in ("random", "della_magprune"),
         check_model_params=della_check if sparsification == "della_magprune" else None,
         domains=domains,
+        rowwise=True,
+        trim=partial(trim_model, sparsification=sparsification) if sparsification else None,
         min_models=1,
     )
 
