@@ -11,7 +11,9 @@ kernel's page cache. Peak memory is therefore a few tensors rather than a model.
 
 Writing: `ShardedWriter` writes each shard's header before its data, which is possible
 because the merge plan knows every output shape and dtype before any tensor is
-computed; tensors are appended as they are produced and never buffered per shard.
+computed; so every tensor's offset is known too, and each is written there (a positioned
+write) as soon as it is produced, in whatever order the engine finishes them, and never
+buffered per shard.
 `atomic_output_dir` builds the output in a hidden sibling folder and renames it into
 place only when complete, so a failed merge leaves nothing half-written; `write_atomic`
 does the same for one file (every state, log summary, plot and card the project writes).
@@ -386,8 +388,10 @@ class TensorSpec:
 
 
 class ShardedWriter:
-    """Writes tensors, in the order of `specs`, into safetensors shards of at most
-    `max_shard_bytes` (a larger tensor gets a shard of its own), plus the HF index."""
+    """Writes tensors into safetensors shards of at most `max_shard_bytes` (a larger tensor
+    gets a shard of its own), plus the HF index. Every tensor's place is fixed by `specs`
+    (their order in the files), so tensors may arrive in any order: each is written at its
+    offset (a positioned write), as the engine finishes it."""
 
     def __init__(self, out_dir: Path, specs: Sequence[TensorSpec], max_shard_bytes: int):
         self.out_dir = out_dir
@@ -402,49 +406,90 @@ class ShardedWriter:
         count = len(self.shards)
         self.file_names = (["model.safetensors"] if count == 1 else
                            [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)])
-        self._order = [(shard, spec) for shard, specs_ in enumerate(self.shards) for spec in specs_]
-        self._position = 0
-        self._shard = -1
-        self._file = None
+        self._places: dict[str, tuple[int, TensorSpec, int]] = {}
+        """name -> (shard, spec, offset of its data from the start of the data section)."""
+        for shard, shard_specs in enumerate(self.shards):
+            offset = 0
+            for spec in shard_specs:
+                self._places[spec.name] = (shard, spec, offset)
+                offset += spec.nbytes
+        self._files: dict[int, tuple[int, int]] = {}
+        """shard -> (open descriptor, where its data section starts)."""
+        self._written: dict[str, int] = {}
+        """name -> bytes of it written so far."""
+        self._lock = threading.Lock()
+        """Tensors and row ranges arrive from several threads (the engine's writer and its
+        merges by rows): shard files are created, and bytes counted, under it."""
 
-    def _open_shard(self, shard: int) -> None:
-        if self._file is not None:
-            self._file.close()
-        header: dict[str, object] = {"__metadata__": {"format": "pt"}}
-        offset = 0
-        for spec in self.shards[shard]:
-            header[spec.name] = {"dtype": DTYPE_NAMES[spec.dtype], "shape": list(spec.shape),
-                                 "data_offsets": [offset, offset + spec.nbytes]}
-            offset += spec.nbytes
-        encoded = json.dumps(header, separators=(",", ":")).encode()
-        encoded += b" " * (-len(encoded) % 8)
-        self._file = open(self.out_dir / self.file_names[shard], "wb")
-        self._file.write(struct.pack("<Q", len(encoded)))
-        self._file.write(encoded)
-        self._shard = shard
+    def _open_shard(self, shard: int) -> tuple[int, int]:
+        """The shard's descriptor and data start; created with its header on first use."""
+        with self._lock:
+            if shard in self._files:
+                return self._files[shard]
+            header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+            for spec in self.shards[shard]:
+                _, _, offset = self._places[spec.name]
+                header[spec.name] = {"dtype": DTYPE_NAMES[spec.dtype], "shape": list(spec.shape),
+                                     "data_offsets": [offset, offset + spec.nbytes]}
+            encoded = json.dumps(header, separators=(",", ":")).encode()
+            encoded += b" " * (-len(encoded) % 8)
+            descriptor = os.open(self.out_dir / self.file_names[shard], os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+                                 0o644)
+            _write_at(descriptor, memoryview(struct.pack("<Q", len(encoded)) + encoded), 0)
+            self._files[shard] = (descriptor, 8 + len(encoded))
+            return self._files[shard]
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        shard, spec = self._order[self._position]
-        if name != spec.name or tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
+        """Write a whole tensor."""
+        spec = self._spec(name, tensor.dtype)
+        if tuple(tensor.shape) != spec.shape:
             raise RuntimeError(f"writer expected {spec}, got {name} {tuple(tensor.shape)} {tensor.dtype}")
-        if shard != self._shard:
-            self._open_shard(shard)
+        self._write(name, 0, tensor)
+
+    def write_rows(self, name: str, start: int, rows: torch.Tensor) -> None:
+        """Write rows [start, start + len(rows)) of a tensor (the engine's merge by rows
+        writes each range as it is merged, so the whole tensor is never held)."""
+        spec = self._spec(name, rows.dtype)
+        if rows.dim() == 0 or tuple(rows.shape[1:]) != spec.shape[1:] or not 0 <= start <= spec.shape[0] - len(rows):
+            raise RuntimeError(f"writer expected rows of {spec}, got rows {start}.. {tuple(rows.shape)} of {name}")
+        self._write(name, start * (spec.nbytes // spec.shape[0]), rows)
+
+    def _spec(self, name: str, dtype: torch.dtype) -> TensorSpec:
+        place = self._places.get(name)
+        if place is None or dtype != place[1].dtype or self._written.get(name, 0) >= place[1].nbytes > 0:
+            raise RuntimeError(f"writer expected one of its tensors once, got {name} ({dtype})")
+        return place[1]
+
+    def _write(self, name: str, start_byte: int, tensor: torch.Tensor) -> None:
+        shard, _, offset = self._places[name]
+        descriptor, data_start = self._open_shard(shard)
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-        self._file.write(memoryview(data))
-        self._position += 1
+        _write_at(descriptor, memoryview(data), data_start + offset + start_byte)
+        with self._lock:
+            self._written[name] = self._written.get(name, 0) + len(data)
 
     def close(self) -> None:
-        if self._position != len(self._order):
-            raise RuntimeError(f"writer closed after {self._position} of {len(self._order)} tensors")
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        missing = [name for name, (_, spec, _) in self._places.items() if self._written.get(name, 0) < spec.nbytes]
+        if missing:
+            raise RuntimeError(f"writer closed with {len(missing)} of {len(self._places)} tensors not (fully) "
+                               f"written: {', '.join(missing[:3])}")
+        for shard in range(len(self.shards)):  # a shard of empty tensors only was never opened
+            descriptor, _ = self._open_shard(shard)
+            os.close(descriptor)
+        self._files.clear()
         if len(self.shards) > 1:
             index = {
-                "metadata": {"total_size": sum(s.nbytes for s in (spec for _, spec in self._order))},
-                "weight_map": {spec.name: self.file_names[shard] for shard, spec in self._order},
+                "metadata": {"total_size": sum(spec.nbytes for _, spec, _ in self._places.values())},
+                "weight_map": {name: self.file_names[shard] for name, (shard, _, _) in self._places.items()},
             }
             (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def _write_at(descriptor: int, data: memoryview, offset: int) -> None:
+    """Write all of `data` at `offset` (a positioned write may write less than asked)."""
+    done = 0
+    while done < len(data):
+        done += os.pwrite(descriptor, data[done:], offset + done)
 
 
 def check_output_dir(out_dir: Path, overwrite: bool) -> None:

@@ -13,15 +13,17 @@ loads them into a resident model); `merge_to_disk` streams them into a checkpoin
 """
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import math
 import shutil
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections import Counter, deque
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -294,7 +296,8 @@ def expected_peak_bytes(plan: MergePlan, threads: int) -> int:
 
     def working(task: TensorTask) -> int:
         if task.by_rows:
-            return rowwise_peak_bytes(plan.method, task.output.shape, len(task.inputs), task.output.dtype)
+            return rowwise_peak_bytes(plan.method, task.output.shape, len(task.inputs), task.output.dtype,
+                                      assembled=False)
         count = len(task.inputs) + (1 if task.base else 0)
         return 4 * math.prod(task.output.shape) * (2 * count + 4)
 
@@ -404,9 +407,11 @@ def read_inputs(plan: MergePlan, task: TensorTask, device: torch.device) -> Task
 
 
 def execute_task(plan: MergePlan, task: TensorTask, device: torch.device, seed: int,
-                 inputs: TaskInputs | None = None) -> torch.Tensor:
+                 inputs: TaskInputs | None = None,
+                 write_rows: Callable[[str, int, torch.Tensor], None] | None = None) -> torch.Tensor | None:
     """Compute one output tensor on `device` and cast it to its output dtype (`inputs`:
-    the task's tensors when already read, see `read_inputs`)."""
+    the task's tensors when already read, see `read_inputs`). A task merged by rows hands
+    its row ranges to `write_rows(name, start, rows)` instead, when given, and returns None."""
     generator = tensor_generator(seed, task.output.name, device) if plan.method.random else None
     if task.by_rows:
         def read(ref: TensorInput | None, start: int, stop: int) -> torch.Tensor:
@@ -416,7 +421,8 @@ def execute_task(plan: MergePlan, task: TensorTask, device: torch.device, seed: 
                   for ref in [*task.inputs, *([task.base] if task.base else [])]}
         return merge_by_rows(plan.method, read, task.base, task.inputs, task.output.shape, task.params,
                              task.output.dtype, torch.float64 if torch.float64 in dtypes else torch.float32,
-                             device, generator)
+                             device, generator,
+                             partial(write_rows, task.output.name) if write_rows is not None else None)
     tensors, base = inputs if inputs is not None else read_inputs(plan, task, device)
     if task.vocabulary is not None:
         rebuilt = task.vocabulary.apply({ref.model: tensor for ref, tensor in
@@ -431,39 +437,65 @@ def execute_task(plan: MergePlan, task: TensorTask, device: torch.device, seed: 
 
 
 def iter_merged(plan: MergePlan, *, device: str | torch.device = "cpu", seed: int = 0,
-                progress: bool = False, threads: int = 1) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, tensor) for every output tensor, in plan order.
+                progress: bool = False, threads: int = 1,
+                write_rows: Callable[[str, int, torch.Tensor], None] | None = None,
+                ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) for every output tensor, as each is finished (not in plan order).
+    With `write_rows(name, start, rows)`, the tensors merged by rows are not yielded: their
+    row ranges go to it as they are merged (`merge_to_disk` writes them to their place in
+    the file, so such a tensor is never held whole).
 
-    A reader thread reads inputs ahead, in plan order (file reads and torch kernels
-    release the GIL, so reading overlaps merging), and `threads` tensors merge at once:
-    selections and sorts (TIES' trim) run on one core each, so a second tensor is what
-    keeps a second core busy. At most `threads + 1` tasks' inputs are held at once. The
-    tensors do not depend on `threads`: each is computed by the same kernels with the
-    same intra-op thread count, and random methods draw from a generator per tensor."""
+    `threads` tensors merge at once (selections and sorts, TIES' trim, run on one core
+    each, so a second tensor is what keeps a second core busy) while a reader thread reads
+    the next one's inputs (file reads and torch kernels release the GIL): at most
+    `threads + 1` tasks are under way. Yielding in order would stall the whole pool
+    behind one long tensor (an embedding's trim takes as long as a dozen layer tensors), so
+    results come as they finish, and a tensor merged by rows is started as soon as no
+    other is under way: never two at once (each holds several copies of a large tensor),
+    and the last of them does not run alone at the end. The tensors do not depend on
+    `threads` or on the order: each is computed by the same kernels with the same
+    intra-op thread count, and random methods draw from a generator per tensor."""
     device = torch.device(device)
-    releases = _last_reads(plan)
+    readers = _readers_per_file(plan)
     bar = _progress_bar(plan) if progress else None
+    by_rows = deque(i for i, task in enumerate(plan.tasks) if task.by_rows)
+    whole = deque(i for i, task in enumerate(plan.tasks) if not task.by_rows)
 
     def read(index: int) -> TaskInputs | None:
         return read_inputs(plan, plan.tasks[index], device)
 
     def merge(index: int, inputs: Future) -> torch.Tensor:
         with torch.no_grad():
-            return execute_task(plan, plan.tasks[index], device, seed, inputs.result())
+            return execute_task(plan, plan.tasks[index], device, seed, inputs.result(), write_rows)
 
     with ThreadPoolExecutor(1, thread_name_prefix="evomerge-read") as reader, \
             ThreadPoolExecutor(threads, thread_name_prefix="evomerge-merge") as mergers:
-        ahead: deque[tuple[int, Future]] = deque()
-        for index in range(len(plan.tasks)):
-            ahead.append((index, mergers.submit(merge, index, reader.submit(read, index))))
-            while len(ahead) > threads or (ahead and index == len(plan.tasks) - 1):
-                finished, merged = ahead.popleft()
-                done = plan.tasks[finished]
-                yield done.output.name, merged.result()
-                for model, file in releases.get(finished, ()):  # every earlier task is done too
-                    plan.checkpoints[model].release(file)
-                if bar is not None:
-                    bar.update(done.output.nbytes)
+        running: dict[Future, int] = {}
+        try:
+            while by_rows or whole or running:
+                while len(running) <= threads:
+                    rows_busy = any(plan.tasks[i].by_rows for i in running.values())
+                    queue = by_rows if by_rows and not rows_busy else whole
+                    if not queue:
+                        break
+                    index = queue.popleft()
+                    running[mergers.submit(merge, index, reader.submit(read, index))] = index
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    task = plan.tasks[running.pop(future)]
+                    merged = future.result()
+                    if merged is not None:
+                        yield task.output.name, merged
+                    for ref in [*task.inputs, *([task.base] if task.base else [])]:
+                        key = ref.model, plan.checkpoints[ref.model].tensors[ref.name].file
+                        readers[key] -= 1
+                        if readers[key] == 0:  # no task left reads this file
+                            plan.checkpoints[ref.model].release(key[1])
+                    if bar is not None:
+                        bar.update(task.output.nbytes)
+        finally:
+            for future in running:  # after an error: start nothing more
+                future.cancel()
     if bar is not None:
         bar.close()
 
@@ -476,16 +508,11 @@ def _progress_bar(plan: MergePlan):
                 unit_scale=True, unit_divisor=1024)
 
 
-def _last_reads(plan: MergePlan) -> dict[int, list[tuple[str, str]]]:
-    """task index -> the (model, weight file) pairs it reads for the last time."""
-    last: dict[tuple[str, str], int] = {}
-    for index, task in enumerate(plan.tasks):
-        for ref in [*task.inputs, *([task.base] if task.base else [])]:
-            last[ref.model, plan.checkpoints[ref.model].tensors[ref.name].file] = index
-    releases: dict[int, list[tuple[str, str]]] = {}
-    for key, index in last.items():
-        releases.setdefault(index, []).append(key)
-    return releases
+def _readers_per_file(plan: MergePlan) -> Counter[tuple[str, str]]:
+    """(model, weight file) -> how many of the plan's input reads are from it: a file is
+    closed when the last task reading it has finished."""
+    return Counter((ref.model, plan.checkpoints[ref.model].tensors[ref.name].file)
+                   for task in plan.tasks for ref in [*task.inputs, *([task.base] if task.base else [])])
 
 
 def output_config(plan: MergePlan) -> dict:
@@ -519,11 +546,13 @@ def merge_to_disk(plan: MergePlan, out_dir: str | Path, *, device: str | torch.d
     from merging.card import model_card
 
     out_dir = Path(out_dir)
+    _one_malloc_arena()
     with atomic_output_dir(out_dir, overwrite=overwrite) as staging:
         writer = ShardedWriter(staging, [t.output for t in plan.tasks], max_shard_bytes)
         with ThreadPoolExecutor(1, thread_name_prefix="evomerge-write") as background:
             written = None  # the previous tensor's write, overlapping this one's merge
-            for name, tensor in iter_merged(plan, device=device, seed=seed, progress=progress, threads=threads):
+            for name, tensor in iter_merged(plan, device=device, seed=seed, progress=progress, threads=threads,
+                                            write_rows=writer.write_rows):
                 if written is not None:
                     written.result()
                 written = background.submit(writer.write, name, tensor)
@@ -543,6 +572,19 @@ def merge_to_disk(plan: MergePlan, out_dir: str | Path, *, device: str | torch.d
         (staging / RECIPE_FILE).write_text(plan.recipe.to_yaml())
         (staging / "README.md").write_text(model_card(plan, plan.tokenizer_model, copied, card_notes, seed=seed))
     return out_dir
+
+
+def _one_malloc_arena() -> None:
+    """Have glibc serve every thread from one malloc arena. By default each thread that
+    allocates gets an arena of its own, and memory one merge thread frees is not reused by
+    another: each arena keeps its own freed buffers. The merge threads allocate and free
+    buffers of the same few sizes, so one arena serves them as well, and a 160M merge's
+    peak RSS was 0.80-0.85 GiB with an arena per thread against 0.70-0.72 GiB with one
+    (docs/benchmarks.md). Process-wide and harmless elsewhere; without glibc, nothing."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-8, 1)  # M_ARENA_MAX = 1
+    except (OSError, AttributeError):
+        pass
 
 
 def _write_generation_config(out_dir: Path) -> None:

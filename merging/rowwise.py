@@ -31,7 +31,7 @@ ROWWISE_MIN_BYTES = 64 * 2**20
 """Tensors whose float32 size reaches this are merged by row ranges (smaller ones whole:
 their copies are small, and one read per input is cheaper than several)."""
 
-ROW_RANGE_BYTES = 8 * 2**20
+ROW_RANGE_BYTES = 2 * 2**20
 """The float32 size of one input's row range."""
 
 
@@ -51,22 +51,28 @@ def row_ranges(shape: tuple[int, ...]) -> list[tuple[int, int]]:
     return [(start, min(start + step, shape[0])) for start in range(0, shape[0], step)]
 
 
-def rowwise_peak_bytes(method: MergeMethod, shape: tuple[int, ...], models: int, out_dtype: torch.dtype) -> int:
-    """What merging one tensor by rows holds at most: the output, the models' masks (one
-    byte an entry each), and either the trim pass's `|delta|` buffer with the selection's
-    int64 sort indices (4 + 8 bytes an entry) or the row ranges being merged."""
+def rowwise_peak_bytes(method: MergeMethod, shape: tuple[int, ...], models: int, out_dtype: torch.dtype,
+                       assembled: bool) -> int:
+    """What merging one tensor by rows holds at most: the models' masks (one byte an
+    entry each), the output when it is `assembled` (not written range by range), and
+    either the trim pass's `|delta|` buffer with the selection's int64 sort indices (4 + 8
+    bytes an entry) or the row ranges being merged."""
     entries = math.prod(shape)
     trims = models * entries if method.trim is not None else 0
     trim_pass = 12 * entries if method.trim is not None else 0
-    return entries * out_dtype.itemsize + trims + max(trim_pass, ROW_RANGE_BYTES * (models + 3))
+    out = entries * out_dtype.itemsize if assembled else 0
+    return out + trims + max(trim_pass, ROW_RANGE_BYTES * (models + 3))
 
 
 def merge_by_rows(method: MergeMethod, read: Callable[[Any, int, int], torch.Tensor], base: Any,
                   inputs: list[Any], shape: tuple[int, ...], params: dict[str, Any], out_dtype: torch.dtype,
-                  compute_dtype: torch.dtype, device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
+                  compute_dtype: torch.dtype, device: torch.device, generator: torch.Generator | None,
+                  write_rows: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor | None:
     """Merge one tensor by row ranges. `read(source, start, stop)` returns rows
     [start, stop) of a source (`base`, None without one, or one of `inputs`) on `device`;
-    `compute_dtype` is the operators' (float64 when an input is, else float32)."""
+    `compute_dtype` is the operators' (float64 when an input is, else float32). The
+    merged tensor is returned, or, with `write_rows(start, rows)`, each row range is handed
+    to it as soon as it is merged and the whole is never held (None is returned)."""
     ranges = row_ranges(shape)
     trims = None
     if method.trim is not None:
@@ -80,11 +86,14 @@ def merge_by_rows(method: MergeMethod, read: Callable[[Any, int, int], torch.Ten
                 delta.abs_()
             trims.append(method.model_trim(magnitudes, index, params, generator, overwrite=True))
             del magnitudes
-    out = torch.empty(shape, dtype=out_dtype, device=device)
+    out = torch.empty(shape, dtype=out_dtype, device=device) if write_rows is None else None
     for start, stop in ranges:
         extra = {"trims": [t.rows(start, stop) for t in trims]} if trims is not None else {}
         merged = method.merge(base=read(base, start, stop) if base is not None else None,
                               tensors=[read(source, start, stop) for source in inputs],
                               generator=generator, **params, **extra)
-        out[start:stop].copy_(merged)
+        if out is None:
+            write_rows(start, merged.to(out_dtype))
+        else:
+            out[start:stop].copy_(merged)
     return out

@@ -40,9 +40,10 @@ def test_writer_streams_shards_that_safetensors_and_the_index_agree_on(tmp_path)
                for i, dtype in enumerate([torch.float32, torch.bfloat16, torch.float16] * 3)}
     tensors["scalar"] = torch.tensor(3.5)
     tensors["ids"] = torch.arange(7)
+    tensors["empty"] = torch.zeros(0, 4)
     specs = [TensorSpec(n, tuple(t.shape), t.dtype) for n, t in tensors.items()]
     writer = ShardedWriter(tmp_path, specs, max_shard_bytes=10_000)
-    for name, tensor in tensors.items():
+    for name, tensor in reversed(tensors.items()):  # any order: each goes to its place
         writer.write(name, tensor)
     writer.close()
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
@@ -60,6 +61,34 @@ def test_writer_refuses_out_of_plan_tensors(tmp_path):
     writer = ShardedWriter(tmp_path, [TensorSpec("a", (2,), torch.float32)], 100)
     with pytest.raises(RuntimeError, match="expected"):
         writer.write("a", torch.zeros(3))
+    with pytest.raises(RuntimeError, match="expected"):
+        writer.write("b", torch.zeros(2))
+    writer.write("a", torch.zeros(2))
+    with pytest.raises(RuntimeError, match="expected"):  # twice
+        writer.write("a", torch.zeros(2))
+
+
+def test_writer_takes_row_ranges_in_any_order(tmp_path):
+    """A tensor merged by rows arrives range by range, interleaved with whole tensors."""
+    big = torch.randn(10, 3).to(torch.bfloat16)
+    small = torch.arange(4, dtype=torch.float32)
+    writer = ShardedWriter(tmp_path, [TensorSpec("small", (4,), torch.float32),
+                                      TensorSpec("big", (10, 3), torch.bfloat16)], 10_000)
+    writer.write_rows("big", 7, big[7:])
+    writer.write("small", small)
+    with pytest.raises(RuntimeError, match="expected rows"):
+        writer.write_rows("big", 8, big[:4])  # past the end
+    writer.write_rows("big", 0, big[:7])
+    writer.close()
+    loaded = load_file(tmp_path / "model.safetensors")
+    assert torch.equal(loaded["big"], big) and torch.equal(loaded["small"], small)
+
+
+def test_writer_refuses_to_close_with_rows_missing(tmp_path):
+    writer = ShardedWriter(tmp_path, [TensorSpec("big", (10, 3), torch.float32)], 10_000)
+    writer.write_rows("big", 0, torch.zeros(9, 3))
+    with pytest.raises(RuntimeError, match="not \\(fully\\) written: big"):
+        writer.close()
 
 
 def test_atomic_output_dir_leaves_nothing_on_failure(tmp_path):

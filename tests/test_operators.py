@@ -25,7 +25,7 @@ import torch
 from merging.operators import METHODS, REQUIRED, UnknownMethodError, get_method
 from merging.operators.slerp import slerp
 from merging.operators import sparsify
-from merging.operators.sparsify import top_k_mask
+from merging.operators.sparsify import kth_largest, top_k_mask
 
 
 def applied(rule):
@@ -513,3 +513,16 @@ def test_float32_result_is_close_to_float64(name):
     out64 = _run(name, base, xs)
     assert out32.dtype == torch.float32 and out64.dtype == torch.float64
     torch.testing.assert_close(out32.double(), out64, rtol=1e-5, atol=1e-6)
+
+
+def test_kth_largest_is_kthvalue():
+    """The radix selection finds kthvalue's threshold on every kind of magnitudes: spread,
+    few distinct values (ties), all zero, subnormal, one entry."""
+    g = torch.Generator().manual_seed(1)
+    for n in [1, 2, 7, 1000, 100_000]:
+        kinds = {"spread": torch.randn(n, generator=g).abs(),
+                 "quantised": torch.randint(0, 5, (n,), generator=g).float() * 0.25,
+                 "zero": torch.zeros(n), "subnormal": torch.randn(n, generator=g).abs() * 1e-40}
+        for kind, values in kinds.items():
+            for k in sorted({1, max(1, n // 3), max(1, n // 2), n}):
+                assert kth_largest(values, k) == torch.kthvalue(values, n - k + 1).values, (n, kind, k)

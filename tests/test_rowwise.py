@@ -25,9 +25,12 @@ def test_rowwise_methods_are_the_elementwise_ones():
                             "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"}
 
 
-def quantised(shape, seed: int, dtype: torch.dtype) -> torch.Tensor:
-    """Values on a coarse grid: many entries (and many |deltas|) are equal."""
+def quantised(shape, seed: int, dtype: torch.dtype, spread: bool = False) -> torch.Tensor:
+    """Values on a coarse grid: many entries (and many |deltas|) are equal; `spread`:
+    normal values instead, whose TIES trim is a threshold with no tie at it."""
     g = torch.Generator().manual_seed(seed)
+    if spread:
+        return torch.randn(shape, generator=g).to(dtype)
     return (torch.randint(-6, 7, shape, generator=g).to(torch.float32) * 0.125).to(dtype)
 
 
@@ -43,20 +46,22 @@ def parameters(name: str, models: int) -> dict:
     return params
 
 
+@pytest.mark.parametrize("spread", [False, True], ids=["ties", "spread"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("name", ROWWISE)
-def test_merge_by_rows_is_bit_identical_to_whole(name, dtype, monkeypatch):
+def test_merge_by_rows_is_bit_identical_to_whole(name, dtype, spread, monkeypatch):
     monkeypatch.setattr(rowwise, "ROW_RANGE_BYTES", 4 * 48 * 5)  # five rows a range
     method = METHODS[name]
     models = method.max_models or 2
     shape = (63, 48)
-    base = quantised(shape, 0, dtype) if method.takes_base else None
-    inputs = [quantised(shape, 1 + i, dtype) for i in range(models)]
+    base = quantised(shape, 0, dtype, spread) if method.takes_base else None
+    inputs = [quantised(shape, 1 + i, dtype, spread) for i in range(models)]
     params = parameters(name, models)
-    if name == "ties":  # the tie at the threshold is real: the trim takes the sort path
+    if name == "ties":  # the tie at the threshold is real (or absent): the trim sorts (or not)
         values = (inputs[0].float() - base.float()).abs().reshape(-1)
         k = int(params["density"][0] * values.numel())
-        assert int((values >= torch.kthvalue(values, values.numel() - k + 1).values).sum()) > k
+        tied = int((values >= torch.kthvalue(values, values.numel() - k + 1).values).sum()) > k
+        assert tied == (not spread or dtype == torch.bfloat16)
     sources = {"base": base, **{f"m{i}": x for i, x in enumerate(inputs)}}
 
     def read(source, start, stop):
@@ -123,3 +128,27 @@ def test_engine_merges_by_rows_as_whole(method, family, request, monkeypatch):
     assert none == 0 and count == len(whole)
     for name, tensor in whole.items():
         assert torch.equal(tensor, by_rows[name]) and tensor.dtype == by_rows[name].dtype, name
+
+
+def test_checkpoint_written_by_rows_is_byte_identical(tied_bfloat16_family, tmp_path, monkeypatch):
+    """`merge_to_disk` writes each row range of a tensor merged by rows to its place in the
+    file (several shards here): the files are the whole-tensor merge's, byte for byte."""
+    from merging.engine import merge_to_disk
+
+    paths = tied_bfloat16_family
+    text = RECIPES["ties"].format(base=paths["base"], a=paths["variant_1"], b=paths["variant_2"])
+
+    def write(out) -> dict[str, bytes]:
+        recipe = parse_recipe(text)
+        plan = plan_merge(recipe, open_models(recipe))
+        try:
+            merge_to_disk(plan, out, threads=2, max_shard_bytes=40_000)
+        finally:
+            plan.close()
+        return {p.name: p.read_bytes() for p in sorted(out.glob("*.safetensors*"))}
+
+    whole = write(tmp_path / "whole")
+    monkeypatch.setattr(rowwise, "ROWWISE_MIN_BYTES", 1)
+    monkeypatch.setattr(rowwise, "ROW_RANGE_BYTES", 700)
+    by_rows = write(tmp_path / "by-rows")
+    assert len(whole) > 2 and whole == by_rows
