@@ -5,11 +5,13 @@ tensors (model, name), the operator and the parameters resolved for that tensor,
 the output shape and dtype, and it checks shapes, missing tensors and architectures
 before any data is read, so bad input fails in seconds with a precise message.
 
-Execution visits the plan one tensor at a time: read each input (a positioned read, no
-memory map), move it to the device, run the operator in float32, cast, hand the result
-on; a reader thread reads the next tensor's inputs and a writer thread writes the
-previous output meanwhile. Peak memory is therefore a few tensors, not a model. `iter_merged` yields the tensors (the harness
-loads them into a resident model); `merge_to_disk` streams them into a checkpoint.
+Execution runs the plan's tasks on a few threads: a reader thread reads a task's inputs (a
+positioned read, no memory map) and moves them to the device, `threads` tasks run their
+operator in float32 and cast, and each result is handed on as soon as it is finished; large
+tensors are merged by row ranges read straight from the files (merging/rowwise.py). Peak
+memory is therefore a few tensors, not a model. `iter_merged` yields the tensors (the
+harness loads them into a resident model); `merge_to_disk` writes each to its place in the
+checkpoint, row range by row range for those merged by rows.
 """
 from __future__ import annotations
 
@@ -276,36 +278,36 @@ def _make_task(recipe: Recipe, method: MergeMethod, slice_: OutputSlice, out_nam
     )
 
 
-PROCESS_BYTES = 450 * 2**20
-"""Resident memory of the merging process before any tensor: Python, torch, tokenizers
-(measured: `evomerge merge --dry-run` peaks at about 400 MiB)."""
+PROCESS_BYTES = 250 * 2**20
+"""Resident memory of the merging process when its first tensor starts: Python, torch, the
+plan (measured: 233 MiB for a 160M Llama on CPU)."""
 
 
 def expected_peak_bytes(plan: MergePlan, threads: int) -> int:
-    """An upper estimate of a CPU merge's peak resident memory: the process, plus, for the
-    `threads` consecutive tasks merging at once, what each holds (a whole-tensor merge:
-    its inputs and float32 working set, about two copies per input and four more: the
-    stacked deltas, masks, the trim's sort buffers; a merge by rows: see
-    `rowwise_peak_bytes`), plus the next task's inputs being read; the largest such window
-    counts. Checked against /usr/bin/time by scripts/bench_merge.py (docs/benchmarks.md)."""
+    """An upper estimate of a CPU merge's peak resident memory: the process, plus what the
+    tasks under way at once hold (`iter_merged`: `threads` merging and one being read, at
+    most one of them merged by rows). A whole-tensor task holds its inputs and a float32
+    working set of about two copies per input and four more (the stacked deltas, masks, the
+    trim's scratch); a task merged by rows holds what `rowwise_peak_bytes` says (its trim
+    pass, the largest part, assumes a tie at the threshold, which needs the sort). The worst
+    case is the largest tasks together. Checked against /usr/bin/time by
+    scripts/bench_merge.py (docs/benchmarks.md)."""
     def inputs(task: TensorTask) -> int:
-        if task.by_rows:
-            return 0  # read by row ranges while it merges
         return sum(plan.checkpoints[ref.model].tensors[ref.name].nbytes
                    for ref in [*task.inputs, *([task.base] if task.base else [])])
 
     def working(task: TensorTask) -> int:
-        if task.by_rows:
-            return rowwise_peak_bytes(plan.method, task.output.shape, len(task.inputs), task.output.dtype,
-                                      assembled=False)
         count = len(task.inputs) + (1 if task.base else 0)
         return 4 * math.prod(task.output.shape) * (2 * count + 4)
 
-    sizes = [(inputs(task), inputs(task) + working(task)) for task in plan.tasks]
-    windows = (sum(total for _, total in sizes[start:start + threads])
-               + (sizes[start + threads][0] if start + threads < len(sizes) else 0)
-               for start in range(len(sizes)))
-    return PROCESS_BYTES + max(windows, default=0)
+    whole = sorted((inputs(t) + working(t) for t in plan.tasks if not t.by_rows), reverse=True)
+    read_ahead = max((inputs(t) for t in plan.tasks if not t.by_rows), default=0)
+    by_rows = max((rowwise_peak_bytes(plan.method, t.output.shape, len(t.inputs), t.output.dtype, assembled=False)
+                   for t in plan.tasks if t.by_rows), default=None)
+    peak = sum(whole[:threads]) + read_ahead
+    if by_rows is not None:
+        peak = max(peak, by_rows + sum(whole[:threads - 1]) + read_ahead)
+    return PROCESS_BYTES + peak
 
 
 def describe_plan(plan: MergePlan, threads: int = 1) -> str:

@@ -152,3 +152,39 @@ def test_checkpoint_written_by_rows_is_byte_identical(tied_bfloat16_family, tmp_
     monkeypatch.setattr(rowwise, "ROW_RANGE_BYTES", 700)
     by_rows = write(tmp_path / "by-rows")
     assert len(whole) > 2 and whole == by_rows
+
+
+def test_one_tensor_merged_by_rows_at_a_time(llama_family, monkeypatch):
+    """Each merge by rows holds several copies of a large tensor: with three threads and
+    every tensor merged by rows, they still run one at a time (the others run whole)."""
+    import threading
+    import time
+
+    import merging.engine as engine
+
+    monkeypatch.setattr(rowwise, "ROWWISE_MIN_BYTES", 30_000)  # the embedding, head and MLP matrices
+    running, most = [0], [0]
+    lock = threading.Lock()
+
+    def counted(*args, **kwargs):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.02)  # long enough for the other threads to start something
+        try:
+            return rowwise.merge_by_rows(*args, **kwargs)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(engine, "merge_by_rows", counted)
+    text = RECIPES["ties"].format(base=llama_family["base"], a=llama_family["variant_1"],
+                                  b=llama_family["variant_2"])
+    recipe = parse_recipe(text)
+    plan = plan_merge(recipe, open_models(recipe))
+    try:
+        assert sum(task.by_rows for task in plan.tasks) > 3
+        merged = dict(iter_merged(plan, threads=3))
+    finally:
+        plan.close()
+    assert len(merged) == len(plan.tasks) and most[0] == 1
