@@ -6,14 +6,16 @@ resident at once: about eight copies of it, which is what a merge's peak memory 
 of. A method whose output rows depend only on the same input rows (`MergeMethod.rowwise`:
 linear, passthrough, nearswap, the task-vector family) is instead merged here in row
 ranges of about `ROW_RANGE_BYTES`, each read by a positioned read of just those rows and
-written into the output tensor, so the working set is the output plus a few row ranges.
+written into the output tensor, or, when the merge goes to disk, straight to its place in
+the file: the working set is a few row ranges (plus the output, when it is assembled).
 
 The sparsifying task-vector methods (TIES, DARE, Breadcrumbs, DELLA) keep a share of each
 model's delta chosen over the whole tensor (the k largest magnitudes, a random draw, ranks
 within rows), so they take two passes: first, model by model, `|delta|` is built row range
-by row range into one float32 buffer and the method's trim (a boolean mask and the L1
-rescale factor) is computed from it, the selection sorting that buffer in place when it
-must sort; then the row ranges are merged with the trims' rows. Every value goes through
+by row range into one float32 buffer and the method's trim (a boolean mask, or for TIES
+without a tie at the threshold just the threshold, and the L1 rescale factor) is computed
+from it, the selection sorting that buffer in place when it must sort; then the row ranges
+are merged with the trims' rows. Every value goes through
 the same kernels as in the whole-tensor merge, and the random draws are the same draws in
 the same order, so the result is bit-identical (tests/test_rowwise.py checks every rowwise
 method on float32 and bfloat16 sources, ties at the selection threshold included).
@@ -55,11 +57,12 @@ def rowwise_peak_bytes(method: MergeMethod, shape: tuple[int, ...], models: int,
                        assembled: bool) -> int:
     """What merging one tensor by rows holds at most: the models' masks (one byte an
     entry each), the output when it is `assembled` (not written range by range), and
-    either the trim pass's `|delta|` buffer with the selection's int64 sort indices (4 + 8
-    bytes an entry) or the row ranges being merged."""
+    either the trim pass (the `|delta|` buffer and, when a tie makes it sort, the sort's
+    int64 indices and scratch: 4 + 16 bytes an entry, measured) or the row ranges being
+    merged."""
     entries = math.prod(shape)
     trims = models * entries if method.trim is not None else 0
-    trim_pass = 12 * entries if method.trim is not None else 0
+    trim_pass = 20 * entries if method.trim is not None else 0
     out = entries * out_dtype.itemsize if assembled else 0
     return out + trims + max(trim_pass, ROW_RANGE_BYTES * (models + 3))
 
@@ -76,13 +79,13 @@ def merge_by_rows(method: MergeMethod, read: Callable[[Any, int, int], torch.Ten
     ranges = row_ranges(shape)
     trims = None
     if method.trim is not None:
-        dtype = compute_dtype
         trims = []
         for index, source in enumerate(inputs):
-            magnitudes = torch.empty(shape, dtype=dtype, device=device)
+            magnitudes = torch.empty(shape, dtype=compute_dtype, device=device)
             for start, stop in ranges:
                 delta = magnitudes[start:stop]
-                torch.sub(read(source, start, stop).to(dtype), read(base, start, stop).to(dtype), out=delta)
+                torch.sub(read(source, start, stop).to(compute_dtype), read(base, start, stop).to(compute_dtype),
+                          out=delta)
                 delta.abs_()
             trims.append(method.model_trim(magnitudes, index, params, generator, overwrite=True))
             del magnitudes

@@ -109,9 +109,10 @@ def top_k_mask(values: torch.Tensor, k: int, *, overwrite: bool = False,
     highest indices (on CPU, torch 2.13, about half the tied entries differ from a stable
     sort's choice). So when the tie matters this makes the same call on the same values
     and keeps the same entries, on the same device and torch version. Otherwise the kept
-    set is unique and a selection (``kth_largest``) finds it in a small part of the time. The tie matters
-    for almost every large tensor of bfloat16 sources and, measured on random float32
-    ones, for about half of those above 4M entries; then the trim costs both.
+    set is unique and a selection (``kth_largest``) finds it in a small part of the
+    time. The tie matters for almost every large tensor of bfloat16 sources and, measured
+    on random float32 ones, for about half of those above 4M entries; then the trim costs
+    both, and the sort is most of a TIES merge's time (docs/benchmarks.md).
     ``overwrite``: the caller no longer needs ``values``, so the sort may run in place
     (the same sort, without its copy of the values: 4 bytes an entry less at the peak).
     ``threshold``: the k-th largest value, when the caller knows it already.
@@ -145,7 +146,8 @@ def magnitude(magnitudes: torch.Tensor, density: float, *, rescale: bool = False
     threshold = kth_largest(flat, k)
     kept = flat >= threshold
     if int(torch.count_nonzero(kept)) == k:  # the k largest are exactly those at or above it
-        return Trim(threshold=threshold, scale=l1_scale(magnitudes, kept.reshape(magnitudes.shape)) if rescale else None)
+        scale = l1_scale(magnitudes, kept.reshape(magnitudes.shape)) if rescale else None
+        return Trim(threshold=threshold, scale=scale)
     del kept
     mask = top_k_mask(flat, k, overwrite=overwrite and not rescale, threshold=threshold).reshape(magnitudes.shape)
     return Trim(mask, l1_scale(magnitudes, mask) if rescale else None)
