@@ -304,13 +304,13 @@ def table(data: dict, done: dict[str, dict], plots: list[str], *, quick: bool) -
             spread = seeds[method]["across_seeds"]
             lines.append(f"| &nbsp;&nbsp;mean ± std over {spread['math_de']['seeds']} seeds | "
                          + " | ".join(f"{spread[t]['mean']:.3f} ± {spread[t]['std']:.3f}" for t in TASKS) + " | | | |")
-    n = rows["math"]["math_de"]["n"] if "math" in rows else "?"
+    n = f"n = {rows['math']['math_de']['n']} per task" if "math" in rows else "n: the test splits' sizes"
     results = list(done.values())
     paper = "\n".join(f"| {model} | {score} |" for model, score in PAPER_TABLE1)
     figures = "\n".join(f"![{name}]({name})" for name in plots)
     quick_note = ("**Toy budgets (--quick): a smoke test of the pipeline; these numbers measure nothing.**\n\n"
                   if quick else "")
-    return f"""{quick_note}Test split (n = {n} per task; mean ± standard error over the examples). math_de and math:
+    return f"""{quick_note}Test split ({n}; mean ± standard error over the examples). math_de and math:
 accuracy (the last number of the answer); german: minus the mean token loss on held-out German
 sentences (higher is better; the base's -4.93 is 4.93 nats per token). Fitness: {budgets['ps']['fitness']}
 (never the test split). Budget per stage as listed; "best dev fitness" is the fitness of the
@@ -351,6 +351,8 @@ def cell(score: dict) -> str:
 def machine_line(results: list[dict]) -> str:
     """The machine as the runs measured it (results.json: load average and peak RSS of the
     invocations that scored), not as a later replay of finished runs finds it."""
+    if not results:
+        return "no run has finished yet"
     loads = [load for result in results for load in (result.get("load_average") or [])]
     peak = max((result.get("peak_rss_gib", 0.0) for result in results), default=0.0)
     return (f"{os.cpu_count()} cores, no GPU, one torch thread per run; load average "

@@ -143,3 +143,25 @@ def test_the_targets_are_checked_two_standard_errors_each_way():
     rows["ps"]["math_de"] = score(0.240, 0.030)  # 0.240 - 0.060 = 0.180 < 0.135 + 0.048 = 0.183
     assert "PS against math on math_de: 0.240 ± 0.030 vs 0.135 ± 0.024 (difference +0.105); more than two " \
            "standard errors each way: no." in script.targets(rows, {})
+
+
+def test_the_real_configs_agree_where_the_comparison_needs_it():
+    """Random search is the PS search with uniform genomes; the PS stage of PS+DFS is PS seed
+    0's search (so it replays from its scores); every run shares fitness, report and sources;
+    the PS template has a density and a weight per model for the embeddings, 6 groups of 5 of
+    the 30 layers and the head (32 genes)."""
+    from niches.config import load_config
+    from niches.genome import LayerLayout, RecipeGenome
+
+    recipes = ROOT / "recipes"
+    configs = {run.recipe: load_config(recipes / run.recipe) for run in script.RUNS}
+    ps, random, both = configs["zoo-real-ps.yaml"], configs["zoo-real-random.yaml"], configs["zoo-real-ps-dfs.yaml"]
+    assert random.ps.optimizer.search == "random" and ps.ps.optimizer.search == "cmaes"
+    assert random.ps.optimizer.max_evals == ps.ps.optimizer.max_evals and random.ps.template == ps.ps.template
+    assert both.ps == ps.ps and both.dfs.sources == ["ps", "zoo:german"] and both.dfs.repeats == 3
+    assert configs["zoo-real-m2n2.yaml"].m2n2.max_evals == ps.ps.optimizer.max_evals
+    shared = {"zoo", "models", "baselines", "fitness", "report", "device", "dtype", "batch_size", "threads"}
+    assert len({json.dumps(c.model_dump(include=shared), sort_keys=True) for c in configs.values()}) == 1
+    assert ps.fitness.split == "dev" and ps.report.split == "test" and ps.report.names == TASKS
+    layout = LayerLayout(30, ("model.embed_tokens.weight",), ("model.norm.weight", "lm_head.weight"))
+    assert RecipeGenome.from_file(recipes / ps.ps.template, layout).dimension == 32
