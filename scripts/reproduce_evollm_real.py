@@ -144,7 +144,8 @@ def write_config(run: Run, runs_dir: Path, zoo_arg: str, zoo: Path, quick: bool)
         if "m2n2" in data:
             data["m2n2"].update(max_evals=QUICK["evals"], population_size=QUICK["population"])
     text = (f"# recipes/{run.recipe} with seed {run.seed}{', toy budgets (--quick)' if quick else ''}; "
-            "written by scripts/reproduce_evollm_real.py\n" + yaml.safe_dump(data, sort_keys=False, default_flow_style=None, allow_unicode=True))
+            "written by scripts/reproduce_evollm_real.py\n"
+            + yaml.safe_dump(data, sort_keys=False, default_flow_style=None, allow_unicode=True))
     return _write_if_changed(folder / f"{run.name}.yaml", text)
 
 
@@ -190,45 +191,58 @@ def summary(runs_dir: Path, done: dict[str, dict]) -> dict:
     """docs/evollm_real.json: a row per model (test split), every PS seed's row, the budgets."""
     rows, seeds, budgets = {}, {}, {}
     if done:
-        first = next(iter(done.values()))["report"]["scores"]
-        rows.update({name: row(first[ref]) for name, ref in SOURCES.items()})
+        sources = next(iter(done.values()))["report"]["scores"]
+        rows.update({name: row(sources[ref]) for name, ref in SOURCES.items()})
     for method in METHODS:
         runs = [run for run in RUNS if run.method == method]
-        ran = [run for run in runs if run.name in done]
-        written = runs_dir / "configs" / f"{runs[0].name}.yaml"  # with --quick's budgets, if it ran so
-        config = yaml.safe_load((written if written.is_file() else RECIPES / runs[0].recipe).read_text())
-        budgets[method] = {"planned": planned_budget(config), "fitness": fitness_text(config),
-                           "seeds": [run.seed for run in runs], "finished_seeds": [run.seed for run in ran],
-                           "evaluations": {str(run.seed): {stage: s["evaluations"] for stage, s in done[run.name]["stages"].items()}
-                                           for run in ran},
-                           "best_dev_fitness": {str(run.seed): [s["best_fitness"] for s in done[run.name]["stages"].values()]
-                                                for run in ran},
-                           "wall_seconds": {str(run.seed): done[run.name]["wall_seconds"] for run in ran}}
+        ran = {str(run.seed): done[run.name] for run in runs if run.name in done}
+        budgets[method] = budget_of(runs_dir, runs, ran)
         if not ran:
             continue
-        best = max(ran, key=lambda run: (done[run.name]["stages"][next(reversed(done[run.name]["stages"]))]["best_fitness"], -run.seed))
-        rows[method] = row(done[best.name]["report"]["scores"]["evolved"])
+        best = max(ran, key=lambda seed: (final_fitness(ran[seed]), -int(seed)))
+        rows[method] = row(ran[best]["report"]["scores"]["evolved"])
         if len(runs) > 1:
-            per_seed = {str(run.seed): row(done[run.name]["report"]["scores"]["evolved"]) for run in ran}
-            seeds[method] = {**per_seed, "best_on_dev": best.seed,
-                             "across_seeds": {task: {"mean": float(np.mean([r[task]["mean"] for r in per_seed.values()])),
-                                                     "std": float(np.std([r[task]["mean"] for r in per_seed.values()])),
-                                                     "seeds": len(per_seed)} for task in TASKS}}
+            per_seed = {seed: row(result["report"]["scores"]["evolved"]) for seed, result in ran.items()}
+            seeds[method] = {**per_seed, "best_on_dev": int(best), "across_seeds": {
+                task: {"mean": float(np.mean([r[task]["mean"] for r in per_seed.values()])),
+                       "std": float(np.std([r[task]["mean"] for r in per_seed.values()])), "seeds": len(per_seed)}
+                for task in TASKS}}
     return {"split": "test", "rows": rows, "seeds": seeds, "budgets": budgets}
+
+
+def final_fitness(result: dict) -> float:
+    """The dev fitness of the exported merge (its last stage's best)."""
+    return list(result["stages"].values())[-1]["best_fitness"]
+
+
+def budget_of(runs_dir: Path, runs: list[Run], ran: dict[str, dict]) -> dict:
+    """A method's planned budget (its config as written for the run, --quick's included) and,
+    per finished seed, the evaluations, best dev fitness per stage and wall seconds spent."""
+    written = runs_dir / "configs" / f"{runs[0].name}.yaml"
+    config = yaml.safe_load((written if written.is_file() else RECIPES / runs[0].recipe).read_text())
+    return {"planned": planned_budget(config), "fitness": fitness_text(config), "seeds": [run.seed for run in runs],
+            "finished_seeds": [int(seed) for seed in ran],
+            "evaluations": {seed: {stage: s["evaluations"] for stage, s in result["stages"].items()}
+                            for seed, result in ran.items()},
+            "best_dev_fitness": {seed: [s["best_fitness"] for s in result["stages"].values()]
+                                 for seed, result in ran.items()},
+            "wall_seconds": {seed: result["wall_seconds"] for seed, result in ran.items()}}
 
 
 def planned_budget(config: dict) -> dict:
     """Evaluations and generation size per stage, as the config says."""
     if config["method"] == "m2n2":
-        return {"m2n2": {"max_evals": config["m2n2"]["max_evals"], "population_size": config["m2n2"]["population_size"]}}
+        return {"m2n2": {key: config["m2n2"][key] for key in ("max_evals", "population_size")}}
     stages = [s for s in ("ps", "dfs") if s in config]
-    return {s: {"search": config[s]["optimizer"].get("search", "cmaes"), "max_evals": config[s]["optimizer"]["max_evals"],
-                "popsize": config[s]["optimizer"].get("popsize")} for s in stages}
+    return {s: {"search": config[s]["optimizer"].get("search", "cmaes"),
+                "max_evals": config[s]["optimizer"]["max_evals"], "popsize": config[s]["optimizer"].get("popsize")}
+            for s in stages}
 
 
 def fitness_text(config: dict) -> str:
     fitness = config["fitness"]
-    return f"{', '.join(fitness['tasks'])} {fitness['split']} split" + (f", first {fitness['limit']}" if fitness.get("limit") else "")
+    limit = f", first {fitness['limit']}" if fitness.get("limit") else ""
+    return f"{', '.join(fitness['tasks'])} {fitness['split']} split{limit}"
 
 
 def write_outputs(runs_dir: Path, docs: Path, *, quick: bool) -> dict:
@@ -237,7 +251,7 @@ def write_outputs(runs_dir: Path, docs: Path, *, quick: bool) -> dict:
     data = summary(runs_dir, done)
     docs.mkdir(parents=True, exist_ok=True)
     write_atomic(docs / "evollm_real.json", json.dumps(data, indent=2) + "\n")
-    plots = write_plots(runs_dir, docs, done)
+    plots = write_plots(runs_dir, docs, done, data)
     body = table(data, done, plots, quick=quick)
     update_section("evollm_real", "EvoLLM-JP in miniature on the real tier (SmolLM2-135M, issue 16)", body,
                    docs=docs / "results.md")
@@ -245,9 +259,9 @@ def write_outputs(runs_dir: Path, docs: Path, *, quick: bool) -> dict:
     return data
 
 
-def write_plots(runs_dir: Path, docs: Path, done: dict[str, dict]) -> list[str]:
-    """Best-so-far fitness of every finished run on one figure, and the plots each run wrote
-    (niches/plots.py) of the best PS seed's densities and weights and of the DFS paths."""
+def write_plots(runs_dir: Path, docs: Path, done: dict[str, dict], data: dict) -> list[str]:
+    """Best-so-far fitness of every finished run on one figure, and the plots the runs wrote
+    (niches/plots.py) of the PS densities and weights (the seed best on dev) and the DFS paths."""
     written = []
     curves = {}
     for name in done:
@@ -255,14 +269,13 @@ def write_plots(runs_dir: Path, docs: Path, done: dict[str, dict]) -> list[str]:
         curves[name] = [r["fitness"] if r["fitness"] is not None else -np.inf for r in rows]
     if curves:
         written.append(plot_best_so_far(docs / "evollm_real_fitness.png", curves).name)
-    ps = [run for run in RUNS if run.method == "ps" and run.name in done]
-    copies = {"evollm_real_ps_parameters.png": [runs_dir / r.name / "plots" / "ps_parameters.png" for r in
-                                               sorted(ps, key=lambda r: -done[r.name]["stages"]["ps"]["best_fitness"])[:1]],
-              "evollm_real_dfs_path.png": [runs_dir / "dfs" / "plots" / "dfs_path.png"] if "dfs" in done else [],
-              "evollm_real_ps_dfs_path.png": [runs_dir / "ps-dfs" / "plots" / "dfs_path.png"] if "ps-dfs" in done else []}
-    for name, sources in copies.items():
-        if sources and sources[0].is_file():
-            shutil.copyfile(sources[0], docs / name)
+    best_ps = data["seeds"].get("ps", {}).get("best_on_dev")
+    copies = {"evollm_real_ps_parameters.png": runs_dir / f"ps-seed{best_ps}" / "plots" / "ps_parameters.png",
+              "evollm_real_dfs_path.png": runs_dir / "dfs" / "plots" / "dfs_path.png",
+              "evollm_real_ps_dfs_path.png": runs_dir / "ps-dfs" / "plots" / "dfs_path.png"}
+    for name, source in copies.items():
+        if source.parent.parent.name in done and source.is_file():
+            shutil.copyfile(source, docs / name)
             written.append(name)
     return written
 
@@ -388,15 +401,14 @@ def targets(rows: dict, seeds: dict) -> str:
             other = rows[source]["math_de"]
             gap = ps["mean"] - other["mean"]
             met = ps["mean"] - 2 * ps["stderr"] > other["mean"] + 2 * other["stderr"]
-            lines.append(f"* PS against {source} on math_de: {ps['mean']:.3f} ± {ps['stderr']:.3f} vs {other['mean']:.3f} "
-                         f"± {other['stderr']:.3f} (difference {gap:+.3f}); more than two standard errors each way: "
-                         f"{'yes' if met else 'no'}.")
+            lines.append(f"* PS against {source} on math_de: {cell(ps)} vs {cell(other)} (difference {gap:+.3f}); "
+                         f"more than two standard errors each way: {'yes' if met else 'no'}.")
     if "ps" in rows and "ps+dfs" in rows:
         ps, both = rows["ps"]["math_de"]["mean"], rows["ps+dfs"]["math_de"]["mean"]
         lines.append(f"* PS+DFS ≥ PS on math_de: {both:.3f} vs {ps:.3f} (the best PS seed on dev): "
                      f"{'yes' if both >= ps else 'no'}" + (f"; vs {seeds['ps']['0']['math_de']['mean']:.3f} (seed 0, "
                      "the PS merge it is built on)" if "0" in seeds.get("ps", {}) else "") + ".")
-    return "Targets (issue 16):\n\n" + ("\n".join(lines) if lines else "* not checked yet: PS and the sources are pending.")
+    return "Targets (issue 16):\n\n" + ("\n".join(lines) or "* not checked yet: PS and the sources are pending.")
 
 
 if __name__ == "__main__":
