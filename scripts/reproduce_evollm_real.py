@@ -408,7 +408,9 @@ def targets(rows: dict, seeds: dict) -> str:
         lines.append(f"* PS+DFS ≥ PS on math_de: {both:.3f} vs {ps:.3f} (the best PS seed on dev): "
                      f"{'yes' if both >= ps else 'no'}" + (f"; vs {seeds['ps']['0']['math_de']['mean']:.3f} (seed 0, "
                      "the PS merge it is built on)" if "0" in seeds.get("ps", {}) else "") + ".")
-    return "Targets (issue 16):\n\n" + ("\n".join(lines) or "* not checked yet: PS and the sources are pending.")
+    rule = ("Targets (issue 16; \"more than two standard errors each way\": PS's mean minus two of its standard "
+            "errors above the source's mean plus two of the source's):\n\n")
+    return rule + ("\n".join(lines) or "* not checked yet: PS and the sources are pending.")
 
 
 if __name__ == "__main__":

@@ -71,7 +71,7 @@ def test_the_docs_section_plots_and_configs(reproduction):
     section = text.split("<!-- evollm_real:start -->")[1].split("<!-- evollm_real:end -->")[0]
     assert "Toy budgets (--quick)" in section and "pending" not in section
     assert str(folder) not in section  # no path of the machine that made it
-    assert "| **PS+DFS" in section and "| 55.2 |" in section and "Targets (issue 16)" in section
+    assert "| **PS+DFS" in section and "| 55.2 |" in section and "Targets (issue 16;" in section
     for name in ("fitness", "ps_parameters", "dfs_path", "ps_dfs_path"):
         assert (folder / "docs" / f"evollm_real_{name}.png").stat().st_size > 0
         assert f"evollm_real_{name}.png" in section
