@@ -67,6 +67,11 @@ class TensorTask:
     by_rows: bool = False
     """Merged a few rows at a time, read straight from the files (merging/rowwise.py)."""
 
+    @property
+    def sources(self) -> list[TensorInput]:
+        """Every tensor the task reads: the inputs, then the base when there is one."""
+        return [*self.inputs, *([self.base] if self.base else [])]
+
 
 @dataclass
 class MergePlan:
@@ -294,7 +299,7 @@ def expected_peak_bytes(plan: MergePlan, threads: int) -> int:
     scripts/bench_merge.py (docs/benchmarks.md)."""
     def inputs(task: TensorTask) -> int:
         return sum(plan.checkpoints[ref.model].tensors[ref.name].nbytes
-                   for ref in [*task.inputs, *([task.base] if task.base else [])])
+                   for ref in task.sources)
 
     def working(task: TensorTask) -> int:
         count = len(task.inputs) + (1 if task.base else 0)
@@ -420,7 +425,7 @@ def execute_task(plan: MergePlan, task: TensorTask, device: torch.device, seed: 
             return plan.checkpoints[ref.model].read(ref.name, rows=(start, stop)).to(device)
 
         dtypes = {plan.checkpoints[ref.model].tensors[ref.name].dtype
-                  for ref in [*task.inputs, *([task.base] if task.base else [])]}
+                  for ref in task.sources}
         return merge_by_rows(plan.method, read, task.base, task.inputs, task.output.shape, task.params,
                              task.output.dtype, torch.float64 if torch.float64 in dtypes else torch.float32,
                              device, generator,
@@ -428,7 +433,7 @@ def execute_task(plan: MergePlan, task: TensorTask, device: torch.device, seed: 
     tensors, base = inputs if inputs is not None else read_inputs(plan, task, device)
     if task.vocabulary is not None:
         rebuilt = task.vocabulary.apply({ref.model: tensor for ref, tensor in
-                                         zip([*task.inputs, *([task.base] if task.base else [])],
+                                         zip(task.sources,
                                              [*tensors, *([base] if base is not None else [])])})
         tensors = [rebuilt[ref.model] for ref in task.inputs]
         base = rebuilt[task.base.model] if task.base else None
@@ -488,7 +493,7 @@ def iter_merged(plan: MergePlan, *, device: str | torch.device = "cpu", seed: in
                     merged = future.result()
                     if merged is not None:
                         yield task.output.name, merged
-                    for ref in [*task.inputs, *([task.base] if task.base else [])]:
+                    for ref in task.sources:
                         key = ref.model, plan.checkpoints[ref.model].tensors[ref.name].file
                         readers[key] -= 1
                         if readers[key] == 0:  # no task left reads this file
@@ -514,7 +519,7 @@ def _readers_per_file(plan: MergePlan) -> Counter[tuple[str, str]]:
     """(model, weight file) -> how many of the plan's input reads are from it: a file is
     closed when the last task reading it has finished."""
     return Counter((ref.model, plan.checkpoints[ref.model].tensors[ref.name].file)
-                   for task in plan.tasks for ref in [*task.inputs, *([task.base] if task.base else [])])
+                   for task in plan.tasks for ref in task.sources)
 
 
 def output_config(plan: MergePlan) -> dict:
