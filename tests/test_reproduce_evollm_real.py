@@ -174,10 +174,10 @@ def test_the_real_configs_agree_where_the_comparison_needs_it():
 def test_bad_input_is_a_message_and_exit_code_2(tmp_path, capsys):
     """A missing zoo folder, or --report on a runs folder that is not there: one line
     naming it, exit code 2, no traceback and nothing written."""
-    for argv, named in ([["--runs", str(tmp_path / "runs"), "--zoo", str(tmp_path / "no-zoo"),
-                          "--docs", str(tmp_path / "docs")], "no-zoo"),
-                        [["--runs", str(tmp_path / "nothing"), "--report", "--docs", str(tmp_path / "docs")],
-                         "nothing"]):
+    cases = [(["--runs", str(tmp_path / "runs"), "--zoo", str(tmp_path / "no-zoo"), "--docs", str(tmp_path / "docs")],
+              "no-zoo"),
+             (["--runs", str(tmp_path / "nothing"), "--report", "--docs", str(tmp_path / "docs")], "nothing")]
+    for argv, named in cases:
         with pytest.raises(SystemExit) as exit_info:
             script.main(argv)
         assert exit_info.value.code == 2
