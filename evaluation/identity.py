@@ -8,12 +8,15 @@ what determines the numbers, not from how they were asked for:
   its resolved parameters (numbers as floats: `weight: 1` is `weight: 1.0`) and the
   identity of every source tensor (its checkpoint's identity and its name), the output
   config, the seed only when the method draws random numbers, and the recipe's tokenizer
-  settings when it has any. Two recipes that
-  resolve to the same plan (a relative and an absolute path to one folder, an unused
-  seed) share a key; anything that changes a tensor changes it.
-* a checkpoint on disk is its resolved path plus its weight and JSON files' sizes and
-  modification times (`checkpoint_hash`): hashing the bytes of a 7B model would take
-  minutes, and a model rebuilt in place must not inherit the old model's scores.
+  settings when it has any. Two recipes that resolve to the same plan (a relative and an
+  absolute path to one folder, a copy of a model, an unused seed) share a key; anything
+  that changes a tensor changes it.
+* a checkpoint on disk is the content of its weight and JSON files (`checkpoint_hash`):
+  a model rewritten in place gets a new key, and the same bytes get the same key on any
+  machine and at any path, so a run folder carried to a machine that rebuilt the zoo (a
+  deterministic build) replays its scores there. A file's SHA-256 is computed once per
+  version (~1 s per GB): it is kept under $EVOMERGE_CACHE/digests, keyed by the file's
+  path, size, inode and modification time.
 * a task measurement is the task's settings, a content hash of its data, the example
   limit and the harness settings that change scores (`task_key`).
 """
@@ -25,6 +28,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from merging.checkpoint import file_digest
 from merging.engine import MergePlan, output_config
 from merging.tokenizer import tokenizer_identity
 
@@ -34,12 +38,11 @@ def _digest(payload: Any, length: int = 20) -> str:
 
 
 def checkpoint_hash(path: str | Path) -> str:
-    """Identity of a checkpoint folder on disk: its resolved path and its weight files'
-    sizes and modification times."""
-    path = Path(path).resolve()
-    files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns)
-                   for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".json"))
-    return _digest([str(path), files])
+    """Identity of a checkpoint folder on disk: the names and contents of its weight and
+    JSON files (not where it lies, nor when it was written)."""
+    files = sorted((p.name, file_digest(p)) for p in Path(path).resolve().iterdir()
+                   if p.suffix in (".safetensors", ".bin", ".json"))
+    return _digest(files)
 
 
 def normalise(value: Any) -> Any:

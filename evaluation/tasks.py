@@ -18,7 +18,6 @@ plain TSV files fetched through the Hugging Face Hub cache.
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import math
 import re
@@ -28,6 +27,7 @@ from decimal import Decimal, InvalidOperation, localcontext
 from pathlib import Path
 from typing import Literal, Sequence
 
+from merging.checkpoint import file_digest
 from merging.errors import EvomergeError
 
 TaskKind = Literal["generate", "multiple_choice", "perplexity", "classify"]
@@ -132,12 +132,12 @@ class Task:
         if self.data.startswith("hf:"):
             return _hf_fingerprint(self.name, self.data[3:], self.split)
         if self.data.startswith("mgsm:"):
-            return _file_digest(_mgsm_file(self.name, self.data[5:], self.split))
+            return file_digest(_mgsm_file(self.name, self.data[5:], self.split))
         if self.data == "sklearn:digits":
             import sklearn
 
             return f"sklearn-{sklearn.__version__}"
-        return _file_digest(self._local_file())
+        return file_digest(self._local_file())
 
     def _local_file(self) -> Path:
         path = Path(self.data.format(split=self.split))
@@ -160,17 +160,6 @@ class Task:
         return float(predicted is not None and predicted == reference)
 
 
-_DIGESTS: dict[tuple[str, int, int], str] = {}
-"""(resolved path, size, mtime) -> content hash: a task's file is hashed once per change."""
-
-
-def _file_digest(path: str | Path) -> str:
-    path = Path(path).resolve()
-    stat = path.stat()
-    key = (str(path), stat.st_size, stat.st_mtime_ns)
-    if key not in _DIGESTS:
-        _DIGESTS[key] = hashlib.sha256(path.read_bytes()).hexdigest()[:20]
-    return _DIGESTS[key]
 
 
 _HF_FINGERPRINTS: dict[tuple, str] = {}

@@ -17,18 +17,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib.metadata import version
-from pathlib import Path
 from typing import Literal
 
 import torch
 
-from merging.checkpoint import write_atomic
+from merging.checkpoint import CACHE_HOME, write_atomic
 from merging.errors import CheckpointError
 
 Position = Literal["pre", "layer", "post"]
@@ -106,7 +104,7 @@ def num_layers_key_or_none(config: dict) -> str | None:
     return key
 
 
-ARCHITECTURE_CACHE = Path(os.environ.get("EVOMERGE_CACHE", Path.home() / ".cache" / "evomerge")) / "architectures"
+ARCHITECTURE_CACHE = CACHE_HOME / "architectures"
 """Architectures found before, one JSON file per config and transformers version: building
 the meta model imports transformers' modeling code, seconds of every merge's start."""
 

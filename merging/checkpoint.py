@@ -20,6 +20,7 @@ does the same for one file (every state, log summary, plot and card the project 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -504,6 +505,37 @@ def check_output_dir(out_dir: Path, overwrite: bool) -> None:
     if resolved in (Path.home().resolve(), cwd, *cwd.parents) or (resolved / ".git").exists():
         raise EvomergeError(f"refusing to --overwrite {out_dir}: it is the home folder, the current folder, "
                             "a folder above it or a git checkout; choose a new output folder")
+
+
+CACHE_HOME = Path(os.environ.get("EVOMERGE_CACHE", Path.home() / ".cache" / "evomerge"))
+"""Where evomerge keeps what it can recompute (architectures, LoRA merges, file digests)."""
+
+
+DIGESTS = CACHE_HOME / "digests"
+"""One small file per version of a file hashed: its SHA-256."""
+
+
+def file_digest(path: str | Path) -> str:
+    """SHA-256 of a file's bytes, computed once per version of the file: remembered under
+    DIGESTS by resolved path, size, inode and modification time (what a rewrite changes)."""
+    path = Path(path).resolve()
+    status = path.stat()
+    version = hashlib.sha256(f"{path}\0{status.st_size}\0{status.st_ino}\0{status.st_mtime_ns}".encode()).hexdigest()
+    memo = DIGESTS / version[:32]
+    try:
+        return memo.read_text()
+    except OSError:
+        pass
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 24):
+            digest.update(block)
+    try:
+        DIGESTS.mkdir(parents=True, exist_ok=True)
+        write_atomic(memo, digest.hexdigest())
+    except OSError:  # only a memo: a read-only cache, or another thread writing it now
+        pass
+    return digest.hexdigest()
 
 
 def write_atomic(path: str | Path, content: str | bytes | Callable[[Path], object]) -> Path:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import shutil
 from pathlib import Path
 
@@ -34,11 +33,11 @@ import torch
 from safetensors import safe_open
 
 from merging.checkpoint import (
-    Checkpoint, ShardedWriter, TensorSpec, atomic_output_dir, copy_tokenizer, parse_size,
+    CACHE_HOME, Checkpoint, ShardedWriter, TensorSpec, atomic_output_dir, copy_tokenizer, parse_size,
 )
 from merging.errors import CheckpointError
 
-LORA_CACHE = Path(os.environ.get("EVOMERGE_CACHE", Path.home() / ".cache" / "evomerge")) / "lora"
+LORA_CACHE = CACHE_HOME / "lora"
 ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors"]
 _PREFIX = "base_model.model."
 

@@ -7,6 +7,14 @@ neither fine-tune solves), every model scored on the test split of math_de, math
     nohup nice -n 19 python3 scripts/reproduce_evollm_real.py --runs runs/evollm-real > real.log 2>&1 &
     python3 scripts/reproduce_evollm_real.py --runs /tmp/smoke --quick --docs /tmp/smoke/docs   # toy budgets
     python3 scripts/reproduce_evollm_real.py --runs runs/evollm-real --report   # docs from the finished runs
+    python3 scripts/reproduce_evollm_real.py --runs experiments/evollm-real      # resume the published runs
+
+The run folders behind docs/evollm_real.json are committed in experiments/evollm-real (their
+logs, score caches and results; not the checkpoints, see its .gitignore): the plan takes
+longer than one sitting on a CPU, so it goes on from there on whatever machine has the
+real zoo. Score keys are content hashes of the sources (evaluation/identity.py), so on a
+machine whose zoo build gave the same bytes the logged candidates replay with no forward
+pass; on one whose build differs the replay stops and says which source changed.
 
 Builds the real zoo when it is missing, then runs every run of RUNS in order with `evomerge
 evolve`'s machinery (niches.run.evolve), each in its own folder RUNS_DIR/NAME: a killed
@@ -150,7 +158,8 @@ def write_config(run: Run, runs_dir: Path, zoo_arg: str, zoo: Path, quick: bool)
     if "ps" in data:
         template = (RECIPES / data["ps"]["template"]).read_text()
         _write_if_changed(folder / data["ps"]["template"], template)
-    if quick:
+    if quick:  # one process: a smoke test need not pay for starting pool workers in each run
+        data.update(executor="serial", workers=None)
         for section in ("fitness", "report"):
             data[section]["limit"] = QUICK["limit"]
         for stage in ("ps", "dfs"):
@@ -241,7 +250,29 @@ def budget_of(runs_dir: Path, runs: list[Run], ran: dict[str, dict]) -> dict:
                             for seed, result in ran.items()},
             "best_dev_fitness": {seed: [s["best_fitness"] for s in result["stages"].values()]
                                  for seed, result in ran.items()},
-            "wall_seconds": {seed: result["wall_seconds"] for seed, result in ran.items()}}
+            "wall_seconds": {seed: result["wall_seconds"] for seed, result in ran.items()},
+            "evaluation_seconds": {str(run.seed): evaluation_seconds(runs_dir / run.name) for run in runs
+                                   if str(run.seed) in ran},
+            "under_way": {str(run.seed): under_way(runs_dir / run.name) for run in runs
+                          if str(run.seed) not in ran and (runs_dir / run.name / "candidates.jsonl").is_file()}}
+
+
+def evaluation_seconds(run_dir: Path) -> float:
+    """Seconds its candidates took to score, summed (what a killed invocation spent too;
+    with several workers, more than the wall time)."""
+    return round(sum(row["seconds"] for row in read_jsonl(run_dir / "candidates.jsonl")), 1)
+
+
+def under_way(run_dir: Path) -> dict:
+    """A run started and not finished: per stage, the candidates evaluated so far (within
+    the budget) and the best dev fitness among them."""
+    stages: dict[str, dict] = {}
+    for row in read_jsonl(run_dir / "candidates.jsonl"):
+        stage = stages.setdefault(row["stage"], {"evaluations": 0, "best_fitness": None})
+        stage["evaluations"] += row["kind"] == "sample"
+        if row["fitness"] is not None and (stage["best_fitness"] is None or row["fitness"] > stage["best_fitness"]):
+            stage["best_fitness"] = row["fitness"]
+    return stages
 
 
 def planned_budget(config: dict) -> dict:
@@ -339,6 +370,7 @@ def table(data: dict, done: dict[str, dict], plots: list[str], *, quick: bool) -
             spread = seeds[method]["across_seeds"]
             lines.append(f"| &nbsp;&nbsp;mean ± std over {spread['math_de']['seeds']} seeds | "
                          + " | ".join(f"{spread[t]['mean']:.3f} ± {spread[t]['std']:.3f}" for t in TASKS) + " | | | |")
+    progress = progress_lines(budgets)
     n = f"n = {rows['math']['math_de']['n']} per task" if "math" in rows else "n: the test splits' sizes"
     results = list(done.values())
     paper = "\n".join(f"| {model} | {score} |" for model, score in PAPER_TABLE1)
@@ -359,6 +391,9 @@ the seeds' test scores. Wall time: seconds of the run's finished invocations, re
 
 {targets(rows, seeds)}
 
+{"Under way (rerun the command below to go on):" + chr(10) + chr(10) + chr(10).join(progress) if progress else
+ "Every run has finished."}
+
 Machine: {machine_line(results)}. Run folders: `RUNS/NAME` (`ps-seed0`, `ps-dfs`, `ps-seed1`,
 `ps-seed2`, `random`, `m2n2`, `dfs`; candidates, plots, `best/` checkpoint); the JSON:
 [evollm_real.json](evollm_real.json).
@@ -377,6 +412,22 @@ Produced by (rerun to resume; the real tier's installs: docs/zoo.md):
 ```
 nohup nice -n 19 python3 scripts/reproduce_evollm_real.py --runs RUNS > RUNS.log 2>&1 &
 ```"""
+
+
+def progress_lines(budgets: dict) -> list[str]:
+    """A line per run started and not finished: its evaluations so far per stage and the
+    best dev fitness among them."""
+    lines = []
+    for run in RUNS:
+        stages = budgets[run.method]["under_way"].get(str(run.seed))
+        if stages is None:
+            continue
+        planned_evals = {stage: b["max_evals"] for stage, b in budgets[run.method]["planned"].items()}
+        parts = [f"{stage} stage {s['evaluations']} of {planned_evals.get(stage, '?')} evaluations"
+                 + (f", best dev fitness so far {s['best_fitness']:.3f}" if s["best_fitness"] is not None else "")
+                 for stage, s in stages.items()]
+        lines.append(f"* {run.name}: {'; '.join(parts)}")
+    return lines
 
 
 def cell(score: dict) -> str:

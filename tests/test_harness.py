@@ -340,6 +340,28 @@ def test_rebuilding_a_source_in_place_changes_the_candidate(llama_family, tasks,
     assert harness.forward_passes > passes
 
 
+def test_the_same_models_rebuilt_elsewhere_keep_their_scores(llama_family, tasks, tmp_path):
+    """A run carried to another machine that rebuilt its sources byte for byte (new folders,
+    new files, new modification times): same candidate keys, its cached scores served with
+    no forward pass. Constructed by copying the files' bytes only (no metadata)."""
+    import shutil
+
+    first = {name: shutil.copytree(llama_family[name], tmp_path / "a" / name) for name in ("base", "variant_1", "variant_2")}
+    cache = tmp_path / "scores.jsonl"
+    harness = Harness(first["base"], device="cpu", cache=cache)
+    scored = harness.score_recipe(ties_recipe(first), open_models(ties_recipe(first)), tasks[2:])
+    rebuilt = {name: shutil.copytree(folder, tmp_path / "b" / name, copy_function=shutil.copyfile)
+               for name, folder in first.items()}
+    weights = rebuilt["variant_1"] / "model.safetensors"
+    assert weights.stat().st_mtime_ns != (first["variant_1"] / "model.safetensors").stat().st_mtime_ns
+    recipe = ties_recipe(rebuilt)
+    assert plan_key(plan_merge(recipe, open_models(recipe)), 0) == harness.last_candidate
+    elsewhere = Harness(rebuilt["base"], device="cpu", cache=cache)
+    again = elsewhere.score_recipe(recipe, open_models(recipe), tasks[2:])
+    assert elsewhere.forward_passes == 0
+    assert {k: v.scores for k, v in again.items()} == {k: v.scores for k, v in scored.items()}
+
+
 def test_an_untied_head_the_merge_does_not_write_is_an_error(llama_family, tmp_path):
     from merging.errors import EvomergeError
     from merging.synthetic import build_family

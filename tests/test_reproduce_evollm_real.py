@@ -119,6 +119,11 @@ def test_a_rerun_after_a_kill_gives_the_same_results(reproduction, tmp_path):
         for file in ("results.json", "sessions.jsonl"):
             (runs / name / file).unlink()
     assert set(script.finished(runs)) == {"ps-seed0", "ps-seed1", "ps-seed2", "random"}
+    script.main(args + ["--report"])  # the runs under way are listed with their progress
+    section = (folder / "docs" / "results.md").read_text().split("<!-- evollm_real:start -->")[1]
+    evals = script.QUICK["evals"]
+    assert f"* ps-dfs: ps stage {evals} of {evals} evaluations, best dev fitness so far" in section
+    assert f"; dfs stage 2 of {evals} evaluations" in section and f"* m2n2: m2n2 stage {evals} of {evals}" in section
     script.main(args)
     drop = lambda rows: [{k: v for k, v in row.items() if k != "seconds"} for row in rows]  # noqa: E731
     assert {name: drop(candidates(runs / name)) for name in before} == {name: drop(rows) for name, rows in before.items()}
@@ -127,6 +132,7 @@ def test_a_rerun_after_a_kill_gives_the_same_results(reproduction, tmp_path):
         assert len(keys) == len(set(keys))
     again = json.loads((folder / "docs" / "evollm_real.json").read_text())
     assert again["rows"] == table["rows"] and again["seeds"] == table["seeds"]
+    assert "Every run has finished." in (folder / "docs" / "results.md").read_text()
 
 
 def test_pending_runs_are_listed_and_targets_wait_for_their_rows(tmp_path):
