@@ -1,9 +1,10 @@
 """Run a causal LM over a task's examples and return per-example scores.
 
 Generation is batched with left padding (so every prompt ends where generation starts),
-starts with the BOS token where the tokenizer adds one by default (a task's `bos`), and
-is greedy, and a batch stops as soon as every sequence has produced a stop string or
-EOS: merged candidates are scored thousands of times, so wasted decoding steps matter.
+prompts of similar lengths together (less padding), starts with the BOS token where the
+tokenizer adds one by default (a task's `bos`), and is greedy, and a batch stops as soon
+as every sequence has produced a stop string or EOS: merged candidates are scored
+thousands of times, so wasted work matters.
 """
 from __future__ import annotations
 
@@ -62,10 +63,13 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int,
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     prefix = [tokenizer.bos_token_id] if bos else []
-    outputs: list[str] = []
+    encoded = [prefix + tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    # batches of prompts of similar lengths: the prefill, most of the work, pays for padding
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    outputs: list[str] = [""] * len(prompts)
     for start in range(0, len(prompts), batch_size):
-        ids = [prefix + tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts[start:start + batch_size]]
-        input_ids, attention = _left_padded(ids, tokenizer.pad_token_id, device)
+        batch = order[start:start + batch_size]
+        input_ids, attention = _left_padded([encoded[i] for i in batch], tokenizer.pad_token_id, device)
         length = input_ids.shape[1]
         generated = model.generate(
             input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens, do_sample=False,
@@ -76,7 +80,8 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int,
             produced = (generated[:, length:] != tokenizer.pad_token_id).sum().item()
             stats["new_tokens"] = stats.get("new_tokens", 0) + produced
         texts = tokenizer.batch_decode(generated[:, length:], skip_special_tokens=True)
-        outputs.extend(cut_at_stop(text, stop) for text in texts)
+        for index, text in zip(batch, texts):
+            outputs[index] = cut_at_stop(text, stop)
     return outputs
 
 
@@ -142,14 +147,17 @@ def mean_token_losses(model, tokenizer, texts: Sequence[str], *, batch_size: int
         if len(row) < 2:  # no token has a predecessor: the mean over zero losses is NaN
             raise EvomergeError(f"task {task!r}: example {index} has {len(row)} token(s); perplexity needs "
                                 "at least 2")
-    losses: list[float] = []
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths per batch: less padding
+    losses: list[float] = [0.0] * len(ids)
     for start in range(0, len(ids), batch_size):
-        input_ids, attention = _right_padded(ids[start:start + batch_size], tokenizer.pad_token_id, device)
+        batch = order[start:start + batch_size]
+        input_ids, attention = _right_padded([ids[i] for i in batch], tokenizer.pad_token_id, device)
         logits = model(input_ids=input_ids, attention_mask=attention).logits.float()
         token_losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), input_ids[:, 1:],
                                                          reduction="none")
         mask = attention[:, 1:].float()
-        losses.extend(((token_losses * mask).sum(1) / mask.sum(1)).tolist())
+        for index, loss in zip(batch, ((token_losses * mask).sum(1) / mask.sum(1)).tolist()):
+            losses[index] = loss
     return losses
 
 

@@ -250,15 +250,17 @@ def lm(llama_family):
 
 
 def test_batched_generation_equals_one_prompt_at_a_time(lm):
-    """Left padding must not change what a prompt generates."""
+    """Left padding, and batching prompts by length, must not change what a prompt
+    generates nor where its answer is returned."""
     from evaluation.scoring import generate
 
     model, tokenizer = lm
-    assert len({len(tokenizer(p)["input_ids"]) for p in PROMPTS}) > 1  # the batch is really padded
-    batched = generate(model, tokenizer, PROMPTS, max_new_tokens=8, batch_size=len(PROMPTS))
+    lengths = [len(tokenizer(p)["input_ids"]) for p in PROMPTS]
+    assert len(set(lengths)) > 1 and lengths != sorted(lengths)  # padded batches, reordered by length
     alone = [generate(model, tokenizer, [p], max_new_tokens=8)[0] for p in PROMPTS]
-    assert batched == alone
-    assert all(batched)
+    for batch_size in (len(PROMPTS), 2):
+        assert generate(model, tokenizer, PROMPTS, max_new_tokens=8, batch_size=batch_size) == alone
+    assert all(alone) and len(set(alone)) > 1
 
 
 def test_batched_perplexity_equals_one_text_at_a_time(lm, tmp_path):
@@ -266,11 +268,12 @@ def test_batched_perplexity_equals_one_text_at_a_time(lm, tmp_path):
 
     model, tokenizer = lm
     data = tmp_path / "texts.jsonl"
-    data.write_text("\n".join(json.dumps({"prompt": p * (i + 1)}) for i, p in enumerate(PROMPTS)))
+    texts = [p * (len(PROMPTS) - i) for i, p in enumerate(PROMPTS)]  # longest first: batched by length, reordered
+    data.write_text("\n".join(json.dumps({"prompt": text}) for text in texts))
     result = evaluate(model, tokenizer, Task("ppl", "perplexity", str(data)), batch_size=3)
     with torch.no_grad():
         alone = [-model(input_ids=ids, labels=ids).loss.item()
-                 for ids in (tokenizer(p * (i + 1), return_tensors="pt")["input_ids"] for i, p in enumerate(PROMPTS))]
+                 for ids in (tokenizer(text, return_tensors="pt")["input_ids"] for text in texts)]
     assert result.scores == pytest.approx(alone, abs=1e-5)
 
 
