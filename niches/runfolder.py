@@ -95,8 +95,9 @@ class RunFolder:
         if logged and changed:
             raise EvomergeError(
                 f"{self.path}: the {stage} stage's {logged} logged candidates were scored with "
-                f"{', '.join(changed)} as it was then, and it has been rewritten since (as ps/best is when the PS "
-                "stage of a ps+dfs run, extended with --max-evals, finds a new best), so their fitness cannot be "
+                f"{', '.join(changed)} as it was then, and it has been rewritten since (its files' contents differ: "
+                "a model rebuilt with other bytes, e.g. a zoo built on another kind of machine, or ps/best when the "
+                "PS stage of a ps+dfs run, extended with --max-evals, finds a new best), so their fitness cannot be "
                 "replayed. Use a new --run-dir; to keep the new model, copy it out first and name it in the new config")
         recorded[stage] = now
         self.write_json(self.sources_file.name, recorded)

@@ -407,10 +407,12 @@ german, math models = math, MGSM-JA = math_de):
 |---|---|
 {paper}
 
-Produced by (rerun to resume; the real tier's installs: docs/zoo.md):
+Produced by (the real tier's installs: docs/zoo.md; the published runs are committed in
+experiments/evollm-real, and the same command resumes them; `--runs runs/evollm-real` starts
+from scratch):
 
 ```
-nohup nice -n 19 python3 scripts/reproduce_evollm_real.py --runs RUNS > RUNS.log 2>&1 &
+nohup python3 scripts/reproduce_evollm_real.py --runs experiments/evollm-real > evollm-real.log 2>&1 &
 ```"""
 
 
@@ -441,7 +443,8 @@ def machine_line(results: list[dict]) -> str:
         return "no run has finished yet"
     loads = [load for result in results for load in (result.get("load_average") or [])]
     peak = max((result.get("peak_rss_gib", 0.0) for result in results), default=0.0)
-    return (f"{os.cpu_count()} cores, no GPU, one torch thread per run; load average "
+    return (f"{os.cpu_count()} cores, no GPU, two workers of one torch thread (M2N2: one process, two threads); "
+            "load average "
             + (f"{min(loads):.1f} to {max(loads):.1f} at the runs' starts and ends" if loads else "not recorded")
             + f"; peak RSS {peak:.2f} GiB")
 
