@@ -91,7 +91,14 @@ class RunFolder:
         before = recorded.get(stage)
         if before == now:
             return
-        changed = [ref for ref in now if before is not None and before.get(ref) != now[ref]]
+        # compared in the stage's order, by content: the same models in other folders (a run
+        # folder carried to a machine that rebuilt them) are the same sources
+        if before is None:
+            changed = []
+        elif len(before) != len(now):
+            changed = list(now)
+        else:
+            changed = [ref for ref, old in zip(now, before.values()) if now[ref] != old]
         if logged and changed:
             raise EvomergeError(
                 f"{self.path}: the {stage} stage's {logged} logged candidates were scored with "

