@@ -117,9 +117,9 @@ def build_real_zoo(out_dir: str | Path, *, seed: int = 0, progress: bool = True,
     write) the manifest. `steps` and `counts` override FINETUNE steps and COUNTS (tests).
     Runs in a fresh Python process with PINNED_KERNELS unless this one has them (torch reads
     them once, when it first chooses a kernel)."""
-    gguf_path()  # missing inputs are this process's error (exit code 2), before any child starts
-    real_data.load_fortunes()
     if any(os.environ.get(name) != value for name, value in PINNED_KERNELS.items()):
+        gguf_path()  # missing inputs are this process's error (exit code 2), before a child starts
+        real_data.load_fortunes()
         arguments = {"out_dir": str(out_dir), "seed": seed, "progress": progress, "overwrite": overwrite,
                      "cache_dir": str(cache_dir) if cache_dir else None, "steps": steps, "counts": counts}
         package_root = str(Path(__file__).resolve().parents[2])
