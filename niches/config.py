@@ -79,6 +79,9 @@ class M2N2Settings(_Strict):
     attraction: bool = True
     split_at: Literal["tensor", "layer"] = "tensor"
     """Where split points may fall: any tensor boundary, or only between layers."""
+    children_per_ask: int = Field(1, ge=1)
+    """Children drawn from one archive state and scored together (set it to the workers of a
+    pool or Ray executor to keep them busy); 1, the paper's loop, scores one at a time."""
 
 
 class TaskSpec(_Strict):

@@ -10,7 +10,7 @@ division 0/0) the guard is said where it is made.
 
     search = NaturalNiches(population_size=20, seeds=[a, b], max_evals=1000, mutation_std=0.01, seed=0)
     while not search.stop():
-        candidates = search.ask()            # first the seeds (kind "seed"), then one child at a time
+        candidates = search.ask()            # first the seeds (kind "seed"), then the next child(ren)
         search.tell(candidates, [evaluate(c.genome) for c in candidates])   # {task: per-example scores >= 0}
     search.best()                            # the member with the best mean score on the training data
 
@@ -180,16 +180,25 @@ class NaturalNiches:
     point ranges over (default: the members' size); `allowed_boundaries` restricts it to
     the given offsets. `crossover_fn(a, b, w, split)` combines two members (default
     `slerp_split`).
+
+    `children_per_ask` > 1 draws that many children from the same archive per `ask` (all of
+    them before any is told), so that a pool or Ray's workers score them at once; `tell`
+    enters them in order. 1 is the paper's loop, where each child's parents come from the
+    archive its predecessor left; with k, a child may miss the last k - 1 entries (in an
+    archive of 20 that replace one member each at most).
     """
 
     def __init__(self, population_size: int = 20, *, seeds: Sequence[np.ndarray] = (), max_evals: Optional[int] = None,
                  alpha: float = 1.0, crossover: bool = True, split_point: bool = True, attraction: bool = True,
                  mutation_std: float = 0.0, n_params: Optional[int] = None,
                  allowed_boundaries: Optional[np.ndarray] = None, crossover_fn: Optional[Crossover] = None,
-                 seed: int = 0):
+                 children_per_ask: int = 1, seed: int = 0):
         if population_size < 1:
             raise ValueError("population_size must be at least 1")
+        if children_per_ask < 1:
+            raise ValueError("children_per_ask must be at least 1")
         self.population_size = population_size
+        self.children_per_ask = children_per_ask
         self.seeds = [np.asarray(s) for s in seeds]
         """Seeds not told yet: the next `ask` gives them."""
         self.max_evals = max_evals
@@ -219,14 +228,21 @@ class NaturalNiches:
         return fitness_sharing(self.scores, self.alpha)
 
     def ask(self) -> list[Candidate]:
-        """The seeds while they are not told; then the next child: parents by shared
-        fitness (and attraction), crossover, mutation."""
+        """The seeds while they are not told; then the next children (`children_per_ask`,
+        fewer where the budget ends): parents by shared fitness (and attraction), crossover,
+        mutation."""
         self._asked = True
         if self.seeds:
             return [Candidate(seed, "seed") for seed in self.seeds]
         if not self.members:
             raise RuntimeError("the archive is empty: give seeds, or tell at least one evaluated member first")
+        count = self.children_per_ask
+        if self.max_evals is not None:
+            count = max(1, min(count, self.max_evals - self.children))
         shared, fitness = self.fitness()
+        return [Candidate(self._child(shared, fitness)) for _ in range(count)]
+
+    def _child(self, shared: np.ndarray, fitness: np.ndarray) -> np.ndarray:
         first = select_first_parent(fitness, self.rng)
         second = (select_second_parent(shared, fitness, first, self.rng) if self.attraction
                   else select_first_parent(fitness, self.rng))
@@ -238,7 +254,7 @@ class NaturalNiches:
         if self.mutation_std > 0:
             noise = self.rng.standard_normal(child.shape, dtype=np.float32 if child.dtype == np.float32 else np.float64)
             child = (child + noise * self.mutation_std).astype(child.dtype)
-        return [Candidate(child)]
+        return child
 
     def _draw_split(self, member_size: int) -> int:
         n = self.n_params or member_size
@@ -314,6 +330,7 @@ class NaturalNiches:
         meta = {"population_size": self.population_size, "max_evals": self.max_evals, "alpha": self.alpha,
                 "crossover": self.crossover, "split_point": self.split_point, "attraction": self.attraction,
                 "mutation_std": self.mutation_std, "n_params": self.n_params, "seed": self.seed,
+                "children_per_ask": self.children_per_ask,
                 "evaluations": self.evaluations, "children": self.children, "kinds": self.kinds,
                 "rng": self.rng.bit_generator.state}
         return arrays, meta
@@ -332,7 +349,8 @@ class NaturalNiches:
         search = cls(meta["population_size"], seeds=list(arrays.get("seeds", [])), max_evals=meta["max_evals"],
                      alpha=meta["alpha"], crossover=meta["crossover"], split_point=meta["split_point"],
                      attraction=meta["attraction"], mutation_std=meta["mutation_std"], n_params=meta["n_params"],
-                     allowed_boundaries=arrays.get("allowed_boundaries"), crossover_fn=crossover_fn, seed=meta["seed"])
+                     allowed_boundaries=arrays.get("allowed_boundaries"), crossover_fn=crossover_fn,
+                     children_per_ask=meta.get("children_per_ask", 1), seed=meta["seed"])
         search.rng.bit_generator.state = meta["rng"]
         search.scores = arrays["scores"].astype(np.float32)
         search.members = list(arrays["members"]) if "members" in arrays else []

@@ -110,7 +110,12 @@ class HarnessScorer:
         if placement and not self._said:
             from tqdm.auto import tqdm
 
-            workers = f"{self.executor.workers} worker{'s' * (self.executor.workers > 1)}"
+            count = self.executor.workers
+            workers = f"{count} worker{'s' * (count > 1)}"
+            search = self.stage.search
+            if isinstance(search, NaturalNiches) and search.children_per_ask < count:
+                workers += (f" (M2N2 draws {search.children_per_ask} per round, so some stay idle: "
+                            f"m2n2.children_per_ask: {count} keeps them busy)")
             tqdm.write(f"{self.stage.name}: executor {self.executor.name}, {workers}; {'; '.join(placement)}",
                        file=sys.stderr)
             self._said = True
@@ -198,7 +203,7 @@ def check_m2n2_tasks(tasks: list[Task]) -> None:
 
 def m2n2_stage(config: RunConfig, models: list[str], folder: RunFolder, max_evals: int | None) -> Stage:
     """M2N2 over coefficient members (niches/coefficients.py): the sources are the seeds
-    (evaluated outside the budget, as in the reference), then one child per evaluation."""
+    (evaluated outside the budget, as in the reference), then `children_per_ask` children per round."""
     checkpoints = {ref: Checkpoint(ref, resolve_model_path(ref)) for ref in models}
     gram = SourceGram.load_or_compute(folder.path / "m2n2_gram.safetensors", [checkpoints[m] for m in models])
     settings = budget(config.m2n2, max_evals)
@@ -207,6 +212,6 @@ def m2n2_stage(config: RunConfig, models: list[str], folder: RunFolder, max_eval
                            max_evals=settings.max_evals, alpha=settings.alpha, crossover=settings.crossover,
                            split_point=settings.split_point, attraction=settings.attraction,
                            n_params=int(gram.sizes.sum()), allowed_boundaries=gram.boundaries(settings.split_at),
-                           crossover_fn=crossover, seed=config.seed)
+                           crossover_fn=crossover, children_per_ask=settings.children_per_ask, seed=config.seed)
     return Stage("m2n2", CoefficientGenome(gram), search, settings.max_evals, checkpoints, models[0])
 

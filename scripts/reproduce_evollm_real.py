@@ -278,7 +278,9 @@ def under_way(run_dir: Path) -> dict:
 def planned_budget(config: dict) -> dict:
     """Evaluations and generation size per stage, as the config says."""
     if config["method"] == "m2n2":
-        return {"m2n2": {key: config["m2n2"][key] for key in ("max_evals", "population_size")}}
+        settings = config["m2n2"]
+        return {"m2n2": {"max_evals": settings["max_evals"], "population_size": settings["population_size"],
+                         "children_per_ask": settings.get("children_per_ask", 1)}}
     stages = [s for s in ("ps", "dfs") if s in config]
     return {s: {"search": config[s]["optimizer"].get("search", "cmaes"),
                 "max_evals": config[s]["optimizer"]["max_evals"], "popsize": config[s]["optimizer"].get("popsize")}

@@ -91,19 +91,26 @@ def test_a_pool_of_two_workers_logs_what_serial_logs(serial_run, micro_zoo, tmp_
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["ps+dfs", "m2n2"])
-def test_every_method_logs_the_same_run_with_a_pool(method, micro_zoo, tmp_path):
+@pytest.mark.parametrize("method, children_per_ask", [("ps+dfs", None), ("m2n2", None), ("m2n2", 2)])
+def test_every_method_logs_the_same_run_with_a_pool(method, children_per_ask, micro_zoo, tmp_path):
     """DFS recipes (layer stacks over the PS merge) and M2N2's coefficient recipes travel to
-    the workers and score there as in this process."""
+    the workers and score there as in this process; M2N2 with two children per round gives
+    both workers one."""
     from test_evolve import write_config as write_method_config
 
     runs = {}
     for executor, workers in (("serial", None), ("pool", 2)):
         (tmp_path / executor).mkdir()
         config = write_method_config(tmp_path / executor, micro_zoo[0], method=method, evals=6)
+        if children_per_ask:
+            config.write_text(config.read_text().replace("population_size: 5}",
+                                                         f"population_size: 5, children_per_ask: {children_per_ask}}}"))
         evolve(config, tmp_path / executor / "run", progress=False, executor=executor, workers=workers)
         runs[executor] = logged(tmp_path / executor / "run")
     assert runs["pool"] == runs["serial"]
+    if children_per_ask:
+        rounds = [json.loads(line)["round"] for line in (tmp_path / "pool" / "run" / "candidates.jsonl").open()]
+        assert sorted(rounds) == [0, 0, 1, 1, 2, 2, 3, 3]  # the seeds, then 6 children two by two
 
 
 def test_a_pool_resumes_a_serial_run_from_the_score_cache(serial_run, micro_zoo, tmp_path):

@@ -182,6 +182,38 @@ def test_archive_update_rule():
     np.testing.assert_array_equal(two_tasks.scores, [[1, 0, 0.5]])
 
 
+def test_children_per_ask_draws_from_one_archive_and_spends_the_budget_exactly():
+    """k children per ask are what one-at-a-time asks give when nothing enters the archive
+    in between (every child rejected by a full archive); the last ask stops at the budget."""
+    members = [np.array([1, 2, 3, 4, 5, 6], dtype=np.float32), np.array([6, -5, 4, 3, -2, 1], dtype=np.float32)]
+
+    def seeded(**settings) -> NaturalNiches:
+        search = NaturalNiches(2, seeds=members, max_evals=7, seed=4, **settings)
+        search.tell(search.ask(), [{"train": np.array(s, dtype=np.float32)} for s in ([1, 0], [0, 1])])
+        return search
+
+    def rejected(candidates) -> list[dict]:
+        return [{"train": np.zeros(2, dtype=np.float32)} for _ in candidates]
+
+    one, batched = seeded(), seeded(children_per_ask=3)
+    singles, rounds = [], []
+    while not one.stop():
+        (child,) = one.ask()
+        one.tell([child], rejected([child]))
+        singles.append(child.genome)
+    while not batched.stop():
+        children = batched.ask()
+        batched.tell(children, rejected(children))
+        rounds.append([c.genome for c in children])
+    assert [len(r) for r in rounds] == [3, 3, 1] and batched.children == one.children == 7
+    np.testing.assert_array_equal(np.stack([g for r in rounds for g in r]), np.stack(singles))
+    assert len({g.tobytes() for g in singles}) > 1  # the children differ: the comparison means something
+    arrays, meta = batched.state()
+    assert NaturalNiches.from_state(arrays, meta).children_per_ask == 3
+    with pytest.raises(ValueError, match="children_per_ask"):
+        NaturalNiches(2, children_per_ask=0)
+
+
 @pytest.fixture(scope="module")
 def digits():
     from evaluation.tasks import load_digits_split
