@@ -83,6 +83,12 @@ PAPER_TABLE1 = [("Shisa Gamma 7B v1 (Japanese)", "9.6"), ("WizardMath 7B v1.1", 
                 ("EvoLLM-JP-v1-10B (PS+DFS)", "55.2")]
 """MGSM-JA accuracy (%) in the paper's Table 1, as issue 16 quotes it (the reference repository's
 README gives 55.6 for the released EvoLLM-JP-v1-10B)."""
+HELDOUT = {"task": "math_de", "split": "train", "limit": 600}
+"""A second dev set, to tell what a search learned from what it fitted without looking at
+the test split: the first 600 of math_de's 4,000 train problems, which no model saw (the
+fine-tunes trained on math and german). Each finished run's exported merge and the sources
+are scored on it; a merge whose dev fitness beats math's by a margin that does not show
+here has learned the 200 dev problems, not German math."""
 QUICK = {"evals": 6, "popsize": 3, "population": 4, "limit": 10}
 """--quick: every stage 6 evaluations in generations of 3 (M2N2: an archive of 4), fitness and
 report on the first 10 examples: proves every stage and output, measures nothing."""
@@ -128,6 +134,7 @@ def run_all(args: argparse.Namespace) -> None:
         warm_cache(args.runs / run.name, [args.runs / r.name for r in RUNS[:RUNS.index(run)]])
         print(f"== {run.name}: {config}", flush=True)
         evolve(config, args.runs / run.name, progress=True)
+        score_heldout(config, args.runs / run.name, zoo, args.quick)
         write_outputs(args.runs, args.docs, quick=args.quick)
 
 
@@ -194,6 +201,33 @@ def warm_cache(run_dir: Path, earlier: list[Path]) -> None:
         write_atomic(cache, "".join(line + "\n" for line in lines.values()))
 
 
+def score_heldout(config_path: Path, run_dir: Path, zoo: Path, quick: bool) -> None:
+    """RUN_DIR/heldout.json: the run's exported merge (RUN_DIR/best, just written) and the
+    sources on HELDOUT, with the run's settings and score cache (a rerun scores nothing twice)."""
+    import torch
+
+    from evaluation.tasks import resolve_task
+    from niches.config import load_config
+    from niches.stages import make_harness
+
+    config = load_config(config_path)
+    task = resolve_task(HELDOUT["task"], zoo_dir=zoo, split=HELDOUT["split"])
+    limit = QUICK["limit"] if quick else HELDOUT["limit"]
+    models = {"evolved": run_dir / "best", **{ref: zoo / "models" / ref.split(":", 1)[1] for ref in SOURCES.values()}}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(config.threads or threads)
+    scores = {}
+    try:
+        for key, model in models.items():
+            print(f"held-out check: {key} on {task.name} {HELDOUT['split']}[:{limit}]", flush=True)
+            result = make_harness(model, config, run_dir / "scores.jsonl").score_resident([task], limit=limit)
+            scores[key] = {"mean": result[task.name].mean, "stderr": result[task.name].stderr,
+                           "n": len(result[task.name].scores)}
+    finally:
+        torch.set_num_threads(threads)
+    write_atomic(run_dir / "heldout.json", json.dumps({**HELDOUT, "limit": limit, "scores": scores}, indent=2) + "\n")
+
+
 # --- what the finished runs say ------------------------------------------------------
 
 def finished(runs_dir: Path) -> dict[str, dict]:
@@ -212,11 +246,20 @@ def row(scores: dict) -> dict:
 
 
 def summary(runs_dir: Path, done: dict[str, dict]) -> dict:
-    """docs/evollm_real.json: a row per model (test split), every PS seed's row, the budgets."""
+    """docs/evollm_real.json: a row per model (test split), every PS seed's row, the budgets,
+    and the held-out check (HELDOUT: the same rows on a second dev set, by run)."""
     rows, seeds, budgets = {}, {}, {}
+    checks = {name: json.loads((runs_dir / name / "heldout.json").read_text()) for name in done
+              if (runs_dir / name / "heldout.json").is_file()}
+    heldout = {"task": HELDOUT["task"], "split": HELDOUT["split"], "rows": {}, "by_run": {}}
     if done:
         sources = next(iter(done.values()))["report"]["scores"]
         rows.update({name: row(sources[ref]) for name, ref in SOURCES.items()})
+    if checks:
+        first = next(iter(checks.values()))
+        heldout["limit"] = first["limit"]
+        heldout["rows"].update({name: first["scores"][ref] for name, ref in SOURCES.items()})
+        heldout["by_run"] = {name: check["scores"]["evolved"] for name, check in checks.items()}
     for method in METHODS:
         runs = [run for run in RUNS if run.method == method]
         ran = {str(run.seed): done[run.name] for run in runs if run.name in done}
@@ -225,13 +268,16 @@ def summary(runs_dir: Path, done: dict[str, dict]) -> dict:
             continue
         best = max(ran, key=lambda seed: (final_fitness(ran[seed]), -int(seed)))
         rows[method] = row(ran[best]["report"]["scores"]["evolved"])
+        best_run = next(run.name for run in runs if str(run.seed) == best)
+        if best_run in heldout["by_run"]:
+            heldout["rows"][method] = heldout["by_run"][best_run]
         if len(runs) > 1:
             per_seed = {seed: row(result["report"]["scores"]["evolved"]) for seed, result in ran.items()}
             seeds[method] = {**per_seed, "best_on_dev": int(best), "across_seeds": {
                 task: {"mean": float(np.mean([r[task]["mean"] for r in per_seed.values()])),
                        "std": float(np.std([r[task]["mean"] for r in per_seed.values()])), "seeds": len(per_seed)}
                 for task in TASKS}}
-    return {"split": "test", "rows": rows, "seeds": seeds, "budgets": budgets}
+    return {"split": "test", "rows": rows, "seeds": seeds, "budgets": budgets, "heldout": heldout}
 
 
 def final_fitness(result: dict) -> float:
@@ -353,25 +399,29 @@ def plot_best_so_far(path: Path, curves: dict[str, list[float]]) -> Path:
 # --- the table ---------------------------------------------------------------------
 
 def table(data: dict, done: dict[str, dict], plots: list[str], *, quick: bool) -> str:
-    rows, seeds, budgets = data["rows"], data["seeds"], data["budgets"]
+    rows, seeds, budgets, heldout = data["rows"], data["seeds"], data["budgets"], data["heldout"]
     cells = lambda r: " | ".join(cell(r[t]) for t in TASKS)  # noqa: E731
-    lines = [f"| {name} (source) | {cells(rows[name])} | | | |" for name in SOURCES if name in rows]
+    held = lambda score: cell(score) if score else "–"  # noqa: E731
+    lines = [f"| {name} (source) | {cells(rows[name])} | {held(heldout['rows'].get(name))} | | | |"
+             for name in SOURCES if name in rows]
     for method, label in METHODS.items():
         budget = budgets[method]
         if method not in rows:
-            lines.append(f"| {label} | pending | | | {planned(budget['planned'])} | | |")
+            lines.append(f"| {label} | pending | | | | {planned(budget['planned'])} | | |")
             continue
         best = str(seeds[method]["best_on_dev"]) if method in seeds else str(budget["finished_seeds"][0])
-        lines.append(f"| **{label}** | {cells(rows[method])} | {evaluations(budget, best)} | "
-                     f"{fitnesses(budget, best)} | {budget['wall_seconds'][best]:,.0f} |")
+        lines.append(f"| **{label}** | {cells(rows[method])} | {held(heldout['rows'].get(method))} | "
+                     f"{evaluations(budget, best)} | {fitnesses(budget, best)} | {budget['wall_seconds'][best]:,.0f} |")
         if method in seeds:
             for seed in budget["finished_seeds"]:
+                run = next(r.name for r in RUNS if r.method == method and r.seed == seed)
                 lines.append(f"| &nbsp;&nbsp;seed {seed} | {cells(seeds[method][str(seed)])} | "
-                             f"{evaluations(budget, str(seed))} | {fitnesses(budget, str(seed))} | "
-                             f"{budget['wall_seconds'][str(seed)]:,.0f} |")
+                             f"{held(heldout['by_run'].get(run))} | {evaluations(budget, str(seed))} | "
+                             f"{fitnesses(budget, str(seed))} | {budget['wall_seconds'][str(seed)]:,.0f} |")
             spread = seeds[method]["across_seeds"]
             lines.append(f"| &nbsp;&nbsp;mean ± std over {spread['math_de']['seeds']} seeds | "
-                         + " | ".join(f"{spread[t]['mean']:.3f} ± {spread[t]['std']:.3f}" for t in TASKS) + " | | | |")
+                         + " | ".join(f"{spread[t]['mean']:.3f} ± {spread[t]['std']:.3f}" for t in TASKS)
+                         + " | | | | |")
     progress = progress_lines(budgets)
     n = f"n = {rows['math']['math_de']['n']} per task" if "math" in rows else "n: the test splits' sizes"
     results = list(done.values())
@@ -386,9 +436,12 @@ sentences (higher is better; the base's -4.93 is 4.93 nats per token). Fitness: 
 exported candidate, stage after stage. PS ran with seeds {', '.join(map(str, budgets['ps']['seeds']))}: its
 bold row is the seed best on dev, each seed's row follows, then the mean and the standard deviation of
 the seeds' test scores. Wall time: seconds of the run's finished invocations, report included.
+*math_de held-out*: a second dev set, not the test split, to tell what the search learned from
+what it fitted: the first {heldout.get('limit', HELDOUT['limit'])} of math_de's {HELDOUT['split']} problems, which no
+model trained on (scripts/reproduce_evollm_real.py, HELDOUT).
 
-| model | math_de (target) | math | german | evaluations | best dev fitness | wall (s) |
-|---|---|---|---|---|---|---|
+| model | math_de (target) | math | german | math_de held-out | evaluations | best dev fitness | wall (s) |
+|---|---|---|---|---|---|---|---|
 {chr(10).join(lines)}
 
 {targets(rows, seeds)}

@@ -61,6 +61,30 @@ def test_the_json_has_the_issues_shape(reproduction):
     assert data["budgets"]["ps+dfs"]["evaluations"] == {"0": {"ps": script.QUICK["evals"], "dfs": script.QUICK["evals"]}}
 
 
+def test_every_run_and_source_is_checked_on_the_held_out_problems(reproduction):
+    """The held-out check scores each run's exported merge (best/) and the sources on the
+    first problems of math_de's train split, with the run's score cache: the merge scores
+    there as it does freshly loaded from best/ in another harness."""
+    from dataclasses import replace
+
+    from evaluation.harness import Harness
+    from evaluation.tasks import zoo_tasks
+
+    _, folder = reproduction
+    data = json.loads((folder / "docs" / "evollm_real.json").read_text())
+    heldout, limit = data["heldout"], script.QUICK["limit"]
+    assert (heldout["task"], heldout["split"], heldout["limit"]) == ("math_de", "train", limit)
+    assert set(heldout["by_run"]) == {run.name for run in script.RUNS}
+    assert set(heldout["rows"]) == set(data["rows"])
+    assert all(score["n"] == limit for score in heldout["rows"].values())
+    assert heldout["rows"]["ps"] == heldout["by_run"][f"ps-seed{data['seeds']['ps']['best_on_dev']}"]
+    task = replace(zoo_tasks(folder / "zoo")["math_de"], split="train")
+    fresh = Harness(folder / "runs" / "m2n2" / "best", device="cpu").score_resident([task], limit=limit)["math_de"]
+    assert heldout["by_run"]["m2n2"]["mean"] == fresh.mean
+    section = (folder / "docs" / "results.md").read_text().split("<!-- evollm_real:start -->")[1]
+    assert "| math_de held-out |" in section
+
+
 def test_the_docs_section_plots_and_configs(reproduction):
     args, folder = reproduction
     (folder / "docs" / "evollm_real.json").unlink()
@@ -131,7 +155,7 @@ def test_a_rerun_after_a_kill_gives_the_same_results(reproduction, tmp_path):
         keys = [(row["candidate"], row["task_key"]) for row in cache(runs / run.name)]
         assert len(keys) == len(set(keys))
     again = json.loads((folder / "docs" / "evollm_real.json").read_text())
-    assert again["rows"] == table["rows"] and again["seeds"] == table["seeds"]
+    assert again["rows"] == table["rows"] and again["seeds"] == table["seeds"] and again["heldout"] == table["heldout"]
     assert "Every run has finished." in (folder / "docs" / "results.md").read_text()
 
 
