@@ -154,6 +154,37 @@ def test_a_killed_driver_takes_its_workers_along_and_its_run_resumes(serial_run,
     assert len(keys) == len(set(keys))
 
 
+def test_a_worker_in_the_middle_of_a_candidate_exits_with_its_driver(tmp_path):
+    """A worker learns of a dead driver between candidates, and one candidate of a real
+    model takes minutes: its watchdog ends it within a second, mid-candidate (here a sleep)."""
+    import psutil
+
+    script = tmp_path / "driver.py"
+    script.write_text("""\
+import multiprocessing, time
+from evaluation.executors.pool import exit_with_parent
+
+def scoring_a_long_candidate():
+    exit_with_parent(0.2)
+    time.sleep(120)
+
+if __name__ == "__main__":
+    worker = multiprocessing.get_context("spawn").Process(target=scoring_a_long_candidate)
+    worker.start()
+    print(worker.pid, flush=True)
+    time.sleep(120)
+""")
+    driver = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, cwd=tmp_path,
+                              env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    worker = psutil.Process(int(driver.stdout.readline()))
+    time.sleep(1.0)  # the worker is inside its candidate
+    assert worker.is_running()
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    gone, alive = psutil.wait_procs([worker], timeout=10)
+    assert not alive, "the worker outlived its driver"
+
+
 @pytest.mark.parametrize("executor", ["pool", pytest.param("ray", marks=needs_ray)])
 def test_candidates_that_fail_in_workers_are_logged_and_too_many_in_a_row_stop_the_run(executor, micro_zoo,
                                                                                        tmp_path):

@@ -4,7 +4,9 @@ actors are the ones that come back: ray_actors.py)."""
 from __future__ import annotations
 
 import multiprocessing
+import os
 import queue
+import threading
 import time
 from typing import Optional, Sequence
 
@@ -119,6 +121,7 @@ def _pool_worker(index: int, spec: HarnessSpec, device: str, threads: int, inbox
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    exit_with_parent()
     try:
         worker = Worker(spec, device, index, threads=threads)
     except Exception as exc:  # noqa: BLE001 - the driver reports it, naming the worker
@@ -133,6 +136,24 @@ def _pool_worker(index: int, spec: HarnessSpec, device: str, threads: int, inbox
                 outbox.put(("done", index, message[1], worker.score(message[2])))
     finally:
         worker.close()
+
+
+def exit_with_parent(interval: float = 1.0) -> threading.Thread:
+    """End this process within `interval` seconds of its parent's death, even in the middle
+    of a candidate: a killed driver's worker would otherwise go on scoring (a minute or more
+    on a real model) beside the driver that replaces it. A daemon thread, because the main
+    thread is inside torch; it polls, because Linux's parent-death signal follows the parent
+    thread that started the process, not the process."""
+    parent = multiprocessing.parent_process()
+
+    def watch() -> None:
+        while parent.is_alive():
+            time.sleep(interval)
+        os._exit(1)
+
+    thread = threading.Thread(target=watch, name="exit-with-parent", daemon=True)
+    thread.start()
+    return thread
 
 
 def _next_message(inbox) -> Optional[tuple]:
