@@ -184,8 +184,8 @@ class NaturalNiches:
     `children_per_ask` > 1 draws that many children from the same archive per `ask` (all of
     them before any is told), so that a pool or Ray's workers score them at once; `tell`
     enters them in order. 1 is the paper's loop, where each child's parents come from the
-    archive its predecessor left; with k, a child may miss the last k - 1 entries (in an
-    archive of 20 that replace one member each at most).
+    archive its predecessor left; with k, a child's parents may miss the last k - 1 entries
+    (each of which replaces at most one member of the archive).
     """
 
     def __init__(self, population_size: int = 20, *, seeds: Sequence[np.ndarray] = (), max_evals: Optional[int] = None,

@@ -138,7 +138,7 @@ def _pool_worker(index: int, spec: HarnessSpec, device: str, threads: int, inbox
         worker.close()
 
 
-def exit_with_parent(interval: float = 1.0) -> threading.Thread:
+def exit_with_parent(interval: float = 1.0) -> None:
     """End this process within `interval` seconds of its parent's death, even in the middle
     of a candidate: a killed driver's worker would otherwise go on scoring (a minute or more
     on a real model) beside the driver that replaces it. A daemon thread, because the main
@@ -151,9 +151,7 @@ def exit_with_parent(interval: float = 1.0) -> threading.Thread:
             time.sleep(interval)
         os._exit(1)
 
-    thread = threading.Thread(target=watch, name="exit-with-parent", daemon=True)
-    thread.start()
-    return thread
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def _next_message(inbox) -> Optional[tuple]:
