@@ -273,6 +273,10 @@ class TaskResult:
         mean = self.mean
         return math.sqrt(sum((s - mean) ** 2 for s in self.scores) / (n - 1) / n)
 
+    def summary(self) -> dict:
+        """Mean, standard error and n: what a report or a zoo matrix keeps of a result."""
+        return {"mean": self.mean, "stderr": self.stderr, "n": len(self.scores)}
+
     def to_dict(self) -> dict:
         """JSON-ready: an undefined mean or standard error (n < 1, n < 2) is null, not NaN,
         which strict JSON readers refuse."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from evaluation.tasks import Task, TaskResult
+from evaluation.tasks import Task
 from merging.checkpoint import write_atomic
 from merging.recipe import Recipe
 from niches.config import PS_MODEL, References, RunConfig
@@ -32,17 +32,13 @@ def score_report(recipe: Recipe, others: dict[str, str], config: RunConfig, fold
     finally:
         for checkpoint in checkpoints.values():
             checkpoint.close()
-    report["evolved"] = {name: _summary(r) for name, r in results.items()}
+    report["evolved"] = {name: r.summary() for name, r in results.items()}
     for key, model in others.items():
         if progress:
             print(f"scoring {key} on {', '.join(t.name for t in tasks)}", flush=True)
         harness = make_harness(Path(model), config, folder.scores_file)
-        report[key] = {name: _summary(r) for name, r in harness.score_resident(tasks, limit=config.report.limit).items()}
+        report[key] = {name: r.summary() for name, r in harness.score_resident(tasks, limit=config.report.limit).items()}
     return report
-
-
-def _summary(result: TaskResult) -> dict:
-    return {"mean": result.mean, "stderr": result.stderr, "n": len(result.scores)}
 
 
 def report_table(results: dict, *, markdown: bool = False) -> str:

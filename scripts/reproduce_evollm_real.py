@@ -220,9 +220,8 @@ def score_heldout(config_path: Path, run_dir: Path, zoo: Path, quick: bool) -> N
     try:
         for key, model in models.items():
             print(f"held-out check: {key} on {task.name} {HELDOUT['split']}[:{limit}]", flush=True)
-            result = make_harness(model, config, run_dir / "scores.jsonl").score_resident([task], limit=limit)
-            scores[key] = {"mean": result[task.name].mean, "stderr": result[task.name].stderr,
-                           "n": len(result[task.name].scores)}
+            harness = make_harness(model, config, run_dir / "scores.jsonl")
+            scores[key] = harness.score_resident([task], limit=limit)[task.name].summary()
     finally:
         torch.set_num_threads(threads)
     write_atomic(run_dir / "heldout.json", json.dumps({**HELDOUT, "limit": limit, "scores": scores}, indent=2) + "\n")

@@ -152,7 +152,7 @@ def _build(out_dir: Path, size: str, settings: dict, seed: int, log: Callable[[s
             matrix[name] = {}
             for task_name, task in tasks.items():
                 result = evaluate(model, tokenizer, task, batch_size=64)
-                matrix[name][task_name] = {"mean": result.mean, "stderr": result.stderr, "n": len(result.scores)}
+                matrix[name][task_name] = result.summary()
             log(f"{name}: " + ", ".join(f"{t} {m['mean']:.2f}" for t, m in matrix[name].items()))
 
         manifest = {

@@ -179,7 +179,7 @@ def _build(out_dir: Path, *, seed: int, progress: bool, overwrite: bool, cache_d
                 model = AutoModelForCausalLM.from_pretrained(root / "models" / name).eval()
                 with torch.inference_mode():
                     results = {t: evaluate(model, tokenizer, task, batch_size=50) for t, task in tasks.items()}
-                matrix[name] = {t: {"mean": r.mean, "stderr": r.stderr, "n": len(r.scores)} for t, r in results.items()}
+                matrix[name] = {t: r.summary() for t, r in results.items()}
                 log(f"{name}: " + ", ".join(f"{t} {m['mean']:.3f}" for t, m in matrix[name].items()))
 
             config = model.config
