@@ -418,7 +418,8 @@ def table(data: dict, done: dict[str, dict], plots: list[str], *, quick: bool) -
                              f"{held(heldout['by_run'].get(run))} | {evaluations(budget, str(seed))} | "
                              f"{fitnesses(budget, str(seed))} | {budget['wall_seconds'][str(seed)]:,.0f} |")
             spread = seeds[method]["across_seeds"]
-            lines.append(f"| &nbsp;&nbsp;mean ± std over {spread['math_de']['seeds']} seeds | "
+            count = spread["math_de"]["seeds"]
+            lines.append(f"| &nbsp;&nbsp;mean ± std over {count} seed{'s' * (count > 1)} | "
                          + " | ".join(f"{spread[t]['mean']:.3f} ± {spread[t]['std']:.3f}" for t in TASKS)
                          + " | | | | |")
     progress = progress_lines(budgets)
