@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--zoo", type=Path, default=ZOO_HOME / "real",
                         help="the real zoo (evomerge zoo build --size real)")
     parser.add_argument("--batch-size", type=int, default=50, help="as the EvoLLM-real study's recipes")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per arm (the median is kept)")
     parser.add_argument("--no-docs", action="store_true", help="print the table only")
     args = parser.parse_args(argv)
     if not (args.zoo / "zoo.json").is_file():

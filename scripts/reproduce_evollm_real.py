@@ -498,7 +498,7 @@ def machine_line(results: list[dict]) -> str:
         return "no run has finished yet"
     loads = [load for result in results for load in (result.get("load_average") or [])]
     peak = max((result.get("peak_rss_gib", 0.0) for result in results), default=0.0)
-    return (f"{os.cpu_count()} cores, no GPU, two workers of one torch thread (M2N2: one process, two threads); "
+    return (f"{os.cpu_count()} cores, no GPU, two workers of one torch thread; "
             "load average "
             + (f"{min(loads):.1f} to {max(loads):.1f} at the runs' starts and ends" if loads else "not recorded")
             + f"; peak RSS {peak:.2f} GiB")
