@@ -39,13 +39,21 @@ def add_evolve_parser(subparsers) -> None:
                         help="the Ray cluster to join: auto, or HOST:PORT of its head (default: a local cluster "
                              "started for the run; overrides the config's ray_address)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check everything that can be checked before the first candidate (config, template, "
+                             "models, executor, each task's examples, the run folder) and print the plan: stages, "
+                             "genes, budgets; nothing is merged or scored and the run folder is not touched")
     parser.set_defaults(run=run_evolve, interrupted=interrupted_evolve)
 
 
 def run_evolve(args: argparse.Namespace) -> None:
     from niches.report import report_table
-    from niches.run import evolve
+    from niches.run import evolve, plan
 
+    if args.dry_run:
+        print(plan(args.config, args.run_dir, max_evals=args.max_evals, executor=args.executor,
+                   workers=args.workers, ray_address=args.ray_address))
+        return
     results = evolve(args.config, args.run_dir, max_evals=args.max_evals, progress=not args.no_progress,
                      executor=args.executor, workers=args.workers, ray_address=args.ray_address)
     print(f"\nreport ({results['report']['split']} split): mean ± standard error")

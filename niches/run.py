@@ -16,17 +16,30 @@ from __future__ import annotations
 import os
 import resource
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from evaluation.executors import check_executor
+from evaluation.tasks import Task
 from merging.engine import resolve_device
 from merging.errors import EvomergeError
-from niches.config import RunConfig, References, load_config
+from niches.config import References, RunConfig, load_config
 from niches.loop import Outcome, logged_candidates
 from niches.report import card_notes, export, lineage, results_of, score_report
 from niches.runfolder import RunFolder
-from niches.stages import (Stage, check_m2n2_tasks, dfs_genome, dfs_pool, dfs_stage, genome_search, m2n2_stage,
-                           ps_stage, run_stage)
+from niches.stages import (
+    Genome,
+    Stage,
+    budget,
+    check_m2n2_tasks,
+    dfs_genome,
+    dfs_pool,
+    dfs_stage,
+    genome_search,
+    m2n2_stage,
+    ps_stage,
+    run_stage,
+)
 
 
 def evolve(config_path: str | Path, run_dir: str | Path, *, max_evals: int | None = None,
@@ -36,6 +49,35 @@ def evolve(config_path: str | Path, run_dir: str | Path, *, max_evals: int | Non
     `executor`, `workers` and `ray_address` override the config's."""
     import torch
 
+    config = _configured(config_path, max_evals, executor, workers, ray_address)
+    threads = torch.get_num_threads()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    try:
+        return _evolve(config, Path(config_path), Path(run_dir), max_evals, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def plan(config_path: str | Path, run_dir: str | Path, *, max_evals: int | None = None,
+         executor: str | None = None, workers: int | None = None, ray_address: str | None = None) -> str:
+    """What `evolve` with the same arguments would do, in words, after every check it makes
+    before its first candidate: the config, the template, the models, the executor, each
+    task's examples (loaded and counted), each stage's genes and budget, and whether the run
+    folder would be started, resumed or refused. Nothing is merged or scored and the run
+    folder is not touched (`evomerge evolve --dry-run`)."""
+    config = _configured(config_path, max_evals, executor, workers, ray_address)
+    setup = _prepare(config, Path(config_path), max_evals)
+    try:
+        return _described(config, Path(config_path).read_text(), setup, RunFolder(run_dir))
+    finally:
+        for stage in setup.stages:
+            stage.close()
+
+
+def _configured(config_path: str | Path, max_evals: int | None, executor: str | None, workers: int | None,
+                ray_address: str | None) -> RunConfig:
+    """The config with the command line's overrides, checked."""
     config = load_config(config_path)
     config = config.model_copy(update={key: value for key, value in
                                        {"executor": executor, "workers": workers,
@@ -47,17 +89,33 @@ def evolve(config_path: str | Path, run_dir: str | Path, *, max_evals: int | Non
         raise EvomergeError(f"--max-evals {max_evals}: every stage needs at least one evaluation; nothing was run "
                             "and no best/ was written (a best merge from zero evaluations would be the search's "
                             "starting point, not a result)")
-    threads = torch.get_num_threads()
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    try:
-        return _evolve(config, Path(config_path), Path(run_dir), max_evals, progress)
-    finally:
-        torch.set_num_threads(threads)
+    return config
 
 
-def _evolve(config: RunConfig, config_path: Path, run_dir: Path, max_evals: int | None, progress: bool) -> dict:
-    started, load_at_start = time.perf_counter(), os.getloadavg()[0]
+@dataclass
+class _Setup:
+    """What a run sets up before its run folder is touched."""
+
+    references: References
+    template_text: str | None
+    fitness_tasks: list[Task]
+    report_tasks: list[Task]
+    models: list[str]
+    report_rows: dict[str, str]
+    """Report row key -> model folder or Hub id, for the sources and baselines."""
+    first: Stage | None
+    """The stage that runs first when it can be built now (ps, dfs); M2N2's needs the run folder."""
+    later: list[tuple[str, Genome | None, int]]
+    """The stages after `first`, as (name, genome or None, budget), for the dry run's plan."""
+
+    @property
+    def stages(self) -> list[Stage]:
+        return [self.first] if self.first else []
+
+
+def _prepare(config: RunConfig, config_path: Path, max_evals: int | None) -> _Setup:
+    """Everything that can be set up is set up before the run folder is touched, so that a
+    bad template or setting fails now, not after the PS stage's hours of work."""
     base_dir = config_path.parent
     references = References(config.zoo, base_dir)
     template_text = _read_template(base_dir / config.ps.template, config_path) if config.ps else None
@@ -65,17 +123,65 @@ def _evolve(config: RunConfig, config_path: Path, run_dir: Path, max_evals: int 
     report_tasks = config.report.resolve(references.zoo_dir, base_dir)
     models = [references.resolve(m) for m in config.models]
     report_rows = {name: references.resolve(name) for name in config.models + config.baselines}
-    # Everything that can be set up is set up before the run folder is touched, so that a
-    # bad template or setting fails now, not after the PS stage's hours of work.
     first = (ps_stage(config, base_dir / config.ps.template, template_text, references, max_evals)
              if config.ps else None)
+    later: list[tuple[str, Genome | None, int]] = []
     if config.method == "ps+dfs":  # the PS merge has the architecture of the model its template merges onto
         stand_in = dfs_genome(config, dfs_pool(config, references, str(first.checkpoints[first.reference].path)))
         genome_search(stand_in, config.dfs.optimizer, config.seed)
+        later.append(("dfs", stand_in, budget(config.dfs.optimizer, max_evals).max_evals))
     if config.method == "dfs":
         first = dfs_stage(config, dfs_pool(config, references, None), max_evals)
     if config.method == "m2n2":
         check_m2n2_tasks(fitness_tasks)
+        later.append(("m2n2", None, budget(config.m2n2, max_evals).max_evals))
+    return _Setup(references, template_text, fitness_tasks, report_tasks, models, report_rows, first, later)
+
+
+def _described(config: RunConfig, config_text: str, setup: _Setup, folder: RunFolder) -> str:
+    """The dry run's plan; loading each task's examples and checking the run folder are its
+    last checks."""
+    executor = config.executor + ("" if config.executor == "serial" else f", {config.workers or 'default'} workers")
+    lines = [(f"method {config.method}, seed {config.seed}: candidates scored on {resolve_device(config.device).type} "
+             f"in {config.dtype or 'the checkpoint dtype'} (executor {executor})"),
+             "models: " + ", ".join(f"{name} = {path}" for name, path in zip(config.models, setup.models))]
+    if config.baselines:
+        lines.append("baselines (report only): " + ", ".join(config.baselines))
+    for section, settings, tasks in (("fitness", config.fitness, setup.fitness_tasks),
+                                     ("report", config.report, setup.report_tasks)):
+        counts = []
+        for task in tasks:
+            examples = len(task.load(settings.limit))
+            if not examples:
+                raise EvomergeError(f"{section} task {task.name!r} gave no examples: check its data, split and limit")
+            counts.append(f"{task.name} ({examples} {task.split} examples)")
+        lines.append(f"{section}: " + ", ".join(counts))
+    for name, genome, evals in [(s.name, s.genome, s.budget) for s in setup.stages] + setup.later:
+        settings = getattr(config, name)
+        if name == "m2n2":
+            lines.append(f"stage m2n2: an archive of {settings.population_size} grown from the {len(setup.models)} "
+                         f"sources, {evals} children, {settings.children_per_ask} per round")
+            continue
+        optimizer = settings.optimizer
+        search = ("uniform random search" if optimizer.search == "random"
+                  else f"CMA-ES (popsize {optimizer.popsize or 'default'}, sigma0 {optimizer.sigma0})")
+        lines.append(f"stage {name}: {search} over {genome.dimension} genes, {evals} evaluations")
+    scored = len(logged_candidates(folder))
+    if scored:
+        folder.check_same_config(config_text, setup.template_text)
+        lines.append(f"run folder {folder.path}: resumed; its {scored} scored candidates are replayed from its log")
+    else:
+        lines.append(f"run folder {folder.path}: {'exists, nothing scored: started afresh' if folder.path.exists() else 'new'}")
+    lines.append("dry run: nothing was merged or scored, and the run folder was not touched")
+    return "\n".join(lines)
+
+
+def _evolve(config: RunConfig, config_path: Path, run_dir: Path, max_evals: int | None, progress: bool) -> dict:
+    started, load_at_start = time.perf_counter(), os.getloadavg()[0]
+    setup = _prepare(config, config_path, max_evals)
+    references, template_text, first = setup.references, setup.template_text, setup.first
+    fitness_tasks, report_tasks, models, report_rows = (setup.fitness_tasks, setup.report_tasks, setup.models,
+                                                        setup.report_rows)
     folder = RunFolder(run_dir)
     with folder.claimed():
         logged_before = len(logged_candidates(folder))

@@ -15,9 +15,10 @@ failed at its first candidate, say): its config is simply replaced.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import yaml
 
@@ -60,17 +61,20 @@ class RunFolder:
             for stale in (self.optimizer_file, self.sources_file, self.path / "template.yaml",
                           self.path / "m2n2_gram.safetensors"):
                 stale.unlink(missing_ok=True)
+        else:
+            self.check_same_config(config_text, template_text)
         for name, text in (("config.yaml", config_text), ("template.yaml", template_text)):
-            if text is None:
-                continue
+            if text is not None and not (scored and (self.path / name).is_file()):
+                write_atomic(self.path / name, text)
+
+    def check_same_config(self, config_text: str, template_text: str | None) -> None:
+        """A folder with scored candidates takes only the config (and template) it was
+        started with, comments and layout aside: its log replays against that search."""
+        for name, text in (("config.yaml", config_text), ("template.yaml", template_text)):
             stored = self.path / name
-            if scored and stored.is_file():
-                if _parsed(stored.read_text()) != _parsed(text):
-                    raise EvomergeError(f"run folder {self.path} was started with a different {name} and has "
-                                        "scored candidates; rerun with the config it was started with, or use a "
-                                        "new --run-dir")
-            else:
-                write_atomic(stored, text)
+            if text is not None and stored.is_file() and _parsed(stored.read_text()) != _parsed(text):
+                raise EvomergeError(f"run folder {self.path} was started with a different {name} and has scored "
+                                    "candidates; rerun with the config it was started with, or use a new --run-dir")
 
     def rows(self, file: Path) -> list[dict]:
         return read_jsonl(file)

@@ -579,6 +579,60 @@ def test_max_evals_zero_writes_nothing(micro_zoo, tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+def dry_run(config: Path, run_dir: Path, capsys, *flags: str) -> tuple[int, str]:
+    code = main(["evolve", str(config), "--run-dir", str(run_dir), "--dry-run", *flags])
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+def test_a_dry_run_plans_what_the_run_did(ps_dfs_run, capsys):
+    """The plan of a finished ps+dfs run names the genes and budgets its log shows (the DFS
+    genes counted before the PS merge exists), resumes its folder, and touches nothing."""
+    run_dir, _ = ps_dfs_run
+    rows = read_candidates(run_dir)
+    genes = {stage: len(next(r for r in rows if r["stage"] == stage)["genome"]) for stage in ("ps", "dfs")}
+    before = {path: path.stat().st_mtime_ns for path in run_dir.rglob("*")}
+    code, out = dry_run(run_dir.parent / "config.yaml", run_dir, capsys)
+    assert code == 0, out
+    assert f"stage ps: CMA-ES (popsize 6, sigma0 0.2) over {genes['ps']} genes, 6 evaluations" in out
+    assert f"stage dfs: CMA-ES (popsize 3, sigma0 0.2) over {genes['dfs']} genes, 6 evaluations" in out
+    assert "fitness: math_lang (24 train examples)" in out
+    assert "report: math_lang (30 test examples), math (30 test examples)" in out
+    assert f"resumed; its {len(rows)} scored candidates are replayed" in out
+    assert {path: path.stat().st_mtime_ns for path in run_dir.rglob("*")} == before
+
+
+def test_a_dry_run_of_m2n2_and_of_a_new_folder(micro_zoo, tmp_path, capsys):
+    config = write_config(tmp_path, micro_zoo[0], method="m2n2", extra="m2n2: {max_evals: 8, children_per_ask: 2}\n")
+    config.write_text(config.read_text().replace("m2n2: {max_evals: 12, population_size: 5}\n", ""))
+    code, out = dry_run(config, tmp_path / "run", capsys, "--max-evals", "4", "--executor", "pool", "--workers", "2")
+    assert code == 0, out
+    assert "stage m2n2: an archive of 20 grown from the 2 sources, 4 children, 2 per round" in out
+    assert "executor pool, 2 workers" in out and "run folder" in out and ": new" in out
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_dry_run_refuses_what_the_run_would_refuse(ps_run, micro_zoo, tmp_path, capsys):
+    """Exit 2 with the reason, before any tensor is computed: a model the zoo lacks, a
+    fitness task without examples (a real run finds that only at its first candidate),
+    another config for a folder with scored candidates."""
+    config = write_config(tmp_path, micro_zoo[0])
+    good = config.read_text()
+    (tmp_path / "template.yaml").write_text(TEMPLATE.replace("zoo:math", "zoo:maths"))
+    code, out = dry_run(config, tmp_path / "run", capsys)
+    assert code == 2 and "has no model 'maths'" in out and "Traceback" not in out
+    (tmp_path / "template.yaml").write_text(TEMPLATE)
+    (tmp_path / "empty.jsonl").write_text("")
+    config.write_text(good.replace("tasks: [math_lang], split: train", "tasks: [empty.jsonl], split: train"))
+    code, out = dry_run(config, tmp_path / "run", capsys)
+    assert code == 2 and "fitness task 'empty' gave no examples" in out
+    config.write_text(good + "seed: 1\n")
+    run_dir, _ = ps_run
+    code, out = dry_run(config, run_dir, capsys)
+    assert code == 2 and "different config.yaml" in out
+    assert not (tmp_path / "run").exists()
+
+
 def test_random_search_baseline_at_the_same_budget(ps_run, micro_zoo, tmp_path):
     """`optimizer: {search: random}`: the PS stage draws its genomes uniformly in the unit
     box, at the CMA-ES run's budget and batch size, seeded (a rerun replays them)."""
