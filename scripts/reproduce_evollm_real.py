@@ -8,6 +8,7 @@ neither fine-tune solves), every model scored on the test split of math_de, math
     python3 scripts/reproduce_evollm_real.py --runs /tmp/smoke --quick --docs /tmp/smoke/docs   # toy budgets
     python3 scripts/reproduce_evollm_real.py --runs runs/evollm-real --report   # docs from the finished runs
     python3 scripts/reproduce_evollm_real.py --runs experiments/evollm-real      # resume the published runs
+    python3 scripts/reproduce_evollm_real.py --runs experiments/evollm-real --dry-run   # each run's plan
 
 The run folders behind docs/evollm_real.json are committed in experiments/evollm-real (their
 logs, score caches and results; not the checkpoints, see its .gitignore): the plan takes
@@ -105,6 +106,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--report", action="store_true",
                         help="run nothing: write the JSON, plots and section from the runs finished so far "
                              "(safe while the runs go on in another process)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="run and write nothing: print each run's plan as `evomerge evolve --dry-run` does "
+                             "(stages, genes, budgets, what its folder would resume), after the same checks")
     args = parser.parse_args(argv)
     from merging.errors import EvomergeError
 
@@ -124,6 +128,9 @@ def run_all(args: argparse.Namespace) -> None:
             raise EvomergeError(f"--runs {args.runs}: no such folder (nothing to report)")
         write_outputs(args.runs, args.docs, quick=args.quick)
         return
+    if args.dry_run:
+        print_plans(args)
+        return
     from niches.run import evolve
 
     zoo = real_zoo(args.zoo)
@@ -136,6 +143,32 @@ def run_all(args: argparse.Namespace) -> None:
         evolve(config, args.runs / run.name, progress=True)
         score_heldout(config, args.runs / run.name, zoo, args.quick)
         write_outputs(args.runs, args.docs, quick=args.quick)
+
+
+def print_plans(args: argparse.Namespace) -> None:
+    """Each selected run's plan, from its config written to a scratch folder (the run
+    folders and RUNS_DIR/configs are not touched)."""
+    import tempfile
+
+    from evaluation.zoo import find_zoo
+    from merging.errors import EvomergeError
+    from niches.run import plan
+
+    try:
+        zoo = find_zoo(args.zoo)
+    except EvomergeError:
+        if args.zoo != "real":
+            raise
+        print("the real zoo is missing: a run builds it first (about 30 minutes; docs/zoo.md, \"Real tier\"), "
+              "and its models are needed to plan the runs")
+        return
+    with tempfile.TemporaryDirectory() as scratch:
+        for run in RUNS:
+            if not args.only or run.name in args.only:
+                config = write_config(run, Path(scratch), args.zoo, zoo, args.quick)
+                heldout = f"{HELDOUT['task']} {HELDOUT['split']}[:{HELDOUT['limit']}]"
+                print(f"== {run.name} ({args.runs / run.name}); then its merge and the sources on {heldout}")
+                print(plan(config, args.runs / run.name))
 
 
 def real_zoo(zoo: str) -> Path:

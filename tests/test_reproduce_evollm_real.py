@@ -243,12 +243,37 @@ def test_the_real_configs_agree_where_the_comparison_needs_it():
     assert RecipeGenome.from_file(recipes / ps.ps.template, layout).dimension == 32
 
 
+def test_the_dry_run_plans_every_run_and_touches_nothing(reproduction, tmp_path, capsys):
+    """After the runs: each plan says its folder resumes with the candidates its log holds,
+    and no file changed; for a runs folder that does not exist, every folder is new and
+    none is made."""
+    args, folder = reproduction
+    before = {path: path.stat().st_mtime_ns for path in folder.rglob("*")}
+    capsys.readouterr()
+    script.main(args + ["--dry-run"])
+    out = capsys.readouterr().out
+    for run in script.RUNS:
+        plan = out.split(f"== {run.name} (")[1].split("\n== ")[0]
+        assert f"resumed; its {len(candidates(folder / 'runs' / run.name))} scored candidates" in plan
+        assert "math_de train[:600]" in plan.splitlines()[0]
+    assert out.count("stage ps: CMA-ES (popsize 3, sigma0 0.2) over ") == 4  # 3 seeds and the PS stage of PS+DFS
+    assert "stage ps: uniform random search over" in out and "stage m2n2: an archive of 4" in out
+    assert {path: path.stat().st_mtime_ns for path in folder.rglob("*")} == before
+    fresh = args.copy()
+    fresh[fresh.index("--runs") + 1] = str(tmp_path / "runs")
+    script.main(fresh + ["--dry-run", "--only", "dfs"])
+    out = capsys.readouterr().out
+    assert out.startswith("== dfs (") and f"run folder {tmp_path / 'runs' / 'dfs'}: new" in out
+    assert not (tmp_path / "runs").exists()
+
+
 def test_bad_input_is_a_message_and_exit_code_2(tmp_path, capsys):
     """A missing zoo folder, or --report on a runs folder that is not there: one line
     naming it, exit code 2, no traceback and nothing written."""
     cases = [(["--runs", str(tmp_path / "runs"), "--zoo", str(tmp_path / "no-zoo"), "--docs", str(tmp_path / "docs")],
               "no-zoo"),
-             (["--runs", str(tmp_path / "nothing"), "--report", "--docs", str(tmp_path / "docs")], "nothing")]
+             (["--runs", str(tmp_path / "nothing"), "--report", "--docs", str(tmp_path / "docs")], "nothing"),
+             (["--runs", str(tmp_path / "runs"), "--zoo", str(tmp_path / "no-zoo"), "--dry-run"], "no-zoo")]
     for argv, named in cases:
         with pytest.raises(SystemExit) as exit_info:
             script.main(argv)
