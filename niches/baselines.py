@@ -216,20 +216,26 @@ def slerp_sweep(a: np.ndarray, b: np.ndarray, evaluate: Callable[[np.ndarray], n
 class RandomSearch:
     """Genomes drawn uniformly in the unit box [0, 1]^dimension, `popsize` per `ask`, until
     `max_evals` are told; the answer is the first genome of highest fitness. Seeded: the
-    same seed asks the same genomes, so a run resumes by replaying its log like CMA-ES."""
+    same seed asks the same genomes, so a run resumes by replaying its log like CMA-ES.
+    `start`: a genome asked with the first batch (kind "start", outside the budget), as
+    CMA-ES's `evaluate_start` asks its x0, so the baseline starts from the same point."""
 
-    def __init__(self, dimension: int, *, max_evals: int, popsize: int = 10, seed: int = 0):
+    def __init__(self, dimension: int, *, max_evals: int, popsize: int = 10, seed: int = 0,
+                 start: Optional[Sequence[float]] = None):
         if dimension < 1 or max_evals < 0 or popsize < 1:
             raise ValueError("random search needs dimension >= 1, max_evals >= 0 and popsize >= 1")
         self.dimension, self.max_evals, self.popsize, self.seed = dimension, max_evals, popsize, seed
+        self.start = None if start is None else np.array(start, dtype=float)
         self.rng = np.random.default_rng(seed)
         self.evaluations = 0
+        self.start_told = False
         self.best_genome: Optional[np.ndarray] = None
         self.best_fitness = -math.inf
 
     def ask(self) -> list[Candidate]:
         count = min(self.popsize, self.max_evals - self.evaluations)
-        return [Candidate(genome) for genome in self.rng.uniform(0.0, 1.0, (count, self.dimension))]
+        start = [Candidate(self.start, "start")] if self.start is not None and not self.start_told else []
+        return start + [Candidate(genome) for genome in self.rng.uniform(0.0, 1.0, (count, self.dimension))]
 
     def tell(self, candidates: Sequence[Candidate], scores: Sequence[Optional[Scores]]) -> None:
         if len(candidates) != len(scores):
@@ -238,7 +244,8 @@ class RandomSearch:
             value = fitness(score)
             if value > self.best_fitness:
                 self.best_fitness, self.best_genome = value, np.array(candidate.genome, dtype=float)
-        self.evaluations += len(candidates)
+        self.start_told = self.start_told or any(c.kind == "start" for c in candidates)
+        self.evaluations += sum(c.kind == "sample" for c in candidates)
 
     def stop(self) -> bool:
         return self.evaluations >= self.max_evals
@@ -255,16 +262,19 @@ class RandomSearch:
 
     def state(self) -> tuple[dict[str, np.ndarray], dict]:
         arrays = {} if self.best_genome is None else {"best_genome": self.best_genome}
+        if self.start is not None:
+            arrays["start"] = self.start
         return arrays, {"dimension": self.dimension, "max_evals": self.max_evals, "popsize": self.popsize,
-                        "seed": self.seed, "evaluations": self.evaluations,
+                        "seed": self.seed, "evaluations": self.evaluations, "start_told": self.start_told,
                         "best_fitness": self.best_fitness if self.best_genome is not None else None,
                         "rng": self.rng.bit_generator.state}
 
     @classmethod
     def from_state(cls, arrays: dict[str, np.ndarray], meta: dict) -> "RandomSearch":
-        search = cls(meta["dimension"], max_evals=meta["max_evals"], popsize=meta["popsize"], seed=meta["seed"])
+        search = cls(meta["dimension"], max_evals=meta["max_evals"], popsize=meta["popsize"], seed=meta["seed"],
+                     start=arrays.get("start"))
         search.rng.bit_generator.state = meta["rng"]
-        search.evaluations = meta["evaluations"]
+        search.evaluations, search.start_told = meta["evaluations"], meta.get("start_told", False)
         if "best_genome" in arrays:
             search.best_genome, search.best_fitness = arrays["best_genome"], meta["best_fitness"]
         return search

@@ -18,8 +18,9 @@ Why a wrapper and not pycma as it is:
   inside `cma.fmin2`, not for an ask/tell loop; pycma's own stop criteria trigger them,
   and a plateau does not end the last strategy (`PLATEAU_IS_NOT_CONVERGENCE`);
 * step size by CSA at every dimension (pycma silently switches to TPA from 300 on);
-* a budget of evaluations that holds across restarts, and the distribution mean
-  evaluated once at the end (`evaluate_mean`), outside the budget.
+* a budget of evaluations that holds across restarts, the starting point evaluated with
+  the first generation (`evaluate_start`) and the distribution mean once at the end
+  (`evaluate_mean`), both outside the budget.
 """
 from __future__ import annotations
 
@@ -85,12 +86,17 @@ class CMAES:
     restarts (None: until pycma's own criteria stop the last restart). `evaluate_mean`:
     once the search is over, `ask` returns the distribution mean (kind "mean") for one
     more evaluation outside the budget, and `stop` waits for it to be told: under noisy
-    fitness the mean is often better than the best single sample.
+    fitness the mean is often better than the best single sample. `evaluate_start`: the
+    first `ask` also returns `x0` itself (kind "start", outside the budget, not told to
+    pycma), so the search's best is never worse than where it started: a DFS path that
+    begins as a known model (model A's layers in order, e.g. the PS merge in ps+dfs) keeps
+    that model if no sample beats it, and the log shows whether the search improved on it.
     """
 
     def __init__(self, x0: Sequence[float], sigma0: float, *, bounds: tuple[float, float] = (0.0, 1.0),
                  popsize: int | None = None, seed: int = 0, separable: bool | str = "auto",
-                 restarts: int = 0, max_evals: int | None = None, evaluate_mean: bool = False):
+                 restarts: int = 0, max_evals: int | None = None, evaluate_mean: bool = False,
+                 evaluate_start: bool = False):
         self.x0 = np.asarray(x0, dtype=float)
         if self.x0.ndim != 1 or len(self.x0) < 1:
             raise ValueError("x0 must be a non-empty vector")
@@ -109,6 +115,7 @@ class CMAES:
         self.max_restarts = restarts
         self.max_evals = max_evals
         self.evaluate_mean = evaluate_mean
+        self.evaluate_start = evaluate_start
         self.restart = 0
         self.evaluations = 0
         self.generation = 0
@@ -117,6 +124,7 @@ class CMAES:
         self._pending: list[Candidate] = []
         self._asked: list[np.ndarray] = []
         self._mean_fitness: float | None = None
+        self._start_fitness: float | None = None
         self._told_fitness: list[float] = []
         self._generation_sizes: list[int] = []
         self._digests: list[int] = []
@@ -170,7 +178,8 @@ class CMAES:
 
     def ask(self) -> list[Candidate]:
         """The next generation (kind "sample", inside the bounds, at most the remaining
-        budget); once the search is over and `evaluate_mean` is set, the mean (kind "mean")."""
+        budget), the first one after `x0` (kind "start") when `evaluate_start` is set; once
+        the search is over and `evaluate_mean` is set, the mean (kind "mean")."""
         if self._pending:
             raise RuntimeError("ask called again before the last candidates were told")
         if self._search_over():
@@ -183,6 +192,8 @@ class CMAES:
             self._asked = self._es.ask()
         count = len(self._asked) if self.max_evals is None else min(len(self._asked), self.max_evals - self.evaluations)
         self._pending = [Candidate(np.array(x, dtype=float)) for x in self._asked[:count]]
+        if self.evaluate_start and self.generation == 0 and self.restart == 0:
+            self._pending.insert(0, Candidate(np.clip(self.x0, *self.bounds), kind="start"))
         return list(self._pending)
 
     def tell(self, candidates: Sequence[Candidate], scores: Sequence[Optional[Scores]]) -> None:
@@ -208,6 +219,9 @@ class CMAES:
         if candidates[0].kind == "mean":
             self._mean_fitness = float(fitnesses[0])
             return
+        if candidates[0].kind == "start":
+            self._start_fitness = float(fitnesses[0])
+            candidates, fitnesses = candidates[1:], fitnesses[1:]
         self._told_fitness.extend(float(v) for v in fitnesses)
         self._generation_sizes.append(len(candidates))
         self._digests.append(_digest([c.genome for c in candidates]))
@@ -250,7 +264,7 @@ class CMAES:
             "popsize": self.popsize, "sigma": self.sigma, "mean": self.mean.tolist(),
             "best_fitness": self.best_fitness if self._best is not None else None,
             "best_genome": None if self._best is None else self._best.genome.tolist(),
-            "separable": self.separable, "stop": {k: str(v) for k, v in dict(self._es.stop()).items()},
+            "start_fitness": self._start_fitness, "separable": self.separable, "stop": {k: str(v) for k, v in dict(self._es.stop()).items()},
         }
 
     def state(self) -> tuple[dict[str, np.ndarray], dict]:
@@ -274,7 +288,8 @@ class CMAES:
         meta = {"sigma0": self.sigma0, "bounds": list(self.bounds), "popsize": self.initial_popsize,
                 "seed": self.seed, "separable": self.separable, "restarts": self.max_restarts,
                 "max_evals": self.max_evals, "evaluate_mean": self.evaluate_mean,
-                "mean_fitness": self._mean_fitness, "pycma": cma.__version__}
+                "mean_fitness": self._mean_fitness, "evaluate_start": self.evaluate_start,
+                "start_fitness": self._start_fitness, "pycma": cma.__version__}
         return arrays, meta
 
     @classmethod
@@ -283,14 +298,17 @@ class CMAES:
         replayed generation's genomes are not the ones that were told."""
         search = cls(arrays["x0"], meta["sigma0"], bounds=tuple(meta["bounds"]), popsize=meta["popsize"],
                      seed=meta["seed"], separable=meta["separable"], restarts=meta["restarts"],
-                     max_evals=meta["max_evals"], evaluate_mean=meta["evaluate_mean"])
+                     max_evals=meta["max_evals"], evaluate_mean=meta["evaluate_mean"],
+                     evaluate_start=meta.get("evaluate_start", False))
         told = iter(arrays["fitness"].tolist())
         for generation, (size, digest) in enumerate(zip(arrays["generation_sizes"].tolist(), arrays["digests"].tolist())):
             candidates = search.ask()
-            if len(candidates) != size or _digest([c.genome for c in candidates]) != digest:
+            start = [meta["start_fitness"]] if candidates[0].kind == "start" else []
+            samples = candidates[len(start):]
+            if len(samples) != size or _digest([c.genome for c in samples]) != digest:
                 raise RuntimeError(f"replaying generation {generation} gave other genomes than were told "
                                    f"(state written under pycma {meta['pycma']}): cannot resume this search")
-            search._tell_fitness(candidates, [next(told) for _ in candidates])
+            search._tell_fitness(candidates, start + [next(told) for _ in samples])
         if meta["mean_fitness"] is not None:
             search._tell_fitness(search.ask(), [meta["mean_fitness"]])
         return search

@@ -40,6 +40,11 @@ class OptimizerSettings(_Strict):
     sigma0: float = Field(0.2, gt=0, le=1)
     restarts: int = Field(0, ge=0)
     separable: Union[bool, Literal["auto"]] = "auto"
+    evaluate_start: bool = True
+    """Evaluate the starting genome (the template's `init` values; DFS: model A's layers in
+    order) with the first generation, outside the budget: the stage's best is then never
+    worse than where it started (in ps+dfs, the PS merge itself), and the log says whether
+    the search improved on it."""
 
 
 class PSSettings(_Strict):

@@ -21,7 +21,9 @@ round) and its per-example scores come from the harness's score cache (no forwar
 The first candidate without a line is scored for real. A logged failure is told as failed
 again without scoring it (it may have been a transient out-of-memory; the log is what the
 search saw). A logged `mean` (CMA-ES's distribution mean, asked once at the end) is
-matched by genome, since a run extended with --max-evals ends at another mean.
+matched by genome, since a run extended with --max-evals ends at another mean. A `start`
+(the search's starting genome, asked with its first generation) that a log written before
+searches asked for it lacks is scored, and the rest replays.
 """
 from __future__ import annotations
 
@@ -73,10 +75,12 @@ class Outcome:
     best_genome: np.ndarray
     best_fitness: float
     evaluations: int
-    """Samples evaluated (the budget's count: seeds and the mean are outside it)."""
+    """Samples evaluated (the budget's count: seeds, the start and the mean are outside it)."""
     history: list[dict] = field(default_factory=list)
     executor: dict = field(default_factory=dict)
     """What scored the candidates and how busy its workers were (evaluation/executors/)."""
+    best_kind: str = "sample"
+    """The best candidate's kind: `start` when no sample beat where the search began."""
 
 
 def run_search(stage: str, search: Search, scorer: Scorer, folder: RunFolder, *, progress: bool,
@@ -146,7 +150,7 @@ def run_search(stage: str, search: Search, scorer: Scorer, folder: RunFolder, *,
     row = next(r for r in reversed(history)
                if not r.get("error") and np.array_equal(np.asarray(r["genome"]), np.asarray(best).ravel()))
     return Outcome(stage, np.asarray(row["genome"]), row["fitness"], sum(r["kind"] == "sample" for r in history),
-                   history)
+                   history, best_kind=row["kind"])
 
 
 class _Failures:

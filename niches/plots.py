@@ -65,6 +65,10 @@ def draw_fitness(ax, outcomes: Sequence["Outcome"]) -> None:
             medians = [np.median([r["fitness"] for r in samples if r["round"] == g]) for g in rounds]
             ax.plot(ends, medians, "o--", color=line.get_color(), markersize=3, alpha=0.6,
                     label=f"{outcome.name}: generation median")
+        starts = [row for row in outcome.history if row["kind"] == "start" and row["fitness"] is not None]
+        if starts:  # where the search began (DFS in ps+dfs: the PS merge), at its x position 0
+            ax.plot([offset], [starts[0]["fitness"]], "s", color=line.get_color(), markeredgecolor="k",
+                    markersize=7, label=f"{outcome.name}: start")
         means = [row for row in outcome.history if row["kind"] == "mean"]
         if means:  # each stage's mean its own marker and colour: a ps+dfs run has two
             ax.plot([offset + len(fitness)], [means[-1]["fitness"]], MEAN_MARKERS[number % len(MEAN_MARKERS)],

@@ -87,13 +87,15 @@ def lineage(stage: Stage, outcome: Outcome, config: RunConfig, references: Refer
                 f"{'on' if settings.attraction else 'off'}; alpha {settings.alpha}) over {outcome.evaluations} "
                 "child evaluations")
     genome = stage.genome
+    found = {"start": "; the best is the starting point, which no sample beat",
+             "mean": "; the best is the final distribution mean"}.get(outcome.best_kind, "")
     if stage.name == "dfs":
         return (f"DFS: a path of {len(genome.path(outcome.best_genome))} layers through {names(genome.space.sources)} "
                 f"({genome.space.repeats} repeats, scales {genome.scales}), {genome.dimension} genes evolved by "
-                f"{stage.method} ({outcome.evaluations} evaluations)")
+                f"{stage.method} ({outcome.evaluations} evaluations{found})")
     recipe = genome.decode(outcome.best_genome)
     return (f"PS: `{recipe.merge_method}` merge of {names(recipe.referenced_models())}, {genome.dimension} genes "
-            f"evolved by {stage.method} ({outcome.evaluations} evaluations)")
+            f"evolved by {stage.method} ({outcome.evaluations} evaluations{found})")
 
 
 def card_notes(lines: list[str], results: dict | None, config: RunConfig) -> str:
@@ -146,7 +148,8 @@ def results_of(config: RunConfig, outcomes: list[tuple[Stage, Outcome]], report:
     stages = {}
     for stage, outcome in outcomes:
         recipe = stage.genome.decode(outcome.best_genome).model_dump(mode="json", exclude_none=True)
-        stages[outcome.name] = {"best_fitness": outcome.best_fitness, "evaluations": outcome.evaluations,
+        stages[outcome.name] = {"best_fitness": outcome.best_fitness, "best_kind": outcome.best_kind,
+                                "evaluations": outcome.evaluations,
                                 "best_genome": outcome.best_genome.tolist(),
                                 "best_recipe": json.loads(references.in_text(json.dumps(recipe)))}
     paper: dict[str, dict[str, float]] = {}

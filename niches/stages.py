@@ -132,14 +132,17 @@ def make_harness(template: Path, config: RunConfig, cache: Path) -> Harness:
 
 def genome_search(genome: RecipeGenome | DataflowGenome, settings: OptimizerSettings, seed: int) -> Search:
     """CMA-ES from the genome's start (its distribution mean evaluated at the end), or
-    uniform random genomes at the same budget."""
+    uniform random genomes at the same budget; both evaluate the start itself with their
+    first generation unless `evaluate_start` is off."""
+    start = genome.x0 if settings.evaluate_start else None
     if settings.search == "random":
         return RandomSearch(genome.dimension, max_evals=settings.max_evals,
-                            popsize=settings.popsize or default_popsize(max(genome.dimension, 2)), seed=seed)
+                            popsize=settings.popsize or default_popsize(max(genome.dimension, 2)), seed=seed,
+                            start=start)
     try:
         return CMAES(genome.x0, settings.sigma0, bounds=(0.0, 1.0), popsize=settings.popsize, seed=seed,
                      separable=settings.separable, restarts=settings.restarts, max_evals=settings.max_evals,
-                     evaluate_mean=True)
+                     evaluate_mean=True, evaluate_start=settings.evaluate_start)
     except ValueError as exc:
         raise RecipeError(f"optimizer: {exc}") from None
 

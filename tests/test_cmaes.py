@@ -61,6 +61,51 @@ def test_the_mean_is_asked_last_outside_the_budget_and_can_be_the_best():
     assert search.best().kind == "mean"
 
 
+def test_the_start_is_asked_first_outside_the_budget_and_leaves_the_samples_unchanged():
+    """`evaluate_start`: x0 comes first in the first generation (kind "start"); pycma is
+    told only the samples, so the samples are the ones a search without it asks; a start
+    no sample beats is the answer, and a resumed search replays it."""
+    x0 = np.array([0.2, 0.5, 0.9])
+    fitness = negated_sphere(np.full(3, 0.7))
+    plain = [c.genome for g in run(CMAES(x0, 0.2, popsize=6, seed=4, max_evals=20), fitness) for c in g]
+    search = CMAES(x0, 0.2, popsize=6, seed=4, max_evals=20, evaluate_start=True)
+    generations = run(search, fitness)
+    assert [len(g) for g in generations] == [7, 6, 6, 2] and search.evaluations == 20
+    start, *samples = [c for g in generations for c in g]
+    assert start.kind == "start" and np.array_equal(start.genome, x0) and {c.kind for c in samples} == {"sample"}
+    assert np.array_equal(np.stack([c.genome for c in samples]), np.stack(plain))
+    assert search.summary()["start_fitness"] == fitness(x0)
+    # where every sample is worse than the start, the start is the answer, also after a resume
+    at_start = CMAES(x0, 0.2, popsize=6, seed=4, max_evals=12, evaluate_start=True, evaluate_mean=True)
+    run(at_start, lambda x: 1.0 if np.array_equal(x, x0) else 0.0, stop_after=1)
+    resumed = CMAES.from_state(*at_start.state())
+    run(resumed, lambda x: 1.0 if np.array_equal(x, x0) else 0.0)
+    assert resumed.best().kind == "start" and np.array_equal(resumed.best().genome, x0)
+    assert resumed.evaluations == 12 and resumed.summary()["start_fitness"] == 1.0
+
+
+def test_random_search_asks_its_start_once_outside_the_budget():
+    from niches.baselines import RandomSearch
+
+    start = np.array([0.1, 0.2])
+    plain, search = RandomSearch(2, max_evals=5, popsize=3, seed=3), RandomSearch(2, max_evals=5, popsize=3, seed=3,
+                                                                                  start=start)
+    asked = []
+    for each in (plain, search):
+        genomes = []
+        while not each.stop():
+            candidates = each.ask()
+            each.tell(candidates, [scores(1.0 if c.kind == "start" else 0.0) for c in candidates])
+            genomes.append(candidates)
+        asked.append(genomes)
+    assert [len(g) for g in asked[1]] == [4, 2] and asked[1][0][0].kind == "start" and search.evaluations == 5
+    assert np.array_equal(np.stack([c.genome for g in asked[0] for c in g]),
+                          np.stack([c.genome for g in asked[1] for c in g if c.kind == "sample"]))
+    assert np.array_equal(search.best().genome, start)
+    resumed = RandomSearch.from_state(*search.state())
+    assert resumed.start_told and np.array_equal(resumed.start, start)
+
+
 def test_budget_trims_the_last_generation():
     search = CMAES(np.zeros(3) + 0.5, 0.2, popsize=8, max_evals=20)
     sizes = [len(g) for g in run(search, negated_sphere(np.zeros(3)))]

@@ -67,10 +67,12 @@ def ps_run(micro_zoo, tmp_path_factory) -> tuple[Path, dict]:
 def test_ps_run_folder(ps_run):
     run_dir, results = ps_run
     rows = read_candidates(run_dir)
-    assert [r["kind"] for r in rows] == ["sample"] * 12 + ["mean"]
-    assert [r["index"] for r in rows[:12]] == list(range(12))
+    # the template's start with the first generation, 12 samples, the final mean
+    assert [r["kind"] for r in rows] == ["start"] + ["sample"] * 12 + ["mean"]
+    assert [r["index"] for r in rows[1:13]] == list(range(12))
     assert all(len(r["genome"]) == 16 and set(r["scores"]) == {"math_lang"} for r in rows)
-    assert [r["round"] for r in rows] == [0] * 6 + [1] * 6 + [2]
+    assert [r["round"] for r in rows] == [0] * 7 + [1] * 6 + [2]
+    assert sorted(rows[0]["genome"]) == pytest.approx([0.5] * 8 + [5 / 9] * 8)  # inits: weight 0.6 in [0, 1.2], density 0.6 in [0.1, 1]
     summaries = [json.loads(line) for line in (run_dir / "optimizer.jsonl").read_text().splitlines()]
     assert [(s["round"], s["evaluations"]) for s in summaries] == [(0, 6), (1, 12), (2, 12)]  # after each round
     best = max(rows, key=lambda r: r["fitness"])
@@ -116,8 +118,8 @@ def test_the_same_seed_replays_the_same_candidates(ps_run, micro_zoo, tmp_path):
     """Determinism is what resume rests on: a fresh folder gets the same genomes and fitness."""
     run_dir, _ = ps_run
     evolve(write_config(tmp_path, micro_zoo[0], evals=6), tmp_path / "run", progress=False)
-    fresh = [(r["genome"], r["fitness"]) for r in read_candidates(tmp_path / "run") if r["kind"] == "sample"]
-    assert fresh == [(r["genome"], r["fitness"]) for r in read_candidates(run_dir)[:6]]
+    fresh = [(r["genome"], r["fitness"]) for r in read_candidates(tmp_path / "run") if r["kind"] != "mean"]
+    assert fresh == [(r["genome"], r["fitness"]) for r in read_candidates(run_dir)[:7]]
 
 
 @pytest.fixture(scope="module")
@@ -206,7 +208,7 @@ def test_a_bigger_budget_extends_a_finished_run(micro_zoo, tmp_path, capsys):
     evolve(config, tmp_path / "run", max_evals=12, progress=True)
     rows = read_candidates(tmp_path / "run")
     samples = [r for r in rows if r["kind"] == "sample"]
-    assert rows[:7] == first and len(samples) == 12 and [r["index"] for r in samples] == list(range(12))
+    assert rows[:8] == first and len(samples) == 12 and [r["index"] for r in samples] == list(range(12))
     summaries = [json.loads(line) for line in (tmp_path / "run" / "optimizer.jsonl").read_text().splitlines()]
     # a summary per round that scored something new: the old end (the mean) stays, then the extension's rounds
     assert [(s["round"], s["evaluations"]) for s in summaries] == [(0, 6), (1, 6), (1, 12), (2, 12)]
@@ -223,7 +225,7 @@ def test_a_replay_reports_the_load_and_memory_of_the_invocations_that_scored(mic
     evolve(config, tmp_path / "run", progress=False)
     sessions = tmp_path / "run" / "sessions.jsonl"
     (first,) = [json.loads(line) for line in sessions.read_text().splitlines()]
-    assert first["scored"] == 7 and len(first["load_average"]) == 2 and first["peak_rss_gib"] > 0
+    assert first["scored"] == 8 and len(first["load_average"]) == 2 and first["peak_rss_gib"] > 0
     sessions.write_text(json.dumps({**first, "load_average": [42.0, 43.0], "peak_rss_gib": 99.0}) + "\n")
     results = evolve(config, tmp_path / "run", progress=False)
     replay = json.loads(sessions.read_text().splitlines()[-1])
@@ -249,7 +251,7 @@ def test_ps_then_dfs(ps_dfs_run, micro_zoo):
     run_dir, results = ps_dfs_run
     assert (run_dir / "ps" / "best" / "model.safetensors").is_file()
     stages = [r["stage"] for r in read_candidates(run_dir)]
-    assert stages == ["ps"] * 7 + ["dfs"] * 7
+    assert stages == ["ps"] * 8 + ["dfs"] * 8
     recipe = results["stages"]["dfs"]["best_recipe"]
     assert recipe["merge_method"] == "passthrough"
     models = {s["sources"][0]["model"] for s in recipe["slices"]}
@@ -257,6 +259,35 @@ def test_ps_then_dfs(ps_dfs_run, micro_zoo):
     assert AutoConfig.from_pretrained(run_dir / "best").num_hidden_layers == len(recipe["slices"])
     assert (run_dir / "plots" / "dfs_path.png").is_file()
     assert "DFS: a path of" in (run_dir / "best" / "README.md").read_text()
+
+
+def test_the_dfs_stage_starts_from_the_ps_merge_itself(ps_dfs_run):
+    """DFS's start (model A's layers in order, no scales in play) is the PS merge: scored
+    with the first generation, it has the PS stage's best fitness, so PS+DFS's answer is
+    never worse on the fitness than the PS merge it started from."""
+    run_dir, results = ps_dfs_run
+    rows = read_candidates(run_dir)
+    ps_rows = [r for r in rows if r["stage"] == "ps"]
+    start = next(r for r in rows if r["stage"] == "dfs" and r["kind"] == "start")
+    assert start["round"] == 0 and start["fitness"] == results["stages"]["ps"]["best_fitness"]
+    assert start["fitness"] == max(r["fitness"] for r in ps_rows)
+    assert results["stages"]["dfs"]["best_fitness"] >= start["fitness"]
+
+
+def test_a_log_from_before_starts_were_evaluated_replays(micro_zoo, tmp_path):
+    """A run folder logged when searches did not ask for their start: the rerun scores the
+    start (round 0, outside the budget) and replays every logged candidate unchanged."""
+    config = write_config(tmp_path, micro_zoo[0], evals=6)
+    run_dir = tmp_path / "run"
+    evolve(config, run_dir, progress=False)
+    rows = read_candidates(run_dir)
+    older = [r for r in rows if r["kind"] != "start"]
+    (run_dir / "candidates.jsonl").write_text("".join(json.dumps(r) + "\n" for r in older))
+    results = evolve(config, run_dir, progress=False)
+    again = read_candidates(run_dir)
+    assert again[:len(older)] == older and [r["kind"] for r in again[len(older):]] == ["start"]
+    assert {k: v for k, v in again[-1].items() if k != "seconds"} == {k: v for k, v in rows[0].items() if k != "seconds"}
+    assert results["stages"]["ps"]["evaluations"] == 6
 
 
 def test_the_ps_then_dfs_report_has_the_ps_merge_as_a_row(ps_dfs_run):
@@ -298,9 +329,9 @@ def test_evolve_prints_the_report_beside_the_papers_scores(ps_dfs_run, capsys):
 def test_resume_after_a_kill_during_the_dfs_stage(ps_dfs_run, micro_zoo, tmp_path):
     config = write_config(tmp_path, micro_zoo[0], method="ps+dfs", evals=6)
     run_dir = tmp_path / "run"
-    before = kill_midway(config, run_dir, 10)  # PS logs 7 lines, DFS 3 per round: killed while DFS runs
-    assert [json.loads(line)["stage"] for line in before if line.endswith("}")][7:10] == ["dfs"] * 3
-    assert len(before) < 14 and not (run_dir / "best").exists()
+    before = kill_midway(config, run_dir, 11)  # PS logs 8 lines, DFS 4 then 3 per round: killed while DFS runs
+    assert [json.loads(line)["stage"] for line in before if line.endswith("}")][8:11] == ["dfs"] * 3
+    assert len(before) < 16 and not (run_dir / "best").exists()
 
     results = evolve(config, run_dir, progress=False)
     after = read_candidates(run_dir)
@@ -332,7 +363,9 @@ def test_extending_ps_then_dfs_keeps_an_unchanged_ps_merge(micro_zoo, tmp_path):
     assert {r["fitness"] for r in first} == {0.0}
     evolve(config, run_dir, max_evals=12, progress=False)
     assert (run_dir / "ps" / "best" / "model.safetensors").stat().st_mtime_ns == weights
-    assert "(12 evaluations)" in (run_dir / "ps" / "best" / "README.md").read_text()
+    # all fitness 0: no sample beats the start, which was told first, so the start is the answer
+    assert "(12 evaluations; the best is the starting point, which no sample beat)" in \
+        (run_dir / "ps" / "best" / "README.md").read_text()
     rows = read_candidates(run_dir)
     assert [r for r in rows if r["stage"] == "dfs"][:6] == [r for r in first if r["stage"] == "dfs"][:6]
     assert sum(r["stage"] == "dfs" and r["kind"] == "sample" for r in rows) == 12
@@ -378,11 +411,11 @@ def test_dfs_logged_on_an_older_ps_merge_is_not_replayed(micro_zoo, tmp_path):
     tensors = load_file(weights)
     tensors["model.norm.weight"] = tensors["model.norm.weight"] * 1.01
     save_file(tensors, weights, metadata={"format": "pt"})
-    with pytest.raises(EvomergeError, match=r"the dfs stage's 7 logged candidates were scored with .*/ps/best as it "
+    with pytest.raises(EvomergeError, match=r"the dfs stage's 8 logged candidates were scored with .*/ps/best as it "
                                             r"was then, and it has been rewritten since .* cannot be replayed. Use a "
                                             r"new --run-dir"):
         evolve(config, run_dir, progress=False)
-    assert sum(r["stage"] == "dfs" for r in read_candidates(run_dir)) == 7  # nothing logged on the new merge
+    assert sum(r["stage"] == "dfs" for r in read_candidates(run_dir)) == 8  # nothing logged on the new merge
 
 
 PS_CONFIG = "method: ps\nmodels: [a]\nfitness: {tasks: [x], split: train}\nreport: {tasks: [x], split: test}\n" \
@@ -520,7 +553,7 @@ def test_a_bad_setting_fails_before_the_run_folder_and_a_folder_without_scores_t
     config.write_text(good)
     evolve(config, run_dir, max_evals=6, progress=False)
     assert (run_dir / "config.yaml").read_text() == good
-    assert len(read_candidates(run_dir)) == 7
+    assert len(read_candidates(run_dir)) == 8
     # once candidates are scored, another config is refused (test_a_rerun_with_another_config_is_refused)
 
 
@@ -540,7 +573,7 @@ def test_what_fails_before_the_search_leaves_no_scored_candidate(micro_zoo, tmp_
     assert not read_candidates(tmp_path / "run") if (tmp_path / "run" / "candidates.jsonl").exists() else True
     config.write_text(good)
     evolve(config, tmp_path / "run", progress=False)
-    assert len(read_candidates(tmp_path / "run")) == 7
+    assert len(read_candidates(tmp_path / "run")) == 8
 
 
 def test_a_replay_whose_scores_changed_is_refused(micro_zoo, tmp_path):
@@ -568,7 +601,7 @@ def test_a_run_folder_in_use_is_refused(micro_zoo, tmp_path):
         with pytest.raises(EvomergeError, match="in use by another evomerge evolve"):
             evolve(config, tmp_path / "run", progress=False)
     evolve(config, tmp_path / "run", progress=False)  # free again
-    assert len(read_candidates(tmp_path / "run")) == 7
+    assert len(read_candidates(tmp_path / "run")) == 8
 
 
 def test_max_evals_zero_writes_nothing(micro_zoo, tmp_path, capsys):
@@ -640,13 +673,16 @@ def test_random_search_baseline_at_the_same_budget(ps_run, micro_zoo, tmp_path):
     config.write_text(config.read_text().replace("{max_evals: 12, popsize: 6}", "{search: random, max_evals: 12, popsize: 6}"))
     results = evolve(config, tmp_path / "run", progress=False)
     rows = read_candidates(tmp_path / "run")
-    assert [(r["kind"], r["round"]) for r in rows] == [("sample", g) for g in (0, 1) for _ in range(6)]  # no mean
-    genomes = [r["genome"] for r in rows]
+    # the template's start too (CMA-ES's x0), then samples; no mean
+    assert [(r["kind"], r["round"]) for r in rows] == [("start", 0)] + [("sample", g) for g in (0, 1) for _ in range(6)]
+    assert (rows[0]["genome"], rows[0]["fitness"]) == (read_candidates(ps_run[0])[0]["genome"],
+                                                       read_candidates(ps_run[0])[0]["fitness"])
+    genomes = [r["genome"] for r in rows[1:]]
     assert all(0 <= g <= 1 for genome in genomes for g in genome) and len({tuple(g) for g in genomes}) == 12
-    assert genomes != [r["genome"] for r in read_candidates(ps_run[0])[:12]]  # not CMA-ES's
+    assert genomes != [r["genome"] for r in read_candidates(ps_run[0])[1:13]]  # not CMA-ES's
     best = max(rows, key=lambda r: r["fitness"])
     assert results["stages"]["ps"]["best_genome"] == best["genome"] and results["stages"]["ps"]["evaluations"] == 12
-    assert "16 genes evolved by uniform random search (the baseline) (12 evaluations)" in \
+    assert "16 genes evolved by uniform random search (the baseline) (12 evaluations" in \
         (tmp_path / "run" / "best" / "README.md").read_text()
     again = evolve(config, tmp_path / "run", progress=False)  # replayed, not redrawn
     assert read_candidates(tmp_path / "run") == rows and again["stages"] == results["stages"]

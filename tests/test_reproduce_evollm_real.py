@@ -132,7 +132,7 @@ def test_a_rerun_after_a_kill_gives_the_same_results(reproduction, tmp_path):
     before = {run.name: candidates(runs / run.name) for run in script.RUNS}
     table = json.loads((folder / "docs" / "evollm_real.json").read_text())
     log = (runs / "ps-dfs" / "candidates.jsonl").read_text().splitlines(keepends=True)
-    cut = next(i for i, line in enumerate(log) if json.loads(line)["stage"] == "dfs") + 2
+    cut = next(i for i, line in enumerate(log) if json.loads(line)["stage"] == "dfs") + 3  # its start, 2 samples
     (runs / "ps-dfs" / "candidates.jsonl").write_text("".join(log[:cut]) + log[cut][:20])  # a torn last line
     kept = {json.loads(line)["candidate"] for line in log[:cut]}
     warmed = len(cache(runs / "ps-seed0"))  # the scores of the candidates after the cut and of the report go too
@@ -213,12 +213,17 @@ def test_the_targets_are_checked_two_standard_errors_each_way():
     score = lambda mean, stderr: {"mean": mean, "stderr": stderr, "n": 200}  # noqa: E731
     rows = {"math": {"math_de": score(0.135, 0.024)}, "german": {"math_de": score(0.010, 0.007)},
             "ps": {"math_de": score(0.300, 0.032)}, "ps+dfs": {"math_de": score(0.290, 0.032)}}
-    text = script.targets(rows, {"ps": {"0": {"math_de": score(0.280, 0.032)}}})
+    text = script.targets(rows, {"ps": {"0": {"math_de": score(0.280, 0.032)}}}, {})
     assert "PS against math on math_de: 0.300" in text and text.count("each way: yes") == 2
     assert "PS+DFS ≥ PS on math_de: 0.290 vs 0.300 (the best PS seed on dev): no; vs 0.280 (seed 0" in text
+    assert "by construction" not in text
     rows["ps"]["math_de"] = score(0.240, 0.030)  # 0.240 - 0.060 = 0.180 < 0.135 + 0.048 = 0.183
     assert "PS against math on math_de: 0.240 ± 0.030 vs 0.135 ± 0.024 (difference +0.105); more than two " \
-           "standard errors each way: no." in script.targets(rows, {})
+           "standard errors each way: no." in script.targets(rows, {}, {})
+    # a DFS stage whose best is its start (the PS merge): said, so the target is not read as DFS's doing
+    budgets = {"ps+dfs": {"best_kind": {"0": ["sample", "start"]}, "best_dev_fitness": {"0": [0.19, 0.19]}}}
+    assert "PS+DFS exports the PS merge: the target holds by construction" in script.targets(rows, {}, budgets)
+    assert script.fitnesses(budgets["ps+dfs"], "0") == "0.190 → 0.190 (its start)"
 
 
 def test_the_real_configs_agree_where_the_comparison_needs_it():
