@@ -27,19 +27,8 @@ from niches.config import References, RunConfig, load_config
 from niches.loop import Outcome, logged_candidates
 from niches.report import card_notes, export, lineage, results_of, score_report
 from niches.runfolder import RunFolder
-from niches.stages import (
-    Genome,
-    Stage,
-    budget,
-    check_m2n2_tasks,
-    dfs_genome,
-    dfs_pool,
-    dfs_stage,
-    genome_search,
-    m2n2_stage,
-    ps_stage,
-    run_stage,
-)
+from niches.stages import (Genome, Stage, budget, check_m2n2_tasks, dfs_genome, dfs_pool, dfs_stage, genome_search,
+                           m2n2_stage, ps_stage, run_stage)
 
 
 def evolve(config_path: str | Path, run_dir: str | Path, *, max_evals: int | None = None,
@@ -165,7 +154,10 @@ def _described(config: RunConfig, config_text: str, setup: _Setup, folder: RunFo
         optimizer = settings.optimizer
         search = ("uniform random search" if optimizer.search == "random"
                   else f"CMA-ES (popsize {optimizer.popsize or 'default'}, sigma0 {optimizer.sigma0})")
-        lines.append(f"stage {name}: {search} over {genome.dimension} genes, {evals} evaluations")
+        extra = [what for what, on in (("its start", optimizer.evaluate_start),
+                                       ("its final mean", optimizer.search == "cmaes")) if on]
+        lines.append(f"stage {name}: {search} over {genome.dimension} genes, {evals} evaluations"
+                     + (f" (+ {' and '.join(extra)}, outside the budget)" if extra else ""))
     scored = len(logged_candidates(folder))
     if scored:
         folder.check_same_config(config_text, setup.template_text)

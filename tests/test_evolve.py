@@ -628,7 +628,8 @@ def test_a_dry_run_plans_what_the_run_did(ps_dfs_run, capsys):
     code, out = dry_run(run_dir.parent / "config.yaml", run_dir, capsys)
     assert code == 0, out
     assert f"stage ps: CMA-ES (popsize 6, sigma0 0.2) over {genes['ps']} genes, 6 evaluations" in out
-    assert f"stage dfs: CMA-ES (popsize 3, sigma0 0.2) over {genes['dfs']} genes, 6 evaluations" in out
+    assert f"stage dfs: CMA-ES (popsize 3, sigma0 0.2) over {genes['dfs']} genes, 6 evaluations (+ its start and " \
+           "its final mean, outside the budget)" in out
     assert "fitness: math_lang (24 train examples)" in out
     assert "report: math_lang (30 test examples), math (30 test examples)" in out
     assert f"resumed; its {len(rows)} scored candidates are replayed" in out
