@@ -12,17 +12,20 @@ from pathlib import Path
 from evaluation.tasks import TaskResult
 
 
-def read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path, *, repair: bool = True) -> list[dict]:
     """The rows of an append-only JSONL log, after cutting off a last line that a kill
     left unfinished (so the next append starts on a fresh line instead of gluing itself
-    to the fragment and being lost with it)."""
+    to the fragment and being lost with it). Only the log's writer repairs: a reader
+    beside a live run (a report, a dry run) passes `repair=False`, skips the unfinished
+    line and leaves the file alone, since that line may be one the run is writing now."""
     if not path.is_file():
         return []
     data = path.read_bytes()
     if data and not data.endswith(b"\n"):
         data = data[: data.rfind(b"\n") + 1]
-        with path.open("r+b") as handle:
-            handle.truncate(len(data))
+        if repair:
+            with path.open("r+b") as handle:
+                handle.truncate(len(data))
     rows = []
     for line in data.decode().splitlines():
         try:

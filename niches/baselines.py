@@ -225,7 +225,7 @@ class RandomSearch:
         if dimension < 1 or max_evals < 0 or popsize < 1:
             raise ValueError("random search needs dimension >= 1, max_evals >= 0 and popsize >= 1")
         self.dimension, self.max_evals, self.popsize, self.seed = dimension, max_evals, popsize, seed
-        self.start = None if start is None else np.array(start, dtype=float)
+        self.start = None if start is None else np.clip(np.array(start, dtype=float), 0.0, 1.0)  # as CMA-ES's x0
         self.rng = np.random.default_rng(seed)
         self.evaluations = 0
         self.start_told = False

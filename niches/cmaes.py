@@ -264,7 +264,8 @@ class CMAES:
             "popsize": self.popsize, "sigma": self.sigma, "mean": self.mean.tolist(),
             "best_fitness": self.best_fitness if self._best is not None else None,
             "best_genome": None if self._best is None else self._best.genome.tolist(),
-            "start_fitness": self._start_fitness, "separable": self.separable, "stop": {k: str(v) for k, v in dict(self._es.stop()).items()},
+            "start_fitness": self._start_fitness, "separable": self.separable,
+            "stop": {k: str(v) for k, v in dict(self._es.stop()).items()},
         }
 
     def state(self) -> tuple[dict[str, np.ndarray], dict]:

@@ -22,8 +22,8 @@ The first candidate without a line is scored for real. A logged failure is told 
 again without scoring it (it may have been a transient out-of-memory; the log is what the
 search saw). A logged `mean` (CMA-ES's distribution mean, asked once at the end) is
 matched by genome, since a run extended with --max-evals ends at another mean. A `start`
-(the search's starting genome, asked with its first generation) that a log written before
-searches asked for it lacks is scored, and the rest replays.
+(the search's starting genome, asked with its first generation) is replayed like a
+sample; a stage logged before searches asked for it is rerun without one (niches/run.py).
 """
 from __future__ import annotations
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from evaluation.executors import check_executor
 from evaluation.tasks import Task
+from merging.checkpoint import resolve_model_path
 from merging.engine import resolve_device
 from merging.errors import EvomergeError
 from niches.config import References, RunConfig, load_config
@@ -38,7 +39,8 @@ def evolve(config_path: str | Path, run_dir: str | Path, *, max_evals: int | Non
     `executor`, `workers` and `ray_address` override the config's."""
     import torch
 
-    config = _configured(config_path, max_evals, executor, workers, ray_address)
+    config, _ = _as_logged(_configured(config_path, max_evals, executor, workers, ray_address),
+                           RunFolder(run_dir, read_only=True))
     threads = torch.get_num_threads()
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -50,15 +52,20 @@ def evolve(config_path: str | Path, run_dir: str | Path, *, max_evals: int | Non
 
 def plan(config_path: str | Path, run_dir: str | Path, *, max_evals: int | None = None,
          executor: str | None = None, workers: int | None = None, ray_address: str | None = None) -> str:
-    """What `evolve` with the same arguments would do, in words, after every check it makes
+    """What `evolve` with the same arguments would do, in words, after the checks it makes
     before its first candidate: the config, the template, the models, the executor, each
     task's examples (loaded and counted), each stage's genes and budget, and whether the run
-    folder would be started, resumed or refused. Nothing is merged or scored and the run
-    folder is not touched (`evomerge evolve --dry-run`)."""
-    config = _configured(config_path, max_evals, executor, workers, ray_address)
+    folder would be started, resumed or refused (another config; a source rewritten since
+    its candidates were scored). Only the fitness tasks' keys wait for the run: the workers
+    measure them. Nothing is merged or scored and the run folder is not touched, not even a
+    half-written line a live run is appending (`evomerge evolve --dry-run`)."""
+    folder = RunFolder(run_dir, read_only=True)
+    config, without_start = _as_logged(_configured(config_path, max_evals, executor, workers, ray_address), folder)
     setup = _prepare(config, Path(config_path), max_evals)
     try:
-        return _described(config, Path(config_path).read_text(), setup, RunFolder(run_dir))
+        described = _described(config, Path(config_path).read_text(), setup, folder, without_start)
+        _check_logged_sources(config, setup, folder)
+        return described
     finally:
         for stage in setup.stages:
             stage.close()
@@ -79,6 +86,23 @@ def _configured(config_path: str | Path, max_evals: int | None, executor: str | 
                             "and no best/ was written (a best merge from zero evaluations would be the search's "
                             "starting point, not a result)")
     return config
+
+
+def _as_logged(config: RunConfig, folder: RunFolder) -> tuple[RunConfig, list[str]]:
+    """The config a run folder's log replays under, and the stages it changed: a stage
+    whose first generation was told without its start (logged before searches scored
+    their start) goes on without one, so that a rerun exports what the run exported."""
+    rows = logged_candidates(folder)
+    updates, without_start = {}, []
+    for name in ("ps", "dfs"):
+        section = getattr(config, name)
+        logged = [row for row in rows if row["stage"] == name]
+        if (section is not None and section.optimizer.evaluate_start and not any(r["kind"] == "start" for r in logged)
+                and any(r.get("round", 0) >= 1 for r in logged)):
+            optimizer = section.optimizer.model_copy(update={"evaluate_start": False})
+            updates[name] = section.model_copy(update={"optimizer": optimizer})
+            without_start.append(name)
+    return config.model_copy(update=updates), without_start
 
 
 @dataclass
@@ -127,7 +151,8 @@ def _prepare(config: RunConfig, config_path: Path, max_evals: int | None) -> _Se
     return _Setup(references, template_text, fitness_tasks, report_tasks, models, report_rows, first, later)
 
 
-def _described(config: RunConfig, config_text: str, setup: _Setup, folder: RunFolder) -> str:
+def _described(config: RunConfig, config_text: str, setup: _Setup, folder: RunFolder,
+               without_start: list[str]) -> str:
     """The dry run's plan; loading each task's examples and checking the run folder are its
     last checks."""
     executor = config.executor + ("" if config.executor == "serial" else f", {config.workers or 'default'} workers")
@@ -157,15 +182,33 @@ def _described(config: RunConfig, config_text: str, setup: _Setup, folder: RunFo
         extra = [what for what, on in (("its start", optimizer.evaluate_start),
                                        ("its final mean", optimizer.search == "cmaes")) if on]
         lines.append(f"stage {name}: {search} over {genome.dimension} genes, {evals} evaluations"
-                     + (f" (+ {' and '.join(extra)}, outside the budget)" if extra else ""))
+                     + (f" (+ {' and '.join(extra)}, outside the budget)" if extra else "")
+                     + ("; its log predates scored starts, so it goes on without one" if name in without_start else ""))
     scored = len(logged_candidates(folder))
     if scored:
         folder.check_same_config(config_text, setup.template_text)
         lines.append(f"run folder {folder.path}: resumed; its {scored} scored candidates are replayed from its log")
     else:
         lines.append(f"run folder {folder.path}: {'exists, nothing scored: started afresh' if folder.path.exists() else 'new'}")
+    if folder.in_use():
+        lines.append(f"run folder {folder.path}: in use by another evomerge evolve now; a run refuses to start "
+                     "until that one ends")
     lines.append("dry run: nothing was merged or scored, and the run folder was not touched")
     return "\n".join(lines)
+
+
+def _check_logged_sources(config: RunConfig, setup: _Setup, folder: RunFolder) -> None:
+    """Refuse, as the run would, a stage whose logged candidates were scored on sources that
+    have changed since (a zoo rebuilt with other bytes). The DFS stage of ps+dfs is checked
+    against the PS merge already exported, if there is one."""
+    sources = {stage.name: {ref: c.path for ref, c in stage.checkpoints.items()} for stage in setup.stages}
+    ps_merge = folder.path / "ps" / "best"
+    if config.method == "ps+dfs" and ps_merge.is_dir():
+        sources["dfs"] = {ref: resolve_model_path(ref) for ref in dfs_pool(config, setup.references, str(ps_merge))}
+    if config.method == "m2n2":
+        sources["m2n2"] = {ref: resolve_model_path(ref) for ref in setup.models}
+    for name, paths in sources.items():
+        folder.check_sources(name, paths, len(logged_candidates(folder, name)))
 
 
 def _evolve(config: RunConfig, config_path: Path, run_dir: Path, max_evals: int | None, progress: bool) -> dict:

@@ -23,15 +23,18 @@ from typing import Any
 import yaml
 
 from evaluation.harness import checkpoint_hash, read_jsonl
-from merging.checkpoint import Checkpoint, write_atomic
+from merging.checkpoint import write_atomic
 from merging.errors import EvomergeError
 
 
 class RunFolder:
-    """The files of one run; appends are line-atomic enough for JSONL (see read_jsonl)."""
+    """The files of one run; appends are line-atomic enough for JSONL (see read_jsonl).
+    `read_only`: a view for a dry run, which reads the logs as they are (a run may be
+    writing them) and never repairs them."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, *, read_only: bool = False):
         self.path = Path(path).resolve()
+        self.read_only = read_only
         self.candidates_file = self.path / "candidates.jsonl"
         self.optimizer_file = self.path / "optimizer.jsonl"
         self.scores_file = self.path / "scores.jsonl"
@@ -77,7 +80,7 @@ class RunFolder:
                                     "candidates; rerun with the config it was started with, or use a new --run-dir")
 
     def rows(self, file: Path) -> list[dict]:
-        return read_jsonl(file)
+        return read_jsonl(file, repair=not self.read_only)
 
     def append(self, file: Path, row: dict) -> None:
         with file.open("a") as handle:
@@ -86,12 +89,29 @@ class RunFolder:
     def write_json(self, name: str, data: Any) -> Path:
         return write_atomic(self.path / name, json.dumps(data, indent=2) + "\n")
 
-    def check_sources(self, stage: str, checkpoints: dict[str, Checkpoint], logged: int) -> None:
-        """Record the identity of a stage's source checkpoints, and refuse to replay logged
-        fitness measured on a source that has changed since (a replay checks genomes, which
-        stay the same when a model under them is rewritten)."""
+    def in_use(self) -> bool:
+        """Whether another invocation holds the folder now (`claimed`): the lock is tried
+        and let go at once, and nothing is written."""
+        import fcntl
+
+        lock_file = self.path / ".lock"
+        if not lock_file.is_file():
+            return False
+        with lock_file.open("r") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            return False
+
+    def check_sources(self, stage: str, sources: dict[str, str | Path], logged: int) -> None:
+        """Record the identity of a stage's source checkpoints (reference -> folder), and
+        refuse to replay logged fitness measured on a source that has changed since (a
+        replay checks genomes, which stay the same when a model under them is rewritten).
+        A read-only folder checks without recording."""
         recorded = json.loads(self.sources_file.read_text()) if self.sources_file.is_file() else {}
-        now = {ref: checkpoint_hash(checkpoint.path) for ref, checkpoint in checkpoints.items()}
+        now = {ref: checkpoint_hash(path) for ref, path in sources.items()}
         before = recorded.get(stage)
         if before == now:
             return
@@ -110,8 +130,9 @@ class RunFolder:
                 "a model rebuilt with other bytes, e.g. a zoo built on another kind of machine, or ps/best when the "
                 "PS stage of a ps+dfs run, extended with --max-evals, finds a new best), so their fitness cannot be "
                 "replayed. Use a new --run-dir; to keep the new model, copy it out first and name it in the new config")
-        recorded[stage] = now
-        self.write_json(self.sources_file.name, recorded)
+        if not self.read_only:
+            recorded[stage] = now
+            self.write_json(self.sources_file.name, recorded)
 
 
 def _parsed(text: str) -> Any:

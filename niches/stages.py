@@ -60,7 +60,8 @@ class Stage:
 
 def run_stage(stage: Stage, config: RunConfig, folder: RunFolder, tasks: list[Task], progress: bool) -> Outcome:
     """The stage's search, driven by the loop in the run folder, scored by the run's executor."""
-    folder.check_sources(stage.name, stage.checkpoints, len(logged_candidates(folder, stage.name)))
+    folder.check_sources(stage.name, {ref: c.path for ref, c in stage.checkpoints.items()},
+                         len(logged_candidates(folder, stage.name)))
     try:
         with make_executor(config.executor, harness_spec(stage.checkpoints[stage.reference].path, config,
                                                          folder.scores_file),

@@ -227,7 +227,7 @@ def warm_cache(run_dir: Path, earlier: list[Path]) -> None:
         return
     lines = {}
     for folder in earlier:
-        for row in read_jsonl(folder / "scores.jsonl"):
+        for row in read_jsonl(folder / "scores.jsonl", repair=False):
             lines.setdefault((row["candidate"], row["task_key"]), json.dumps(row))
     if lines:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -340,14 +340,14 @@ def budget_of(runs_dir: Path, runs: list[Run], ran: dict[str, dict]) -> dict:
 def evaluation_seconds(run_dir: Path) -> float:
     """Seconds its candidates took to score, summed (what a killed invocation spent too;
     with several workers, more than the wall time)."""
-    return round(sum(row["seconds"] for row in read_jsonl(run_dir / "candidates.jsonl")), 1)
+    return round(sum(row["seconds"] for row in read_jsonl(run_dir / "candidates.jsonl", repair=False)), 1)
 
 
 def under_way(run_dir: Path) -> dict:
     """A run started and not finished: per stage, the candidates evaluated so far (within
     the budget) and the best dev fitness among them."""
     stages: dict[str, dict] = {}
-    for row in read_jsonl(run_dir / "candidates.jsonl"):
+    for row in read_jsonl(run_dir / "candidates.jsonl", repair=False):
         stage = stages.setdefault(row["stage"], {"evaluations": 0, "best_fitness": None})
         stage["evaluations"] += row["kind"] == "sample"
         if row["fitness"] is not None and (stage["best_fitness"] is None or row["fitness"] > stage["best_fitness"]):
@@ -393,7 +393,7 @@ def write_plots(runs_dir: Path, docs: Path, done: dict[str, dict], data: dict) -
     written = []
     curves = {}
     for name in done:
-        rows = [r for r in read_jsonl(runs_dir / name / "candidates.jsonl") if r["kind"] == "sample"]
+        rows = [r for r in read_jsonl(runs_dir / name / "candidates.jsonl", repair=False) if r["kind"] == "sample"]
         curves[name] = [r["fitness"] if r["fitness"] is not None else -np.inf for r in rows]
     if curves:
         written.append(plot_best_so_far(docs / "evollm_real_fitness.png", curves).name)

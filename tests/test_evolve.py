@@ -17,6 +17,7 @@ from merging.errors import EvomergeError, RecipeError
 from niches.config import TaskSettings, load_config
 from niches.report import report_table
 from niches.run import evolve
+from niches.runfolder import RunFolder
 
 TEMPLATE = """\
 merge_method: dare_ties
@@ -274,20 +275,45 @@ def test_the_dfs_stage_starts_from_the_ps_merge_itself(ps_dfs_run):
     assert results["stages"]["dfs"]["best_fitness"] >= start["fitness"]
 
 
-def test_a_log_from_before_starts_were_evaluated_replays(micro_zoo, tmp_path):
-    """A run folder logged when searches did not ask for their start: the rerun scores the
-    start (round 0, outside the budget) and replays every logged candidate unchanged."""
+def test_a_log_from_before_starts_were_scored_replays_as_it_was(micro_zoo, tmp_path, capsys):
+    """A run folder logged when searches did not score their start (its first generation
+    told without one): the rerun goes on without a start, so it replays every line and
+    exports what it exported, and the dry run says so. A log cut inside its first
+    generation may be a new run's whose start had not finished: that one scores its start."""
     config = write_config(tmp_path, micro_zoo[0], evals=6)
     run_dir = tmp_path / "run"
-    evolve(config, run_dir, progress=False)
+    first = evolve(config, run_dir, progress=False)
     rows = read_candidates(run_dir)
     older = [r for r in rows if r["kind"] != "start"]
+    assert len(older) == len(rows) - 1 and {r["round"] for r in older} == {0, 1}  # six samples, then the mean
     (run_dir / "candidates.jsonl").write_text("".join(json.dumps(r) + "\n" for r in older))
+    optimizer = (run_dir / "optimizer.jsonl").read_text()
+    code, out = dry_run(config, run_dir, capsys)
+    assert code == 0 and ("6 evaluations (+ its final mean, outside the budget); its log predates scored starts, so "
+                          "it goes on without one") in out
     results = evolve(config, run_dir, progress=False)
+    assert read_candidates(run_dir) == older and (run_dir / "optimizer.jsonl").read_text() == optimizer
+    best = max(older, key=lambda r: r["fitness"])
+    assert (results["stages"]["ps"]["best_genome"], results["stages"]["ps"]["best_fitness"]) == (best["genome"],
+                                                                                               best["fitness"])
+    assert results["stages"]["ps"]["evaluations"] == first["stages"]["ps"]["evaluations"] == 6
+
+    cut = [r for r in older if r["round"] == 0][:3]
+    (run_dir / "candidates.jsonl").write_text("".join(json.dumps(r) + "\n" for r in cut))
+    evolve(config, run_dir, progress=False)
     again = read_candidates(run_dir)
-    assert again[:len(older)] == older and [r["kind"] for r in again[len(older):]] == ["start"]
-    assert {k: v for k, v in again[-1].items() if k != "seconds"} == {k: v for k, v in rows[0].items() if k != "seconds"}
-    assert results["stages"]["ps"]["evaluations"] == 6
+    assert again[:3] == cut and [r["kind"] for r in again].count("start") == 1
+
+
+def test_a_search_without_its_start(micro_zoo, tmp_path, capsys):
+    """`optimizer: {evaluate_start: false}`: nothing outside the budget but CMA-ES's mean."""
+    config = write_config(tmp_path, micro_zoo[0], evals=6)
+    config.write_text(config.read_text().replace("popsize: 6}", "popsize: 6, evaluate_start: false}"))
+    code, out = dry_run(config, tmp_path / "run", capsys)
+    assert code == 0 and "6 evaluations (+ its final mean, outside the budget)\n" in out
+    results = evolve(config, tmp_path / "run", progress=False)
+    assert [r["kind"] for r in read_candidates(tmp_path / "run")] == ["sample"] * 6 + ["mean"]
+    assert results["stages"]["ps"]["best_kind"] in ("sample", "mean")
 
 
 def test_the_ps_then_dfs_report_has_the_ps_merge_as_a_row(ps_dfs_run):
@@ -376,11 +402,8 @@ def test_sources_are_checked_by_content_not_by_folder(llama_family, tmp_path):
     carried to a machine that rebuilt them elsewhere); other bytes in any folder are refused."""
     import shutil
 
-    from merging.checkpoint import Checkpoint
-    from niches.runfolder import RunFolder
-
-    def stage_sources(root: Path) -> dict[str, Checkpoint]:
-        return {str(root / name): Checkpoint(name, root / name) for name in ("base", "variant_1")}
+    def stage_sources(root: Path) -> dict[str, Path]:
+        return {str(root / name): root / name for name in ("base", "variant_1")}
 
     here = {name: shutil.copytree(llama_family[name], tmp_path / "here" / name) for name in ("base", "variant_1")}
     folder = RunFolder(tmp_path / "run")
@@ -632,8 +655,33 @@ def test_a_dry_run_plans_what_the_run_did(ps_dfs_run, capsys):
            "its final mean, outside the budget)" in out
     assert "fitness: math_lang (24 train examples)" in out
     assert "report: math_lang (30 test examples), math (30 test examples)" in out
-    assert f"resumed; its {len(rows)} scored candidates are replayed" in out
+    assert f"resumed; its {len(rows)} scored candidates are replayed" in out and "in use" not in out
     assert {path: path.stat().st_mtime_ns for path in run_dir.rglob("*")} == before
+    with RunFolder(run_dir).claimed():  # a run is going on in the folder
+        code, out = dry_run(run_dir.parent / "config.yaml", run_dir, capsys)
+    assert code == 0 and "in use by another evomerge evolve now; a run refuses to start until that one ends" in out
+
+
+def test_a_dry_run_leaves_a_live_log_alone_and_checks_its_sources(ps_run, tmp_path, capsys):
+    """A half-written last line (a run appending now) is neither read nor cut; a source
+    rewritten since the log was scored is refused, as the run would refuse it."""
+    import shutil
+
+    run_dir = Path(shutil.copytree(ps_run[0], tmp_path / "run"))
+    config = ps_run[0].parent / "config.yaml"
+    with (run_dir / "candidates.jsonl").open("a") as log:
+        log.write('{"stage": "ps", "kind": "sam')
+    written = (run_dir / "candidates.jsonl").read_bytes()
+    code, out = dry_run(config, run_dir, capsys)
+    assert code == 0 and f"its {len(read_candidates(ps_run[0]))} scored candidates" in out
+    assert (run_dir / "candidates.jsonl").read_bytes() == written
+    sources = json.loads((run_dir / "sources.json").read_text())
+    sources["ps"] = {ref: "0" * 20 for ref in sources["ps"]}
+    (run_dir / "sources.json").write_text(json.dumps(sources))
+    code, out = dry_run(config, run_dir, capsys)
+    logged = len(read_candidates(ps_run[0]))
+    assert code == 2 and f"the ps stage's {logged} logged candidates were scored with" in out and "Traceback" not in out
+    assert json.loads((run_dir / "sources.json").read_text()) == sources
 
 
 def test_a_dry_run_of_m2n2_and_of_a_new_folder(micro_zoo, tmp_path, capsys):
@@ -758,7 +806,6 @@ def test_the_loop_drives_any_search_in_one_scoring_call_per_round_and_replays_it
     from niches.baselines import RandomSearch
     from niches.loop import run_search
     from niches.m2n2 import NaturalNiches
-    from niches.runfolder import RunFolder
 
     folder = RunFolder(tmp_path)
     folder.start("x: 1\n", None, scored=False)
@@ -800,7 +847,6 @@ def test_candidates_are_logged_as_they_finish_and_told_in_ask_order(tmp_path):
     on the order it is told) ends exactly where an in-order run ends."""
     from niches.cmaes import CMAES
     from niches.loop import run_search
-    from niches.runfolder import RunFolder
 
     outcomes, logs = [], []
     for name, reverse in (("in-order", False), ("reversed", True)):
@@ -825,7 +871,6 @@ def test_a_failed_candidate_is_logged_ranked_last_and_replayed_without_scoring(t
 
     from niches.cmaes import CMAES
     from niches.loop import run_search
-    from niches.runfolder import RunFolder
 
     folder = RunFolder(tmp_path)
     folder.start("x: 1\n", None, scored=False)
@@ -849,7 +894,6 @@ def test_a_failed_candidate_is_logged_ranked_last_and_replayed_without_scoring(t
 def test_more_failures_in_a_row_than_allowed_stop_the_run_with_the_last_error(tmp_path):
     from niches.baselines import RandomSearch
     from niches.loop import run_search
-    from niches.runfolder import RunFolder
 
     folder = RunFolder(tmp_path)
     folder.start("x: 1\n", None, scored=False)

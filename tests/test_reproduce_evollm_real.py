@@ -260,7 +260,7 @@ def test_the_dry_run_plans_every_run_and_touches_nothing(reproduction, tmp_path,
     for run in script.RUNS:
         plan = out.split(f"== {run.name} (")[1].split("\n== ")[0]
         assert f"resumed; its {len(candidates(folder / 'runs' / run.name))} scored candidates" in plan
-        assert "math_de train[:600]" in plan.splitlines()[0]
+        assert "\nfitness: math_de (" in plan and " dev examples)" in plan  # loaded and counted by plan()
     assert out.count("stage ps: CMA-ES (popsize 3, sigma0 0.2) over ") == 4  # 3 seeds and the PS stage of PS+DFS
     assert "stage ps: uniform random search over" in out and "stage m2n2: an archive of 4" in out
     assert {path: path.stat().st_mtime_ns for path in folder.rglob("*")} == before
