@@ -27,6 +27,7 @@ sample; a stage logged before searches asked for it is rerun without one (niches
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field, replace
 from typing import Iterator, Optional, Protocol, Sequence
 
@@ -121,7 +122,7 @@ def run_search(stage: str, search: Search, scorer: Scorer, folder: RunFolder, *,
                 (index, row), candidate = numbered[i], candidates[i]
                 evaluation = _checked(evaluation, stage)
                 if row is None:
-                    row = _row(stage, candidate, index, round_, evaluation, task_keys)
+                    row = _row(stage, candidate, index, round_, evaluation, task_keys, folder.session)
                     folder.append(folder.candidates_file, row)
                     bar.update(int(candidate.kind == "sample"))
                     fresh = True
@@ -231,12 +232,14 @@ def _check_replayed(row: dict, scored: Scored, folder: RunFolder) -> None:
             "Use a new --run-dir")
 
 
-def _row(stage: str, candidate: Candidate, index: int, round_: int, scored: Scored, task_keys: dict[str, str]) -> dict:
+def _row(stage: str, candidate: Candidate, index: int, round_: int, scored: Scored, task_keys: dict[str, str],
+         session: Optional[float]) -> dict:
     row = {"stage": stage, "kind": candidate.kind, "index": index, "round": round_,
            "genome": np.asarray(candidate.genome, dtype=np.float64).ravel().tolist(), "candidate": scored.key,
            "twin": scored.twin, "tasks": task_keys,
            "scores": {task: float(np.mean(s)) for task, s in scored.scores.items()},
-           "fitness": None if scored.error else fitness(scored.scores), "seconds": round(scored.seconds, 3)}
+           "fitness": None if scored.error else fitness(scored.scores), "seconds": round(scored.seconds, 3),
+           "session": session, "at": round(time.time(), 1)}
     if scored.error:
         row["error"] = scored.error
     return row

@@ -247,21 +247,34 @@ def _evolve(config: RunConfig, config_path: Path, run_dir: Path, max_evals: int 
         from niches.plots import plot_run
 
         plot_run(folder.path / "plots", [(s.genome, o) for s, o in done])
-        folder.append(folder.sessions_file, {"seconds": round(time.perf_counter() - started, 1),
+        folder.append(folder.sessions_file, {"started": folder.session, "seconds": round(time.perf_counter() - started, 1),
                                              "scored": len(logged_candidates(folder)) - logged_before,
                                              "load_average": [load_at_start, os.getloadavg()[0]],
                                              "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20})
-        # what the invocations that finished measured (a killed one's time is not recorded); the
-        # machine's load and memory are those of the invocations that scored something, so the
-        # report of a finished run replayed later describes the run, not the replay
+        # the invocations that scored something (a replay of a finished run describes the run,
+        # not the replay): their wall time, the machine's load and memory
         sessions = folder.rows(folder.sessions_file)
-        results["wall_seconds"] = sum(row["seconds"] for row in sessions)
         working = [row for row in sessions if row.get("scored")] or sessions[-1:]
+        results["wall_seconds"], results["untimed_candidates"] = _wall_seconds(working, logged_candidates(folder))
         loads = [load for row in working for load in row.get("load_average", [])]
         results["load_average"] = [min(loads), max(loads)] if loads else None
         results["peak_rss_gib"] = max(row.get("peak_rss_gib", 0.0) for row in working)
         folder.write_json("results.json", results)
         return results
+
+
+def _wall_seconds(finished: list[dict], rows: list[dict]) -> tuple[float, int]:
+    """Seconds the run's invocations took (the finished ones by their own clock, a killed
+    one from its start to its last logged candidate), and how many candidates were logged
+    by invocations that kept no clock (before evomerge logged one): their time is missing."""
+    clocked = {row.get("started") for row in finished}
+    killed: dict[float, float] = {}
+    for row in rows:
+        session = row.get("session")
+        if session is not None and session not in clocked:
+            killed[session] = max(killed.get(session, session), row["at"])
+    wall = sum(row["seconds"] for row in finished) + sum(at - session for session, at in killed.items())
+    return round(wall, 1), sum(row.get("session") is None for row in rows)
 
 
 def _read_template(path: Path, config_path: Path) -> str:

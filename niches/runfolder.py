@@ -6,7 +6,7 @@ which source checkpoints its logged scores were measured on.
     optimizer.jsonl              the search's summary after every ask/tell round
     scores.jsonl                 the harness's per-example score cache
     sources.json                 per stage, the identity of each source checkpoint
-    sessions.jsonl               per finished invocation: seconds, candidates scored, load, peak RSS
+    sessions.jsonl               per finished invocation: its start, seconds, candidates scored, load, peak RSS
 
 A rerun must give the same config: its log is replayed against the search the config
 describes. The exception is a folder where nothing was scored yet (a first attempt that
@@ -15,6 +15,7 @@ failed at its first candidate, say): its config is simply replaced.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,6 +36,9 @@ class RunFolder:
     def __init__(self, path: str | Path, *, read_only: bool = False):
         self.path = Path(path).resolve()
         self.read_only = read_only
+        self.session: float | None = None
+        """The invocation holding the folder, by its start (unix seconds; set by `claimed`):
+        logged lines carry it, so a killed invocation's time is still known."""
         self.candidates_file = self.path / "candidates.jsonl"
         self.optimizer_file = self.path / "optimizer.jsonl"
         self.scores_file = self.path / "scores.jsonl"
@@ -54,7 +58,11 @@ class RunFolder:
             except BlockingIOError:
                 raise EvomergeError(f"run folder {self.path} is in use by another evomerge evolve; wait for it "
                                     "to finish or stop it, then rerun") from None
-            yield
+            self.session = round(time.time(), 3)
+            try:
+                yield
+            finally:
+                self.session = None
 
     def start(self, config_text: str, template_text: str | None, *, scored: bool) -> None:
         """Record the config (first run, or a folder with nothing `scored` yet) or check

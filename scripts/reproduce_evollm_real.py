@@ -331,6 +331,7 @@ def budget_of(runs_dir: Path, runs: list[Run], ran: dict[str, dict]) -> dict:
             "best_kind": {seed: [s.get("best_kind", "sample") for s in result["stages"].values()]
                           for seed, result in ran.items()},
             "wall_seconds": {seed: result["wall_seconds"] for seed, result in ran.items()},
+            "untimed_candidates": {str(run.seed): untimed(runs_dir / run.name) for run in runs if str(run.seed) in ran},
             "evaluation_seconds": {str(run.seed): evaluation_seconds(runs_dir / run.name) for run in runs
                                    if str(run.seed) in ran},
             "under_way": {str(run.seed): under_way(runs_dir / run.name) for run in runs
@@ -341,6 +342,12 @@ def evaluation_seconds(run_dir: Path) -> float:
     """Seconds its candidates took to score, summed (what a killed invocation spent too;
     with several workers, more than the wall time)."""
     return round(sum(row["seconds"] for row in read_jsonl(run_dir / "candidates.jsonl", repair=False)), 1)
+
+
+def untimed(run_dir: Path) -> int:
+    """Candidates logged before runs kept a clock (no `session`): their time is not in the
+    run's wall seconds."""
+    return sum(row.get("session") is None for row in read_jsonl(run_dir / "candidates.jsonl", repair=False))
 
 
 def under_way(run_dir: Path) -> dict:
@@ -445,13 +452,13 @@ def table(data: dict, done: dict[str, dict], plots: list[str], *, quick: bool) -
             continue
         best = str(seeds[method]["best_on_dev"]) if method in seeds else str(budget["finished_seeds"][0])
         lines.append(f"| **{label}** | {cells(rows[method])} | {held(heldout['rows'].get(method))} | "
-                     f"{evaluations(budget, best)} | {fitnesses(budget, best)} | {budget['wall_seconds'][best]:,.0f} |")
+                     f"{evaluations(budget, best)} | {fitnesses(budget, best)} | {wall(budget, best)} |")
         if method in seeds:
             for seed in budget["finished_seeds"]:
                 run = next(r.name for r in RUNS if r.method == method and r.seed == seed)
                 lines.append(f"| &nbsp;&nbsp;seed {seed} | {cells(seeds[method][str(seed)])} | "
                              f"{held(heldout['by_run'].get(run))} | {evaluations(budget, str(seed))} | "
-                             f"{fitnesses(budget, str(seed))} | {budget['wall_seconds'][str(seed)]:,.0f} |")
+                             f"{fitnesses(budget, str(seed))} | {wall(budget, str(seed))} |")
             spread = seeds[method]["across_seeds"]
             count = spread["math_de"]["seeds"]
             lines.append(f"| &nbsp;&nbsp;mean ± std over {count} seed{'s' * (count > 1)} | "
@@ -471,7 +478,9 @@ sentences (higher is better; the base's -4.93 is 4.93 nats per token). Fitness: 
 exported candidate, stage after stage; "(its start)": no sample beat the stage's starting point (scored
 with its first generation; for the DFS stage of PS+DFS, the PS merge itself). PS ran with seeds {', '.join(map(str, budgets['ps']['seeds']))}: its
 bold row is the seed best on dev, each seed's row follows, then the mean and the standard deviation of
-the seeds' test scores. Wall time: seconds of the run's finished invocations, report included.
+the seeds' test scores. Wall time: seconds of the run's invocations that scored candidates, report
+included (a killed one up to its last logged candidate); "≥ ... (n untimed)": n candidates were
+logged before evomerge clocked killed invocations, so their time is missing.
 *math_de held-out*: a second dev set, not the test split, to tell what the search learned from
 what it fitted: the first {heldout.get('limit', HELDOUT['limit'])} of math_de's {HELDOUT['split']} problems, which no
 model trained on (scripts/reproduce_evollm_real.py, HELDOUT).
@@ -542,6 +551,11 @@ def machine_line(results: list[dict]) -> str:
 
 def planned(budget: dict) -> str:
     return " + ".join(f"{b['max_evals']} ({stage})" for stage, b in budget.items()) + " planned"
+
+
+def wall(budget: dict, seed: str) -> str:
+    seconds, missing = budget["wall_seconds"][seed], budget.get("untimed_candidates", {}).get(seed, 0)
+    return f"≥ {seconds:,.0f} ({missing} untimed)" if missing else f"{seconds:,.0f}"
 
 
 def evaluations(budget: dict, seed: str) -> str:

@@ -221,7 +221,7 @@ def test_a_bigger_budget_extends_a_finished_run(micro_zoo, tmp_path, capsys):
 
 def test_a_replay_reports_the_load_and_memory_of_the_invocations_that_scored(micro_zoo, tmp_path):
     """results.json describes the machine while the run worked: rerunning a finished run
-    (to rewrite its report, say) adds its wall time but not its load or memory."""
+    (to rewrite its report, say) adds neither its wall time nor its load or memory."""
     config = write_config(tmp_path, micro_zoo[0], evals=6)
     evolve(config, tmp_path / "run", progress=False)
     sessions = tmp_path / "run" / "sessions.jsonl"
@@ -232,7 +232,20 @@ def test_a_replay_reports_the_load_and_memory_of_the_invocations_that_scored(mic
     replay = json.loads(sessions.read_text().splitlines()[-1])
     assert replay["scored"] == 0
     assert results["load_average"] == [42.0, 43.0] and results["peak_rss_gib"] == 99.0
-    assert results["wall_seconds"] == first["seconds"] + replay["seconds"]
+    assert results["wall_seconds"] == first["seconds"] and results["untimed_candidates"] == 0
+    assert first["started"] == read_candidates(tmp_path / "run")[0]["session"]
+
+
+def test_the_wall_time_counts_killed_invocations():
+    """A finished invocation by its own clock; one killed (no line in sessions.jsonl) from
+    its start to its last logged candidate; lines logged before invocations kept a clock
+    are counted, not guessed."""
+    from niches.run import _wall_seconds
+
+    finished = [{"started": 100.0, "seconds": 50.0}]
+    rows = ([{"session": 100.0, "at": 140.0}] + [{"session": 200.0, "at": at} for at in (230.0, 260.0, 245.0)]
+            + [{"seconds": 9.0}, {"session": None, "at": 300.0}])
+    assert _wall_seconds(finished, rows) == (50.0 + 60.0, 2)
 
 
 PAPER = "paper_scores:\n  math: {evolved: 0.556, ps: 0.52, 'zoo:math': 0.184}\n"
@@ -367,6 +380,10 @@ def test_resume_after_a_kill_during_the_dfs_stage(ps_dfs_run, micro_zoo, tmp_pat
     for stage in ("ps", "dfs"):  # (the recipes differ: each names its own run folder's ps/best)
         for key in ("best_genome", "best_fitness", "evaluations"):
             assert results["stages"][stage][key] == ps_dfs_run[1]["stages"][stage][key]
+    # the killed invocation's time counts: from its start to its last logged candidate
+    (session,) = [json.loads(line) for line in (run_dir / "sessions.jsonl").read_text().splitlines()]
+    assert len({row["session"] for row in after} - {session["started"]}) == 1  # the killed one
+    assert results["wall_seconds"] > session["seconds"] and results["untimed_candidates"] == 0
 
 
 NO_NUMBER_TASK = '{"prompt": "1+1=", "answer": "no number"}\n'
@@ -857,7 +874,7 @@ def test_candidates_are_logged_as_they_finish_and_told_in_ask_order(tmp_path):
         logs.append([json.loads(line) for line in (tmp_path / name / "candidates.jsonl").read_text().splitlines()])
     assert [r["index"] for r in logs[1][:4]] == [3, 2, 1, 0]
     key = lambda r: (r["round"], r["index"])  # noqa: E731
-    strip = lambda r: {k: v for k, v in r.items() if k != "seconds"}  # noqa: E731
+    strip = lambda r: {k: v for k, v in r.items() if k not in ("seconds", "session", "at")}  # noqa: E731
     assert [strip(r) for r in sorted(logs[1], key=key)] == [strip(r) for r in logs[0]]
     assert outcomes[0].best_genome.tolist() == outcomes[1].best_genome.tolist()
 

@@ -13,7 +13,6 @@ della/della_linear/sce cases through mergekit 0.1.5's ``merge_tensors`` after
 """
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch

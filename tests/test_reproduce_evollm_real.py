@@ -59,6 +59,9 @@ def test_the_json_has_the_issues_shape(reproduction):
     assert {"0", "1", "2"} <= set(ps) and data["rows"]["ps"] == ps[str(ps["best_on_dev"])]
     assert data["budgets"]["ps"]["finished_seeds"] == [0, 1, 2]
     assert data["budgets"]["ps+dfs"]["evaluations"] == {"0": {"ps": script.QUICK["evals"], "dfs": script.QUICK["evals"]}}
+    budgets = data["budgets"].values()  # every candidate clocked, so every wall time is whole
+    assert all(n == 0 for b in budgets for n in b["untimed_candidates"].values())
+    assert all(s > 0 for b in budgets for s in b["wall_seconds"].values())
 
 
 def test_every_run_and_source_is_checked_on_the_held_out_problems(reproduction):
@@ -149,7 +152,7 @@ def test_a_rerun_after_a_kill_gives_the_same_results(reproduction, tmp_path):
     assert f"* ps-dfs: ps stage {evals} of {evals} evaluations, best dev fitness so far" in section
     assert f"; dfs stage 2 of {evals} evaluations" in section and f"* m2n2: m2n2 stage {evals} of {evals}" in section
     script.main(args)
-    drop = lambda rows: [{k: v for k, v in row.items() if k != "seconds"} for row in rows]  # noqa: E731
+    drop = lambda rows: [{k: v for k, v in row.items() if k not in ("seconds", "session", "at")} for row in rows]  # noqa: E731
     assert {name: drop(candidates(runs / name)) for name in before} == {name: drop(rows) for name, rows in before.items()}
     for run in script.RUNS:  # nothing was scored twice
         keys = [(row["candidate"], row["task_key"]) for row in cache(runs / run.name)]
@@ -185,7 +188,7 @@ def test_the_runs_go_on_where_the_zoo_was_rebuilt(micro_zoo, tmp_path, monkeypat
     shutil.rmtree(home)  # the next machine: the zoo built again, new files of the same bytes
     shutil.copytree(built, home / "real", copy_function=shutil.copyfile)
     script.main(args)
-    drop = lambda rows: [{k: v for k, v in row.items() if k != "seconds"} for row in rows]  # noqa: E731
+    drop = lambda rows: [{k: v for k, v in row.items() if k not in ("seconds", "session", "at")} for row in rows]  # noqa: E731
     assert drop(candidates(runs / "ps-seed0")) == drop(logged)
     assert (runs / "ps-seed0" / "scores.jsonl").read_text() == scores  # not one candidate scored again
 
