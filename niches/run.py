@@ -64,8 +64,8 @@ def plan(config_path: str | Path, run_dir: str | Path, *, max_evals: int | None 
     setup = _prepare(config, Path(config_path), max_evals)
     try:
         described = _described(config, Path(config_path).read_text(), setup, folder, without_start)
-        _check_logged_sources(config, setup, folder)
-        return described
+        note = _check_logged_sources(config, setup, folder, max_evals)
+        return described if note is None else f"{described}\n{note}"
     finally:
         for stage in setup.stages:
             stage.close()
@@ -90,15 +90,17 @@ def _configured(config_path: str | Path, max_evals: int | None, executor: str | 
 
 def _as_logged(config: RunConfig, folder: RunFolder) -> tuple[RunConfig, list[str]]:
     """The config a run folder's log replays under, and the stages it changed: a stage
-    whose first generation was told without its start (logged before searches scored
-    their start) goes on without one, so that a rerun exports what the run exported."""
+    whose first generation was told without its start (summarised, with no start logged:
+    logged before searches scored their start) goes on without one, so that a rerun
+    exports what the run exported."""
     rows = logged_candidates(folder)
+    told = {(row["stage"], row.get("round")) for row in folder.rows(folder.optimizer_file)}  # after each tell
     updates, without_start = {}, []
     for name in ("ps", "dfs"):
         section = getattr(config, name)
         logged = [row for row in rows if row["stage"] == name]
-        if (section is not None and section.optimizer.evaluate_start and not any(r["kind"] == "start" for r in logged)
-                and any(r.get("round", 0) >= 1 for r in logged)):
+        if (section is not None and section.optimizer.evaluate_start and logged and (name, 0) in told
+                and not any(r["kind"] == "start" for r in logged)):
             optimizer = section.optimizer.model_copy(update={"evaluate_start": False})
             updates[name] = section.model_copy(update={"optimizer": optimizer})
             without_start.append(name)
@@ -197,10 +199,11 @@ def _described(config: RunConfig, config_text: str, setup: _Setup, folder: RunFo
     return "\n".join(lines)
 
 
-def _check_logged_sources(config: RunConfig, setup: _Setup, folder: RunFolder) -> None:
+def _check_logged_sources(config: RunConfig, setup: _Setup, folder: RunFolder, max_evals: int | None) -> str | None:
     """Refuse, as the run would, a stage whose logged candidates were scored on sources that
     have changed since (a zoo rebuilt with other bytes). The DFS stage of ps+dfs is checked
-    against the PS merge already exported, if there is one."""
+    against the PS merge already exported, if there is one; what the dry run cannot know
+    (a PS stage extended by --max-evals exporting another merge) is returned as a note."""
     sources = {stage.name: {ref: c.path for ref, c in stage.checkpoints.items()} for stage in setup.stages}
     ps_merge = folder.path / "ps" / "best"
     if config.method == "ps+dfs" and ps_merge.is_dir():
@@ -209,16 +212,20 @@ def _check_logged_sources(config: RunConfig, setup: _Setup, folder: RunFolder) -
         sources["m2n2"] = {ref: resolve_model_path(ref) for ref in setup.models}
     for name, paths in sources.items():
         folder.check_sources(name, paths, len(logged_candidates(folder, name)))
+    if config.method == "ps+dfs" and max_evals is not None and logged_candidates(folder, "dfs"):
+        return ("note: --max-evals extends the PS stage first; if it finds a new best, ps/best is rewritten and "
+                "the logged DFS candidates can no longer be replayed (the run then stops and says so)")
+    return None
 
 
 def _evolve(config: RunConfig, config_path: Path, run_dir: Path, max_evals: int | None, progress: bool) -> dict:
-    started, load_at_start = time.perf_counter(), os.getloadavg()[0]
+    started, session, load_at_start = time.perf_counter(), round(time.time(), 3), os.getloadavg()[0]
     setup = _prepare(config, config_path, max_evals)
     references, template_text, first = setup.references, setup.template_text, setup.first
     fitness_tasks, report_tasks, models, report_rows = (setup.fitness_tasks, setup.report_tasks, setup.models,
                                                         setup.report_rows)
     folder = RunFolder(run_dir)
-    with folder.claimed():
+    with folder.claimed(session):
         logged_before = len(logged_candidates(folder))
         folder.start(config_path.read_text(), template_text, scored=bool(logged_before))
 
@@ -265,8 +272,9 @@ def _evolve(config: RunConfig, config_path: Path, run_dir: Path, max_evals: int 
 
 def _wall_seconds(finished: list[dict], rows: list[dict]) -> tuple[float, int]:
     """Seconds the run's invocations took (the finished ones by their own clock, a killed
-    one from its start to its last logged candidate), and how many candidates were logged
-    by invocations that kept no clock (before evomerge logged one): their time is missing."""
+    one from its start to its last logged candidate), and how many candidates were scored
+    by killed invocations that left no clock (before candidate lines named their
+    invocation): their time is missing."""
     clocked = {row.get("started") for row in finished}
     killed: dict[float, float] = {}
     for row in rows:
@@ -274,7 +282,9 @@ def _wall_seconds(finished: list[dict], rows: list[dict]) -> tuple[float, int]:
         if session is not None and session not in clocked:
             killed[session] = max(killed.get(session, session), row["at"])
     wall = sum(row["seconds"] for row in finished) + sum(at - session for session, at in killed.items())
-    return round(wall, 1), sum(row.get("session") is None for row in rows)
+    unnamed = sum(row.get("session") is None for row in rows)
+    timed_unnamed = sum(row.get("scored", 0) for row in finished if row.get("started") is None)
+    return round(wall, 1), max(0, unnamed - timed_unnamed)
 
 
 def _read_template(path: Path, config_path: Path) -> str:

@@ -46,9 +46,10 @@ class RunFolder:
         self.sources_file = self.path / "sources.json"
 
     @contextmanager
-    def claimed(self) -> Iterator[None]:
+    def claimed(self, session: float | None = None) -> Iterator[None]:
         """The folder for this invocation alone: a second `evomerge evolve` on it at the
-        same time would score the same candidates and interleave their log lines."""
+        same time would score the same candidates and interleave their log lines.
+        `session`: the invocation's start (unix seconds; default: now)."""
         import fcntl
 
         self.path.mkdir(parents=True, exist_ok=True)
@@ -58,7 +59,7 @@ class RunFolder:
             except BlockingIOError:
                 raise EvomergeError(f"run folder {self.path} is in use by another evomerge evolve; wait for it "
                                     "to finish or stop it, then rerun") from None
-            self.session = round(time.time(), 3)
+            self.session = round(time.time(), 3) if session is None else session
             try:
                 yield
             finally:
@@ -119,8 +120,10 @@ class RunFolder:
         replay checks genomes, which stay the same when a model under them is rewritten).
         A read-only folder checks without recording."""
         recorded = json.loads(self.sources_file.read_text()) if self.sources_file.is_file() else {}
-        now = {ref: checkpoint_hash(path) for ref, path in sources.items()}
         before = recorded.get(stage)
+        if self.read_only and not (logged and before):  # nothing it could refuse: spare the hashing
+            return
+        now = {ref: checkpoint_hash(path) for ref, path in sources.items()}
         if before == now:
             return
         # compared in the stage's order, by content: the same models in other folders (a run

@@ -331,7 +331,7 @@ def budget_of(runs_dir: Path, runs: list[Run], ran: dict[str, dict]) -> dict:
             "best_kind": {seed: [s.get("best_kind", "sample") for s in result["stages"].values()]
                           for seed, result in ran.items()},
             "wall_seconds": {seed: result["wall_seconds"] for seed, result in ran.items()},
-            "untimed_candidates": {str(run.seed): untimed(runs_dir / run.name) for run in runs if str(run.seed) in ran},
+            "untimed_candidates": {seed: result.get("untimed_candidates", 0) for seed, result in ran.items()},
             "evaluation_seconds": {str(run.seed): evaluation_seconds(runs_dir / run.name) for run in runs
                                    if str(run.seed) in ran},
             "under_way": {str(run.seed): under_way(runs_dir / run.name) for run in runs
@@ -342,12 +342,6 @@ def evaluation_seconds(run_dir: Path) -> float:
     """Seconds its candidates took to score, summed (what a killed invocation spent too;
     with several workers, more than the wall time)."""
     return round(sum(row["seconds"] for row in read_jsonl(run_dir / "candidates.jsonl", repair=False)), 1)
-
-
-def untimed(run_dir: Path) -> int:
-    """Candidates logged before runs kept a clock (no `session`): their time is not in the
-    run's wall seconds."""
-    return sum(row.get("session") is None for row in read_jsonl(run_dir / "candidates.jsonl", repair=False))
 
 
 def under_way(run_dir: Path) -> dict:
@@ -480,7 +474,7 @@ with its first generation; for the DFS stage of PS+DFS, the PS merge itself). PS
 bold row is the seed best on dev, each seed's row follows, then the mean and the standard deviation of
 the seeds' test scores. Wall time: seconds of the run's invocations that scored candidates, report
 included (a killed one up to its last logged candidate); "≥ ... (n untimed)": n candidates were
-logged before evomerge clocked killed invocations, so their time is missing.
+scored by invocations killed before evomerge clocked killed invocations, so their time is missing.
 *math_de held-out*: a second dev set, not the test split, to tell what the search learned from
 what it fitted: the first {heldout.get('limit', HELDOUT['limit'])} of math_de's {HELDOUT['split']} problems, which no
 model trained on (scripts/reproduce_evollm_real.py, HELDOUT).

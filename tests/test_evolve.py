@@ -246,6 +246,8 @@ def test_the_wall_time_counts_killed_invocations():
     rows = ([{"session": 100.0, "at": 140.0}] + [{"session": 200.0, "at": at} for at in (230.0, 260.0, 245.0)]
             + [{"seconds": 9.0}, {"session": None, "at": 300.0}])
     assert _wall_seconds(finished, rows) == (50.0 + 60.0, 2)
+    older = [{"seconds": 30.0, "scored": 1}]  # an invocation that finished before sessions had a start
+    assert _wall_seconds(finished + older, rows) == (50.0 + 60.0 + 30.0, 1)
 
 
 PAPER = "paper_scores:\n  math: {evolved: 0.556, ps: 0.52, 'zoo:math': 0.184}\n"
@@ -290,9 +292,10 @@ def test_the_dfs_stage_starts_from_the_ps_merge_itself(ps_dfs_run):
 
 def test_a_log_from_before_starts_were_scored_replays_as_it_was(micro_zoo, tmp_path, capsys):
     """A run folder logged when searches did not score their start (its first generation
-    told without one): the rerun goes on without a start, so it replays every line and
-    exports what it exported, and the dry run says so. A log cut inside its first
-    generation may be a new run's whose start had not finished: that one scores its start."""
+    told without one, as optimizer.jsonl's summary of round 0 shows): the rerun goes on
+    without a start, so it replays every line and exports what it exported, and the dry
+    run says so. A log cut inside its first generation may be a new run's whose start had
+    not finished: that one scores its start."""
     config = write_config(tmp_path, micro_zoo[0], evals=6)
     run_dir = tmp_path / "run"
     first = evolve(config, run_dir, progress=False)
@@ -311,8 +314,9 @@ def test_a_log_from_before_starts_were_scored_replays_as_it_was(micro_zoo, tmp_p
                                                                                                best["fitness"])
     assert results["stages"]["ps"]["evaluations"] == first["stages"]["ps"]["evaluations"] == 6
 
-    cut = [r for r in older if r["round"] == 0][:3]
+    cut = [r for r in older if r["round"] == 0][:3]  # killed before its first tell: nothing summarised
     (run_dir / "candidates.jsonl").write_text("".join(json.dumps(r) + "\n" for r in cut))
+    (run_dir / "optimizer.jsonl").write_text("")
     evolve(config, run_dir, progress=False)
     again = read_candidates(run_dir)
     assert again[:3] == cut and [r["kind"] for r in again].count("start") == 1
@@ -677,6 +681,8 @@ def test_a_dry_run_plans_what_the_run_did(ps_dfs_run, capsys):
     with RunFolder(run_dir).claimed():  # a run is going on in the folder
         code, out = dry_run(run_dir.parent / "config.yaml", run_dir, capsys)
     assert code == 0 and "in use by another evomerge evolve now; a run refuses to start until that one ends" in out
+    code, out = dry_run(run_dir.parent / "config.yaml", run_dir, capsys, "--max-evals", "9")
+    assert code == 0 and "note: --max-evals extends the PS stage first; if it finds a new best" in out
 
 
 def test_a_dry_run_leaves_a_live_log_alone_and_checks_its_sources(ps_run, tmp_path, capsys):
