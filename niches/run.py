@@ -261,7 +261,7 @@ def _evolve(config: RunConfig, config_path: Path, run_dir: Path, max_evals: int 
         # the invocations that scored something (a replay of a finished run describes the run,
         # not the replay): their wall time, the machine's load and memory
         sessions = folder.rows(folder.sessions_file)
-        working = [row for row in sessions if row.get("scored")] or sessions[-1:]
+        working = [row for row in sessions if row.get("scored")] or sessions[:1]  # (else: the one that finished it)
         results["wall_seconds"], results["untimed_candidates"] = _wall_seconds(working, logged_candidates(folder))
         loads = [load for row in working for load in row.get("load_average", [])]
         results["load_average"] = [min(loads), max(loads)] if loads else None
