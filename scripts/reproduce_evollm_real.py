@@ -418,8 +418,9 @@ def plot_best_so_far(path: Path, curves: dict[str, list[float]]) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for name, fitness in curves.items():
-        ax.plot(np.arange(1, len(fitness) + 1), np.maximum.accumulate(fitness), label=name)
+    for number, (name, fitness) in enumerate(curves.items()):  # styles cycle: ps+dfs starts on seed 0's curve
+        ax.plot(np.arange(1, len(fitness) + 1), np.maximum.accumulate(fitness), label=name,
+                linestyle=("-", "--", "-.", ":")[number % 4], linewidth=2.2 if number % 4 == 0 else 1.6)
     ax.set_xlabel("evaluations")
     ax.set_ylabel("best fitness so far (math_de dev accuracy)")
     ax.grid(alpha=0.3)
