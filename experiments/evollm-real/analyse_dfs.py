@@ -15,8 +15,9 @@ problems no search saw (math_de test, and the held-out first 600 of math_de trai
 
     python3 experiments/evollm-real/analyse_dfs.py [--runs experiments/evollm-real] > experiments/evollm-real/analyse_dfs.txt
 
-Needs the real zoo (docs/zoo.md) and the run's best/ checkpoint (written by the run; not
-committed: rerun the reproduction's --report to rebuild it). About 10 minutes on 2 cores.
+Needs the real zoo (docs/zoo.md) and the run's best/ checkpoint, which is not committed:
+`python3 scripts/reproduce_evollm_real.py --runs experiments/evollm-real --only dfs` replays
+the logged run (no candidate is scored again) and exports it. About 9 minutes on 2 cores.
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ from evaluation.scoring import generate, wants_bos
 from evaluation.tasks import cut_at_stop, resolve_task
 from evaluation.zoo import find_zoo
 from merging.checkpoint import resolve_model_path
+from merging.errors import EvomergeError
 
 SPLITS = {"test": None, "train": 600}  # the report's test split; the held-out check's problems
 
@@ -50,8 +52,16 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, default=Path(__file__).resolve().parent)
     args = parser.parse_args()
     torch.set_num_threads(2)
-    zoo = find_zoo("real")
-    models = {"math": resolve_model_path("zoo:math", zoo_dir=zoo), "dfs": args.runs / "dfs" / "best"}
+    merge = args.runs / "dfs" / "best"
+    try:
+        zoo = find_zoo("real")
+        if not (merge / "config.json").is_file():
+            raise EvomergeError(f"no exported DFS merge at {merge}: run `python3 scripts/reproduce_evollm_real.py "
+                                f"--runs {args.runs} --only dfs` first (it replays the logged run and exports it)")
+    except EvomergeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    models = {"math": resolve_model_path("zoo:math", zoo_dir=zoo), "dfs": merge}
     loaded = {name: (AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(),
                      AutoTokenizer.from_pretrained(path)) for name, path in models.items()}
 
