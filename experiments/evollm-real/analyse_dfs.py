@@ -4,7 +4,7 @@ Three checks of the exported DFS merge (RUNS/dfs/best) against the math model, o
 problems no search saw (math_de test, and the held-out first 600 of math_de train):
 
 1. paired: each model's greedy answers, generated as the runs score them (batch size 50,
-   the task's own stop strings and answer extraction; the solved problems are the ones
+   cut at the task's stop strings, scored by its own answer extraction; the solved problems are the ones
    the run's score cache holds), the problems each solves that the other does not, and an
    exact McNemar test on them;
 2. by answer: the solved problems split by whether the right answer is 0, and the answers
@@ -33,7 +33,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from evaluation.scoring import generate, wants_bos
-from evaluation.tasks import cut_at_stop, resolve_task
+from evaluation.tasks import resolve_task
 from evaluation.zoo import find_zoo
 from merging.checkpoint import resolve_model_path
 from merging.errors import EvomergeError
@@ -74,7 +74,7 @@ def main() -> None:
         for name, (model, tokenizer) in loaded.items():
             texts = generate(model, tokenizer, [task.prompt(e) for e in examples], max_new_tokens=task.max_new_tokens,
                              stop=task.stop, batch_size=50, bos=wants_bos(task, tokenizer))
-            said[name] = [cut_at_stop(text, task.stop).strip() for text in texts]
+            said[name] = [text.strip() for text in texts]  # generate() already cut them at the stop strings
             right[name] = [task.score_generation(e, text) == 1.0 for e, text in zip(examples, texts)]
         both = sum(d and m for d, m in zip(right["dfs"], right["math"]))
         only_dfs = sum(d and not m for d, m in zip(right["dfs"], right["math"]))
